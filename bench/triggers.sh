@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Write cost of pgrelay capture, measured as ratios within one run.
+#
+# Usage: bench/triggers.sh [DURATION_SECONDS]        (default 10)
+#   DATABASE_URL  server to use (default postgres://postgres@127.0.0.1:5432/postgres); the
+#                 database named in it is only used to create and drop the bench databases.
+#   REPS          repetitions per variant and workload (default 3)
+#   WORKLOADS     subset/order of: insert1 bulk1000 update1 (default: all three)
+#   VARIANTS      subset/order of: a b c d e (default: a b c d); ratios need a and b
+#
+# Variants, each measured in its own freshly created database (dropped right after):
+#   a  no trigger
+#   b  bare row-level AFTER trigger: perform pg_notify('bench', row_to_json(new)::text)
+#   c  pgrelay statement-level capture (sql/install.sql as it is, pgrelay.install)
+#   d  row-level variant of pgrelay capture (bench/capture_row.sql, pgrelay.capture_row)
+#   e  optional: the same, ported naively (pgrelay.capture_row_naive keeps pgrelay.key_of
+#      inside the per-row INSERT)
+# Workloads:
+#   insert1   single-row INSERT transactions       pgbench -n -c 4 -j 2 -T D
+#   bulk1000  INSERT ... SELECT generate_series     pgbench -n -c 1      -T D  (1,000 rows/stmt)
+#   update1   single-row UPDATE by random id        pgbench -n -c 4 -j 2 -T D  (100,000-row table)
+# Measurements are interleaved round robin (a,b,c,d,a,b,c,d,...) and the median TPS is reported.
+# Nobody LISTENs. Progress goes to stderr; the markdown report goes to stdout.
+set -euo pipefail
+
+DURATION=${1:-10}
+REPS=${REPS:-3}
+WORKLOADS=${WORKLOADS:-"insert1 bulk1000 update1"}
+VARIANTS=${VARIANTS:-"a b c d"}
+URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+UPDATE_ROWS=100000
+
+[[ $DURATION =~ ^[0-9]+$ && $DURATION -gt 0 ]] || { echo "usage: $0 [duration-seconds]" >&2; exit 2; }
+[[ $REPS =~ ^[0-9]+$ && $REPS -gt 0 ]] || { echo "REPS must be a positive integer" >&2; exit 2; }
+for w in $WORKLOADS; do
+    case $w in insert1|bulk1000|update1) ;; *) echo "unknown workload: $w" >&2; exit 2 ;; esac
+done
+for v in $VARIANTS; do
+    case $v in a|b|c|d|e) ;; *) echo "unknown variant: $v" >&2; exit 2 ;; esac
+done
+[[ " $VARIANTS " == *" a "* && " $VARIANTS " == *" b "* ]] || { echo "VARIANTS must include a and b" >&2; exit 2; }
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+INSTALL_SQL=$HERE/../sql/install.sql
+ROW_SQL=$HERE/capture_row.sql
+[[ -r $INSTALL_SQL && -r $ROW_SQL ]] || { echo "missing $INSTALL_SQL or $ROW_SQL" >&2; exit 1; }
+
+# postgres://user@host:port/dbname?params  ->  base, query; url_for DB swaps the database name.
+if [[ $URL =~ ^(postgres(ql)?://[^/?]*)(/[^?]*)?(\?.*)?$ ]]; then
+    URL_BASE=${BASH_REMATCH[1]}
+    URL_QUERY=${BASH_REMATCH[4]}
+else
+    echo "DATABASE_URL must be a postgres:// URL" >&2; exit 2
+fi
+url_for() { printf '%s/%s%s' "$URL_BASE" "$1" "$URL_QUERY"; }
+
+export PGOPTIONS='-c client_min_messages=warning'
+psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -At -d "$URL" "$@"; }
+psql_db() { local db=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -At -d "$(url_for "$db")" "$@"; }
+
+TMP=$(mktemp -d)
+PREFIX="pgrelay_bench_$$_$(date +%s)"
+CREATED=()   # databases this run created and may still have to drop
+
+cleanup() {
+    local db
+    for db in "${CREATED[@]}"; do
+        psql_admin -c "drop database if exists \"$db\" with (force)" >/dev/null 2>&1 || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- pgbench scripts --------------------------------------------------------------------------
+cat >"$TMP/insert1.sql" <<'EOF'
+\set p random(1, 100000)
+insert into bench_items (name, price) values ('item-' || :p, :p / 10.0);
+EOF
+cat >"$TMP/bulk1000.sql" <<'EOF'
+insert into bench_items (name, price) select 'item-' || g, g / 10.0 from generate_series(1, 1000) as g;
+EOF
+cat >"$TMP/update1.sql" <<EOF
+\set id random(1, $UPDATE_ROWS)
+update bench_items set price = price + 1 where id = :id;
+EOF
+
+rows_per_tx() { case $1 in bulk1000) echo 1000 ;; *) echo 1 ;; esac; }
+pgbench_opts() { case $1 in bulk1000) echo "-n -c 1 -T $DURATION" ;; *) echo "-n -c 4 -j 2 -T $DURATION" ;; esac; }
+variant_name() {
+    case $1 in
+        a) echo "(a) no trigger" ;;
+        b) echo "(b) bare row-level pg_notify" ;;
+        c) echo "(c) pgrelay statement-level" ;;
+        d) echo "(d) pgrelay row-level variant" ;;
+        e) echo "(e) row-level, naive key_of port" ;;
+    esac
+}
+workload_name() {
+    case $1 in
+        insert1) echo "single-row INSERT (-c 4 -j 2)" ;;
+        bulk1000) echo "1,000-row INSERT ... SELECT (-c 1)" ;;
+        update1) echo "single-row UPDATE (-c 4 -j 2)" ;;
+    esac
+}
+
+# Creates DB with bench_items (filled for update1) and installs variant V.
+setup_db() {
+    local db=$1 workload=$2 v=$3
+    psql_admin -c "create database \"$db\" template template0"
+    CREATED+=("$db")
+    psql_db "$db" -c "create table bench_items (id bigserial primary key, name text, price numeric,
+                                                created timestamptz default now())"
+    if [[ $workload == update1 ]]; then
+        psql_db "$db" -c "insert into bench_items (name, price)
+                          select 'item-' || g, g / 10.0 from generate_series(1, $UPDATE_ROWS) as g" \
+                      -c "vacuum analyze bench_items"
+    fi
+    case $v in
+        a) ;;
+        b) psql_db "$db" <<'EOF'
+create function bench_notify() returns trigger language plpgsql as $$
+begin
+    perform pg_notify('bench', row_to_json(new)::text);
+    return null;
+end
+$$;
+create trigger bench_notify after insert or update on bench_items
+    for each row execute function bench_notify();
+EOF
+        ;;
+        c) psql_db "$db" -f "$INSTALL_SQL" -c "select pgrelay.install('public', 'bench_items')" >/dev/null ;;
+        d) psql_db "$db" -f "$INSTALL_SQL" -f "$ROW_SQL" \
+                   -c "select pgrelay.install_row('public', 'bench_items', 'capture_row')" >/dev/null ;;
+        e) psql_db "$db" -f "$INSTALL_SQL" -f "$ROW_SQL" \
+                   -c "select pgrelay.install_row('public', 'bench_items', 'capture_row_naive')" >/dev/null ;;
+    esac
+}
+
+drop_db() {
+    local db=$1 i
+    psql_admin -c "drop database if exists \"$db\" with (force)"
+    for i in "${!CREATED[@]}"; do [[ ${CREATED[$i]} == "$db" ]] && unset 'CREATED[i]'; done
+    CREATED=("${CREATED[@]}")
+}
+
+declare -A TPS   # TPS[workload,variant] = "run1 run2 run3"
+WARNINGS=()
+
+run_one() {
+    local workload=$1 v=$2 rep=$3 db out tps txs expect got
+    db="${PREFIX}_${workload}_${v}_${rep}"
+    setup_db "$db" "$workload" "$v"
+    psql_admin -c checkpoint 2>/dev/null || true   # start every run from the same WAL state
+    # shellcheck disable=SC2046
+    if ! out=$(pgbench $(pgbench_opts "$workload") -f "$TMP/$workload.sql" "$(url_for "$db")" 2>&1); then
+        echo "$out" >&2; echo "pgbench failed: $workload $v rep $rep" >&2; exit 1
+    fi
+    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | tail -1)
+    txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
+    if [[ -z $tps || -z $txs ]]; then echo "$out" >&2; echo "cannot parse pgbench output" >&2; exit 1; fi
+    if grep -q '^number of failed transactions: [1-9]' <<<"$out"; then
+        WARNINGS+=("$workload $v rep $rep: $(grep '^number of failed' <<<"$out")")
+    fi
+    # Sanity: the capture variants must have logged exactly one change per written row.
+    if [[ $v == c || $v == d || $v == e ]]; then
+        expect=$(( txs * $(rows_per_tx "$workload") ))
+        got=$(psql_db "$db" -c "select count(*) from pgrelay.changes")
+        [[ $got == "$expect" ]] || WARNINGS+=("$workload $v rep $rep: pgrelay.changes has $got rows, expected $expect")
+    fi
+    drop_db "$db"
+    TPS[$workload,$v]="${TPS[$workload,$v]:-}${TPS[$workload,$v]:+ }$tps"
+    printf '  %-9s %s rep %d: %10.1f tps\n' "$workload" "$v" "$rep" "$tps" >&2
+}
+
+median() { tr ' ' '\n' <<<"$1" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# --- run ----------------------------------------------------------------------------------------
+psql_admin -c "select 1" >/dev/null
+START=$(date +%s)
+echo "pgrelay trigger bench: duration ${DURATION}s, $REPS reps, workloads: $WORKLOADS" >&2
+for workload in $WORKLOADS; do
+    echo "$(workload_name "$workload")" >&2
+    for rep in $(seq 1 "$REPS"); do
+        for v in $VARIANTS; do
+            run_one "$workload" "$v" "$rep"
+        done
+    done
+done
+ELAPSED=$(( $(date +%s) - START ))
+
+# --- report -------------------------------------------------------------------------------------
+PGVER=$(psql_admin -c "show server_version")
+SETTINGS=$(psql_admin -c "select string_agg(name || '=' || setting || coalesce(unit, ''), ', ' order by name)
+                          from pg_settings where name in ('shared_buffers', 'synchronous_commit',
+                          'fsync', 'full_page_writes', 'wal_level', 'max_wal_size')")
+
+echo "### Capture trigger write cost ($(date -u +%Y-%m-%d))"
+echo
+echo "PostgreSQL $PGVER, $(nproc) CPUs, $SETTINGS."
+echo "\`bench/triggers.sh $DURATION\`: ${DURATION}s per pgbench run, median of $REPS interleaved runs"
+echo "(variants round robin: ${VARIANTS// /,},...; fresh database per run, checkpoint before each run, no LISTENer); total ${ELAPSED}s."
+echo
+echo "| workload | variant | median TPS | rows/s | vs (a) no trigger | vs (b) bare notify | runs (TPS) |"
+echo "|---|---|---:|---:|---:|---:|---|"
+for workload in $WORKLOADS; do
+    ta=$(median "${TPS[$workload,a]}")
+    tb=$(median "${TPS[$workload,b]}")
+    for v in $VARIANTS; do
+        t=$(median "${TPS[$workload,$v]}")
+        runs=$(tr ' ' '\n' <<<"${TPS[$workload,$v]}" | awk '{printf "%s%.0f", (NR>1?", ":""), $1}')
+        awk -v w="$(workload_name "$workload")" -v n="$(variant_name "$v")" -v t="$t" -v ta="$ta" -v tb="$tb" \
+            -v r="$(rows_per_tx "$workload")" -v runs="$runs" \
+            'BEGIN { printf "| %s | %s | %.0f | %.0f | %.2f× | %.2f× | %s |\n", w, n, t, t*r, t/ta, t/tb, runs }'
+    done
+done
+if (( ${#WARNINGS[@]} )); then
+    echo
+    echo "Warnings:"
+    for w in "${WARNINGS[@]}"; do echo "- $w"; done
+fi

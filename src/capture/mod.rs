@@ -1,0 +1,313 @@
+//! The capture task: the one dedicated connection that LISTENs, decodes and publishes.
+//!
+//! Flow: `listen::Listener` owns the connection (a driver task turns `poll_message` into a
+//! channel of payloads); this module decodes each payload, reads pointer rows from
+//! `pgrelay.changes` in batches, and publishes events to the hub in notification order, which
+//! is commit order.
+//!
+//! Nothing lost across reconnects (DESIGN.md guarantee 2): capture keeps an xid *horizon* `H`
+//! such that every transaction with xid < `H` that committed while the relay listened has been
+//! handled. A new horizon is taken as `pg_snapshot_xmin(pg_current_snapshot())` on the capture
+//! connection, then a marker is NOTIFYed; it takes effect when the marker comes back, because
+//! by then every notification committed before it has been handled (NOTIFY order is commit
+//! order). After a reconnect, capture LISTENs first, then reads every log row with
+//! xid >= `H` and publishes those it has not published yet. Seq is assigned at insert, so
+//! "seq > last seen" would miss late committers; the horizon does not. De-duplication keeps,
+//! per transaction at or above the horizon, the highest seq published (a transaction's
+//! statements log increasing seqs and notify in that order).
+
+mod decode;
+mod listen;
+
+pub use decode::{DecodeError, Payload, decode};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::ChangeEvent;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use listen::Listener;
+
+/// Rows read from the log per query (pointers and catch-up).
+const FETCH_BATCH: i64 = 1000;
+
+const FETCH_POINTER: &str = "
+    select pgrelay.event_json(c)::text from pgrelay.changes c
+     where c.seq between $1 and $2 and c.xid = $3::text::xid8
+     order by c.seq limit $4";
+
+const CATCH_UP_START: &str = "select min(seq) from pgrelay.changes where xid >= $1::text::xid8";
+
+const CATCH_UP: &str = "
+    select pgrelay.event_json(c)::text from pgrelay.changes c
+     where c.seq >= $1 and c.xid >= $2::text::xid8
+     order by c.seq limit $3";
+
+const TAKE_HORIZON: &str = "select pg_snapshot_xmin(pg_current_snapshot())::text";
+
+/// Why a capture session ended (it reconnects after each of these).
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The connection failed or a query on it did.
+    #[error("Capture connection error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// The connection closed.
+    #[error("Capture connection closed")]
+    Closed,
+    /// The log returned something the decoder rejects (a broken invariant).
+    #[error("Log row could not be decoded: {0}")]
+    BadLogRow(#[from] DecodeError),
+}
+
+/// Shared view of capture for readiness checks.
+#[derive(Debug, Default)]
+pub struct CaptureState {
+    /// True while LISTEN is active and catch-up is done. Written only by the capture task.
+    listening: AtomicBool,
+}
+
+impl CaptureState {
+    /// Whether capture is connected and LISTENing.
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+}
+
+/// What capture remembers across sessions.
+struct Progress {
+    /// Effective horizon: every transaction below it has been handled.
+    horizon: u64,
+    /// A horizon waiting for its marker: (marker id, xid).
+    pending: Option<(String, u64)>,
+    /// Highest seq published per transaction at or above the horizon.
+    published: HashMap<u64, i64>,
+    /// Distinguishes this relay's markers from other replicas'.
+    instance: u64,
+    markers_sent: u64,
+}
+
+impl Progress {
+    fn is_new(&self, event: &ChangeEvent) -> bool {
+        self.published
+            .get(&event.xid)
+            .is_none_or(|&seq| event.seq > seq)
+    }
+
+    fn record(&mut self, event: &ChangeEvent) {
+        if event.xid >= self.horizon {
+            let seq = self.published.entry(event.xid).or_insert(event.seq);
+            *seq = (*seq).max(event.seq);
+        }
+    }
+
+    fn advance(&mut self, horizon: u64) {
+        if horizon > self.horizon {
+            self.horizon = horizon;
+            self.published.retain(|&xid, _| xid >= horizon);
+        }
+    }
+}
+
+/// Everything the capture task needs.
+pub struct Capture {
+    /// Connection string of the dedicated LISTEN connection.
+    pub database_url: String,
+    /// Where events go.
+    pub hub: Arc<Hub>,
+    /// Readiness flag shared with `/readyz`.
+    pub state: Arc<CaptureState>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// How often the horizon moves.
+    pub horizon_interval: Duration,
+    /// Cap of the reconnect backoff.
+    pub max_backoff: Duration,
+}
+
+impl Capture {
+    /// Runs until `token` is cancelled: connect, LISTEN, catch up, stream; reconnect with
+    /// capped exponential backoff (with jitter) whenever the connection is lost.
+    pub async fn run(self, token: CancellationToken) {
+        let mut progress: Option<Progress> = None;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let result = self.session(&mut progress, &token, &mut backoff).await;
+            self.state.listening.store(false, Ordering::Release);
+            match result {
+                Ok(()) => return,
+                Err(err) => {
+                    self.metrics.inc(&self.metrics.capture_reconnects);
+                    tracing::warn!(error = %err, retry_in = ?backoff, "capture connection lost");
+                }
+            }
+            let jitter = rand::random_range(0.5..1.0);
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+
+    async fn session(
+        &self,
+        progress: &mut Option<Progress>,
+        token: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> Result<(), CaptureError> {
+        let mut listener = tokio::select! {
+            biased;
+            _ = token.cancelled() => return Ok(()),
+            listener = Listener::connect(&self.database_url) => listener?,
+        };
+        if progress.is_none() {
+            // The first horizon is taken before the first LISTEN: everything from then on
+            // is recoverable, everything before is history no live subscriber was promised.
+            let horizon = take_horizon(listener.client()).await?;
+            *progress = Some(Progress {
+                horizon,
+                pending: None,
+                published: HashMap::new(),
+                instance: rand::random(),
+                markers_sent: 0,
+            });
+        }
+        let progress = progress.as_mut().expect("progress was set above");
+        listener.client().batch_execute("listen pgrelay").await?;
+        self.catch_up(listener.client(), progress).await?;
+        progress.pending = None;
+        self.state.listening.store(true, Ordering::Release);
+        *backoff = Duration::from_millis(50);
+        tracing::info!(horizon = progress.horizon, "capture listening");
+
+        let mut horizon_tick = tokio::time::interval(self.horizon_interval);
+        horizon_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // priority 1: shutdown
+                biased;
+                _ = token.cancelled() => {
+                    let _ = listener.client().batch_execute("unlisten *").await;
+                    return Ok(());
+                }
+                // priority 2: notifications, in order
+                payload = listener.next() => {
+                    let payload = payload.ok_or(CaptureError::Closed)??;
+                    self.handle(listener.client(), progress, &payload).await?;
+                }
+                // priority 3: move the horizon
+                _ = horizon_tick.tick() => {
+                    if progress.pending.is_none() {
+                        let xid = take_horizon(listener.client()).await?;
+                        progress.markers_sent += 1;
+                        let id = format!("{:x}-{}", progress.instance, progress.markers_sent);
+                        let marker = serde_json::json!({"k": "m", "id": id}).to_string();
+                        listener.client().execute("select pg_notify('pgrelay', $1)", &[&marker]).await?;
+                        progress.pending = Some((id, xid));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        client: &Client,
+        progress: &mut Progress,
+        payload: &str,
+    ) -> Result<(), CaptureError> {
+        match decode(payload) {
+            Ok(Payload::Event(event)) => self.publish(progress, *event),
+            Ok(Payload::Pointer { xid, from, to, .. }) => {
+                let xid_text = xid.to_string();
+                let mut next = from;
+                while next <= to {
+                    let rows = client
+                        .query(FETCH_POINTER, &[&next, &to, &xid_text, &FETCH_BATCH])
+                        .await?;
+                    let Some(last) = rows.last() else { break };
+                    let last = decode_row(last)?;
+                    next = last.seq + 1;
+                    for row in &rows {
+                        self.publish(progress, decode_row(row)?);
+                    }
+                }
+            }
+            Ok(Payload::Marker(id)) => {
+                if let Some((pending_id, xid)) = progress.pending.take() {
+                    if pending_id == id {
+                        progress.advance(xid);
+                    } else {
+                        progress.pending = Some((pending_id, xid));
+                    }
+                }
+            }
+            Err(err) => {
+                self.metrics.inc(&self.metrics.bad_payloads);
+                tracing::warn!(channel = "pgrelay", error = %err, payload = %truncate(payload), "skipping bad notification payload");
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every log row at or above the horizon and publishes what is new.
+    async fn catch_up(&self, client: &Client, progress: &mut Progress) -> Result<(), CaptureError> {
+        let horizon = progress.horizon.to_string();
+        let start: Option<i64> = client.query_one(CATCH_UP_START, &[&horizon]).await?.get(0);
+        let Some(mut next) = start else { return Ok(()) };
+        let mut replayed = 0u64;
+        loop {
+            let rows = client
+                .query(CATCH_UP, &[&next, &horizon, &FETCH_BATCH])
+                .await?;
+            let Some(last) = rows.last() else { break };
+            next = decode_row(last)?.seq + 1;
+            for row in &rows {
+                let event = decode_row(row)?;
+                if progress.is_new(&event) {
+                    replayed += 1;
+                    self.publish(progress, event);
+                }
+            }
+        }
+        if replayed > 0 {
+            tracing::info!(replayed, "capture caught up from the log");
+        }
+        Ok(())
+    }
+
+    fn publish(&self, progress: &mut Progress, event: ChangeEvent) {
+        if !progress.is_new(&event) {
+            return;
+        }
+        progress.record(&event);
+        self.metrics.inc(&self.metrics.events_captured);
+        self.hub.publish(event);
+    }
+}
+
+async fn take_horizon(client: &Client) -> Result<u64, CaptureError> {
+    let text: String = client.query_one(TAKE_HORIZON, &[]).await?.get(0);
+    // pg_snapshot_xmin always renders a decimal xid8.
+    Ok(text.parse().unwrap_or(0))
+}
+
+fn decode_row(row: &tokio_postgres::Row) -> Result<ChangeEvent, CaptureError> {
+    let text: &str = row.get(0);
+    Ok(serde_json::from_str(text).map_err(DecodeError::from)?)
+}
+
+fn truncate(payload: &str) -> &str {
+    let mut end = payload.len().min(200);
+    while !payload.is_char_boundary(end) {
+        end -= 1;
+    }
+    &payload[..end]
+}

@@ -1,0 +1,183 @@
+//! Runtime configuration of `pgrelay serve`, validated before anything starts.
+
+use std::time::Duration;
+
+/// A table to expose: `items` means `public.items`, `shop.orders` names the schema.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TableName {
+    /// Schema name, exactly as in the catalog.
+    pub schema: String,
+    /// Table name, exactly as in the catalog.
+    pub table: String,
+}
+
+impl TableName {
+    /// Parses `table` or `schema.table`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let text = text.trim();
+        let (schema, table) = match text.split_once('.') {
+            Some((schema, table)) => (schema, table),
+            None => ("public", text),
+        };
+        if schema.is_empty() || table.is_empty() {
+            return Err(ConfigError::BadTable(text.to_owned()));
+        }
+        Ok(TableName {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+        })
+    }
+
+    /// The subscriber-facing name (`items`, or `shop.orders`).
+    pub fn resource(&self) -> String {
+        crate::event::resource_name(&self.schema, &self.table)
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL connection string (key=value or URL).
+    pub database_url: String,
+    /// Tables to expose.
+    pub tables: Vec<TableName>,
+    /// Install capture for `tables` at start.
+    pub install: bool,
+    /// How often the server pings each WebSocket.
+    pub ping_interval: Duration,
+    /// A WebSocket silent for this long is closed.
+    pub ping_timeout: Duration,
+    /// Largest client frame/message accepted, in bytes.
+    pub max_client_frame: usize,
+    /// Per-connection queue limit in bytes of encoded frames (slow consumer past it).
+    pub queue_bytes: u64,
+    /// Events kept per table for resume and for subscribers catching up.
+    pub history_events: usize,
+    /// Bytes of encoded frames kept per table.
+    pub history_bytes: usize,
+    /// Rows per `initial` message.
+    pub snapshot_batch_rows: usize,
+    /// Size of the query pool (snapshots, REST).
+    pub pool_size: usize,
+    /// How often capture moves its catch-up horizon forward.
+    pub horizon_interval: Duration,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+    /// How long shutdown waits for tasks before giving up.
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// A config with the documented defaults.
+    pub fn new(database_url: impl Into<String>, tables: Vec<TableName>) -> Self {
+        Config {
+            database_url: database_url.into(),
+            tables,
+            install: false,
+            ping_interval: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(45),
+            max_client_frame: 64 * 1024,
+            queue_bytes: 8 * 1024 * 1024,
+            history_events: 100_000,
+            history_bytes: 64 * 1024 * 1024,
+            snapshot_batch_rows: 1000,
+            pool_size: 16,
+            horizon_interval: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks the values that would otherwise fail later and less clearly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tables.is_empty() {
+            return Err(ConfigError::NoTables);
+        }
+        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
+            return Err(ConfigError::BadDatabaseUrl);
+        }
+        if self.ping_timeout <= self.ping_interval {
+            return Err(ConfigError::Invalid(
+                "the ping timeout must be longer than the ping interval",
+            ));
+        }
+        if self.snapshot_batch_rows == 0 || self.pool_size == 0 || self.history_events == 0 {
+            return Err(ConfigError::Invalid(
+                "snapshot batch rows, pool size and history events must be positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No table to expose.
+    #[error("No tables to expose: pass --tables items,orders (or set PGRELAY_TABLES)")]
+    NoTables,
+    /// A table name that is not `table` or `schema.table`.
+    #[error("Table name {0:?} is not `table` or `schema.table`")]
+    BadTable(String),
+    /// The database URL does not parse.
+    #[error("The database URL is not a valid PostgreSQL connection string")]
+    BadDatabaseUrl,
+    /// Some other value is out of range.
+    #[error("Invalid configuration: {0}")]
+    Invalid(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_default_to_public() {
+        let t = TableName::parse("items").unwrap();
+        assert_eq!((t.schema.as_str(), t.table.as_str()), ("public", "items"));
+        assert_eq!(t.resource(), "items");
+        let t = TableName::parse("shop.orders").unwrap();
+        assert_eq!(t.resource(), "shop.orders");
+        assert!(TableName::parse(".x").is_err());
+        assert!(TableName::parse("").is_err());
+    }
+
+    #[test]
+    fn validate_rejects_what_cannot_work() {
+        let ok = Config::new(
+            "postgres://u@h/db",
+            vec![TableName::parse("items").unwrap()],
+        );
+        assert!(ok.validate().is_ok());
+        assert!(
+            Config {
+                tables: vec![],
+                ..ok.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Config {
+                database_url: "postgres://h:notaport/x".into(),
+                ..ok.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Config {
+                ping_timeout: ok.ping_interval,
+                ..ok
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! HTTP surface: routes, shared state, and the one `recover` that renders every rejection.
+
+pub mod ws;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::capture::CaptureState;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::sql::TableInfo;
+
+/// What every request handler and socket task shares.
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Config,
+    /// Exposed tables by resource name (the catalog's view at start).
+    pub tables: HashMap<String, TableInfo>,
+    /// Fan-out of captured events.
+    pub hub: Arc<Hub>,
+    /// Query pool (snapshots).
+    pub pool: Pool,
+    /// Capture's readiness.
+    pub capture: Arc<CaptureState>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled on shutdown; every socket task watches it.
+    pub token: CancellationToken,
+    /// Every socket task holds a token of it, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// A request error with its status, rendered as `{"error":{"code","message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message; never SQL text or internals.
+    pub message: String,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl ApiError {
+    /// 400 with code `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+
+    /// 404 with code `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
+    }
+}
+
+fn with_state(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Arc<AppState>,), Error = Infallible> + Clone {
+    warp::any().map(move || Arc::clone(&state))
+}
+
+/// All routes, with one `recover`.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    health()
+        .or(ready(Arc::clone(&state)))
+        .or(metrics(Arc::clone(&state)))
+        .or(ws::route(state))
+        .recover(recover)
+}
+
+/// GET /healthz: the process is up.
+fn health() -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})))
+}
+
+/// GET /readyz: 200 while capture LISTENs, 503 otherwise.
+fn ready(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state(state))
+        .map(|state: Arc<AppState>| {
+            let listening = state.capture.is_listening();
+            let status = if listening {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = json!({"status": if listening { "ready" } else { "capture not listening" }});
+            warp::reply::with_status(warp::reply::json(&body), status)
+        })
+}
+
+/// GET /metrics: Prometheus text.
+fn metrics(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state(state))
+        .map(|state: Arc<AppState>| {
+            warp::reply::with_header(
+                state.metrics.render(state.capture.is_listening()),
+                "content-type",
+                "text/plain; version=0.0.4",
+            )
+        })
+}
+
+/// Turns every rejection into a JSON error with a status.
+pub async fn recover(rejection: Rejection) -> Result<impl Reply, Infallible> {
+    let (status, code, message) = if let Some(e) = rejection.find::<ApiError>() {
+        (e.status, e.code, e.message.clone())
+    } else if rejection.is_not_found() {
+        (
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "No such route".to_owned(),
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Method not allowed".to_owned(),
+        )
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Invalid query string".to_owned(),
+        )
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "Request body too large".to_owned(),
+        )
+    } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("Missing header {}", e.name()),
+        )
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("Invalid header {}", e.name()),
+        )
+    } else {
+        tracing::warn!(rejection = ?rejection, "unhandled rejection");
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Bad request".to_owned(),
+        )
+    };
+    let body = json!({"error": {"code": code, "message": message}});
+    Ok(warp::reply::with_status(warp::reply::json(&body), status))
+}

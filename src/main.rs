@@ -1,0 +1,245 @@
+//! The `pgrelay` command line: serve, install, uninstall, status, tail.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use pgrelay::{Config, TableName};
+
+#[derive(Parser)]
+#[command(
+    name = "pgrelay",
+    version,
+    about = "Pushes PostgreSQL row changes to WebSocket subscribers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Database {
+    /// PostgreSQL connection string.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the WebSocket routes for the exposed tables.
+    Serve(ServeArgs),
+    /// Install capture (schema, log, triggers) on tables. Idempotent.
+    Install {
+        #[command(flatten)]
+        db: Database,
+        /// Tables: `items` (schema public) or `schema.table`.
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
+    /// Remove the capture triggers from tables (the log stays).
+    Uninstall {
+        #[command(flatten)]
+        db: Database,
+        /// Tables: `items` (schema public) or `schema.table`.
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
+    /// Show, per table, whether capture is installed and what the log holds.
+    Status {
+        #[command(flatten)]
+        db: Database,
+    },
+    /// Print a table's events as JSON lines.
+    Tail {
+        /// Base URL of the relay.
+        #[arg(long, default_value = "ws://127.0.0.1:8080")]
+        url: String,
+        /// Send the initial rows first.
+        #[arg(long)]
+        snapshot: bool,
+        /// Table (resource) to follow.
+        table: String,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: Database,
+    /// Address to listen on.
+    #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Tables to expose, comma separated: `items,shop.orders`.
+    #[arg(long, env = "PGRELAY_TABLES", value_delimiter = ',', required = true)]
+    tables: Vec<String>,
+    /// Install capture for the tables at start (idempotent).
+    #[arg(long, env = "PGRELAY_INSTALL")]
+    install: bool,
+    /// Seconds between server pings.
+    #[arg(long, env = "PGRELAY_PING_INTERVAL", default_value_t = 15)]
+    ping_interval: u64,
+    /// Seconds of silence after which a socket is closed.
+    #[arg(long, env = "PGRELAY_PING_TIMEOUT", default_value_t = 45)]
+    ping_timeout: u64,
+    /// Largest client frame, in bytes.
+    #[arg(long, env = "PGRELAY_MAX_FRAME", default_value_t = 64 * 1024)]
+    max_frame: usize,
+    /// Per-connection queue limit in bytes (a subscriber further behind is closed with 4008).
+    #[arg(long, env = "PGRELAY_QUEUE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    queue_bytes: u64,
+    /// Events kept per table for catching up.
+    #[arg(long, env = "PGRELAY_HISTORY_EVENTS", default_value_t = 100_000)]
+    history_events: usize,
+    /// Bytes kept per table for catching up.
+    #[arg(long, env = "PGRELAY_HISTORY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    history_bytes: usize,
+    /// Query pool size.
+    #[arg(long, env = "PGRELAY_POOL_SIZE", default_value_t = 16)]
+    pool_size: usize,
+}
+
+fn tables(names: &[String]) -> anyhow::Result<Vec<TableName>> {
+    names
+        .iter()
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| TableName::parse(n).map_err(anyhow::Error::from))
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pgrelay=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Install { db, tables: names } => {
+            let tables = tables(&names)?;
+            let mut client = pgrelay::sql::connect(&db.database_url)
+                .await
+                .context("connecting to the database")?;
+            pgrelay::sql::install(&mut client, &tables).await?;
+            for t in &tables {
+                println!("installed capture on {t}");
+            }
+            Ok(())
+        }
+        Command::Uninstall { db, tables: names } => {
+            let tables = tables(&names)?;
+            let mut client = pgrelay::sql::connect(&db.database_url)
+                .await
+                .context("connecting to the database")?;
+            pgrelay::sql::uninstall(&mut client, &tables).await?;
+            for t in &tables {
+                println!("removed capture from {t}");
+            }
+            Ok(())
+        }
+        Command::Status { db } => {
+            let client = pgrelay::sql::connect(&db.database_url)
+                .await
+                .context("connecting to the database")?;
+            let rows = pgrelay::sql::status(&client).await?;
+            if rows.is_empty() {
+                println!("capture is not installed in this database");
+            }
+            println!(
+                "{:<40} {:<10} {:>10} {:>12} {:>12}",
+                "table", "installed", "log rows", "oldest seq", "newest seq"
+            );
+            for r in rows {
+                let seq = |s: Option<i64>| s.map_or("-".to_owned(), |s| s.to_string());
+                println!(
+                    "{:<40} {:<10} {:>10} {:>12} {:>12}",
+                    r.table,
+                    if r.installed { "yes" } else { "no" },
+                    r.log_rows,
+                    seq(r.oldest_seq),
+                    seq(r.newest_seq)
+                );
+            }
+            Ok(())
+        }
+        Command::Tail {
+            url,
+            snapshot,
+            table,
+        } => tail(&url, &table, snapshot).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::new(args.db.database_url, tables(&args.tables)?);
+    config.install = args.install;
+    config.ping_interval = Duration::from_secs(args.ping_interval);
+    config.ping_timeout = Duration::from_secs(args.ping_timeout);
+    config.max_client_frame = args.max_frame;
+    config.queue_bytes = args.queue_bytes;
+    config.history_events = args.history_events;
+    config.history_bytes = args.history_bytes;
+    config.pool_size = args.pool_size;
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    pgrelay::run(config, listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(term) => term,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the relay");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn tail(url: &str, table: &str, snapshot: bool) -> anyhow::Result<()> {
+    let mut target = format!("{}/ws/{}", url.trim_end_matches('/'), table);
+    if snapshot {
+        target.push_str("?snapshot=true");
+    }
+    let (mut socket, _) = tokio_tungstenite::connect_async(&target)
+        .await
+        .with_context(|| format!("connecting to {target}"))?;
+    while let Some(message) = socket.next().await {
+        match message.context("reading from the relay")? {
+            tokio_tungstenite::tungstenite::Message::Text(text) => println!("{}", text.as_str()),
+            tokio_tungstenite::tungstenite::Message::Close(frame) => {
+                if let Some(frame) = frame {
+                    eprintln!("closed: {} {}", u16::from(frame.code), frame.reason);
+                }
+                break;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Initial data: a table's rows as of one snapshot, and which events that snapshot already
+//! contains (DESIGN.md guarantee 3).
+
+use deadpool_postgres::Pool;
+use futures_util::{Sink, SinkExt};
+use tokio_postgres::IsolationLevel;
+use warp::ws::Message;
+
+use crate::event::control;
+use crate::sql::{SqlError, TableInfo, quote_ident, quote_table};
+
+/// Largest `initial` message, in bytes of row JSON (a message may exceed it by one row).
+const INITIAL_MESSAGE_BYTES: usize = 1 << 20;
+
+/// A `pg_current_snapshot()`: which transactions' effects it sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    /// Transactions in progress when the snapshot was taken (sorted).
+    xip: Vec<u64>,
+}
+
+impl Snapshot {
+    /// Parses the text form `xmin:xmax:xip1,xip2,…`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let mut xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        xip.sort_unstable();
+        Some(Snapshot { xmin, xmax, xip })
+    }
+
+    /// Whether a committed transaction's changes are in the snapshot (`pg_visible_in_snapshot`).
+    pub fn contains(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
+    }
+}
+
+/// Why the initial data could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The database failed.
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    /// The client went away.
+    #[error("Socket closed while sending initial data")]
+    Socket(#[source] warp::Error),
+    /// The snapshot text did not parse (a broken invariant).
+    #[error("Unexpected snapshot text {0:?}")]
+    BadSnapshot(String),
+}
+
+impl From<tokio_postgres::Error> for SnapshotError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        SnapshotError::Sql(SqlError::Db(err))
+    }
+}
+
+/// Sends the table's rows as `initial` messages (the last with `"done":true`) and returns the
+/// snapshot they were read in. Reads in a REPEATABLE READ, read-only transaction, with a
+/// portal so that a large table is never held in memory whole.
+pub async fn send_initial<S>(
+    pool: &Pool,
+    table: &TableInfo,
+    batch_rows: usize,
+    sink: &mut S,
+) -> Result<Snapshot, SnapshotError>
+where
+    S: Sink<Message, Error = warp::Error> + Unpin,
+{
+    let mut client = pool.get().await.map_err(SqlError::from)?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    // The first statement fixes the transaction's snapshot; this one also reports it.
+    let text: String = tx
+        .query_one("select pg_current_snapshot()::text", &[])
+        .await?
+        .get(0);
+    let snapshot = Snapshot::parse(&text).ok_or(SnapshotError::BadSnapshot(text))?;
+    let order: Vec<String> = table.key_columns.iter().map(|k| quote_ident(k)).collect();
+    let query = format!(
+        "select to_jsonb(t) from {} as t order by {}",
+        quote_table(&table.name),
+        order.join(", ")
+    );
+    let statement = tx.prepare(&query).await?;
+    let portal = tx.bind(&statement, &[]).await?;
+    let max_rows = i32::try_from(batch_rows).unwrap_or(i32::MAX);
+    let mut rows: Vec<String> = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        let batch = tx.query_portal(&portal, max_rows).await?;
+        let finished = batch.len() < batch_rows;
+        for row in batch {
+            let value: serde_json::Value = row.get(0);
+            let json = value.to_string();
+            bytes += json.len();
+            rows.push(json);
+            if rows.len() >= batch_rows || bytes >= INITIAL_MESSAGE_BYTES {
+                let message = control::initial(&table.resource, &rows, false);
+                sink.send(Message::text(message))
+                    .await
+                    .map_err(SnapshotError::Socket)?;
+                rows.clear();
+                bytes = 0;
+            }
+        }
+        if finished {
+            break;
+        }
+    }
+    tx.commit().await?;
+    let message = control::initial(&table.resource, &rows, true);
+    sink.send(Message::text(message))
+        .await
+        .map_err(SnapshotError::Socket)?;
+    Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visibility_follows_pg_visible_in_snapshot() {
+        let s = Snapshot::parse("100:105:102,101").unwrap();
+        assert!(s.contains(99));
+        assert!(!s.contains(101));
+        assert!(!s.contains(102));
+        assert!(s.contains(103));
+        assert!(s.contains(104));
+        assert!(!s.contains(105));
+        assert!(!s.contains(200));
+        let empty = Snapshot::parse("7:7:").unwrap();
+        assert!(empty.contains(6) && !empty.contains(7));
+        assert!(Snapshot::parse("x:1:").is_none());
+        assert!(Snapshot::parse("1:2").is_none());
+    }
+}

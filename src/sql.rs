@@ -1,0 +1,267 @@
+//! Everything that talks SQL besides capture: install/uninstall, the catalog, the pool.
+//!
+//! Values are always bound as `$n`; identifiers go through [`quote_ident`] and come from the
+//! catalog, never from a request.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::TableName;
+
+/// The capture schema, log table, trigger function and install functions.
+pub const INSTALL_SQL: &str = include_str!("../sql/install.sql");
+
+/// Serializes concurrent installs (two relays starting with `--install` at once).
+const INSTALL_LOCK: &str = "select pg_advisory_xact_lock(hashtext('pgrelay.install'))";
+
+/// A catalog, install or query failure, sorted by what the caller does with it.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// The table does not exist.
+    #[error("Table {0} does not exist")]
+    NoSuchTable(TableName),
+    /// The table has no primary key, so rows cannot be identified.
+    #[error("Table {0} has no primary key; pgrelay needs one to identify rows")]
+    NoPrimaryKey(TableName),
+    /// Capture is not installed on the table.
+    #[error("Capture is not installed on table {0}; run `pgrelay install` or pass --install")]
+    NotInstalled(TableName),
+    /// Could not get a pooled connection.
+    #[error("No database connection available: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// Could not build the pool.
+    #[error("Cannot build the connection pool: {0}")]
+    BuildPool(#[from] deadpool_postgres::BuildError),
+    /// Any other database error.
+    #[error("Database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// Quotes an identifier for SQL text: the only way names enter a query string.
+pub fn quote_ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// `"schema"."table"`.
+pub fn quote_table(table: &TableName) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&table.table)
+    )
+}
+
+/// An exposed table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// Schema and name.
+    pub name: TableName,
+    /// Subscriber-facing name.
+    pub resource: String,
+    /// Primary key columns, in key order.
+    pub key_columns: Vec<String>,
+}
+
+/// Opens a plain connection and drives it on a task (for commands and capture setup).
+pub async fn connect(database_url: &str) -> Result<Client, SqlError> {
+    let (client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Builds the query pool (snapshots, REST).
+pub fn pool(database_url: &str, size: usize) -> Result<Pool, SqlError> {
+    let pg_config: tokio_postgres::Config = database_url.parse()?;
+    let manager = Manager::from_config(
+        pg_config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let timeout = Some(std::time::Duration::from_secs(5));
+    Ok(Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
+        .build()?)
+}
+
+fn table_error(err: tokio_postgres::Error, table: &TableName) -> SqlError {
+    match err.code() {
+        Some(code) if *code == SqlState::UNDEFINED_TABLE => SqlError::NoSuchTable(table.clone()),
+        Some(code) if *code == SqlState::INVALID_TABLE_DEFINITION => {
+            SqlError::NoPrimaryKey(table.clone())
+        }
+        _ => SqlError::Db(err),
+    }
+}
+
+/// Installs (or refreshes) the capture schema and the triggers of `tables`. Idempotent, and
+/// all or nothing: one transaction.
+pub async fn install(client: &mut Client, tables: &[TableName]) -> Result<(), SqlError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(INSTALL_LOCK).await?;
+    tx.batch_execute(INSTALL_SQL).await?;
+    for table in tables {
+        tx.execute(
+            "select pgrelay.install($1, $2)",
+            &[&table.schema, &table.table],
+        )
+        .await
+        .map_err(|e| table_error(e, table))?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Removes the triggers of `tables` (the log stays).
+pub async fn uninstall(client: &mut Client, tables: &[TableName]) -> Result<(), SqlError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(INSTALL_LOCK).await?;
+    let installed: bool = tx
+        .query_one(
+            "select to_regprocedure('pgrelay.uninstall(text,text)') is not null",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !installed {
+        return Ok(());
+    }
+    for table in tables {
+        tx.execute(
+            "select pgrelay.uninstall($1, $2)",
+            &[&table.schema, &table.table],
+        )
+        .await
+        .map_err(|e| table_error(e, table))?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+const DESCRIBE: &str = "
+    select c.oid,
+           (select array_agg(a.attname::text order by k.ord)
+              from pg_index i
+              cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
+              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+             where i.indrelid = c.oid and i.indisprimary) as keys,
+           (select count(*) from pg_trigger t
+             where t.tgrelid = c.oid and t.tgname in
+                   ('pgrelay_capture_insert', 'pgrelay_capture_update', 'pgrelay_capture_delete')
+           ) as triggers
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace
+     where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')";
+
+/// Looks the tables up in the catalog and checks that capture is installed on each.
+pub async fn describe(client: &Client, tables: &[TableName]) -> Result<Vec<TableInfo>, SqlError> {
+    let mut infos = Vec::with_capacity(tables.len());
+    for table in tables {
+        let row = client
+            .query_opt(DESCRIBE, &[&table.schema, &table.table])
+            .await?
+            .ok_or_else(|| SqlError::NoSuchTable(table.clone()))?;
+        let keys: Option<Vec<String>> = row.get("keys");
+        let keys = keys.ok_or_else(|| SqlError::NoPrimaryKey(table.clone()))?;
+        let triggers: i64 = row.get("triggers");
+        if triggers != 3 {
+            return Err(SqlError::NotInstalled(table.clone()));
+        }
+        infos.push(TableInfo {
+            name: table.clone(),
+            resource: table.resource(),
+            key_columns: keys,
+        });
+    }
+    Ok(infos)
+}
+
+/// One line of `pgrelay status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableStatus {
+    /// `schema.table`.
+    pub table: String,
+    /// Whether all three capture triggers are present.
+    pub installed: bool,
+    /// Rows in the log for this table.
+    pub log_rows: i64,
+    /// Oldest seq in the log for this table.
+    pub oldest_seq: Option<i64>,
+    /// Newest seq in the log for this table.
+    pub newest_seq: Option<i64>,
+}
+
+/// Capture status of every table that has capture triggers or log rows.
+pub async fn status(client: &Client) -> Result<Vec<TableStatus>, SqlError> {
+    let schema_exists: bool = client
+        .query_one("select to_regclass('pgrelay.changes') is not null", &[])
+        .await?
+        .get(0);
+    if !schema_exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "with installed as (
+                 select n.nspname::text as schema_name, c.relname::text as table_name
+                   from pg_trigger t
+                   join pg_class c on c.oid = t.tgrelid
+                   join pg_namespace n on n.oid = c.relnamespace
+                  where t.tgname = 'pgrelay_capture_insert'),
+             logged as (
+                 select schema_name, table_name, count(*) as n, min(seq) as lo, max(seq) as hi
+                   from pgrelay.changes group by 1, 2)
+             select coalesce(i.schema_name, l.schema_name) || '.' ||
+                    coalesce(i.table_name, l.table_name),
+                    i.table_name is not null, coalesce(l.n, 0), l.lo, l.hi
+               from installed i full join logged l using (schema_name, table_name)
+              order by 1",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableStatus {
+            table: r.get(0),
+            installed: r.get(1),
+            log_rows: r.get(2),
+            oldest_seq: r.get(3),
+            newest_seq: r.get(4),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_and_quotes_doubled() {
+        assert_eq!(quote_ident("items"), r#""items""#);
+        assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
+        assert_eq!(
+            quote_ident(r#"x"; drop table t; --"#),
+            r#""x""; drop table t; --""#
+        );
+        let t = TableName::parse("Shop.Order Items").unwrap();
+        assert_eq!(quote_table(&t), r#""Shop"."Order Items""#);
+    }
+}
