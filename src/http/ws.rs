@@ -150,8 +150,21 @@ impl Session {
             if code == close::SLOW_CONSUMER {
                 self.state.metrics.inc(&self.state.metrics.slow_consumers);
             }
+            // Send Close, then wait briefly for the peer's Close so the handshake completes
+            // (dropping at once can reset the connection before the peer reads our frame).
             let frame = Message::close_with(code, reason);
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(frame)).await;
+            let stream = &mut self.stream;
+            let sink = &mut self.sink;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                if sink.send(frame).await.is_ok() {
+                    while let Some(Ok(message)) = stream.next().await {
+                        if message.is_close() {
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
         }
         tracing::debug!("socket closed");
     }

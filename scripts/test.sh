@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The test command: finds PostgreSQL at $DATABASE_URL (default: postgres@127.0.0.1:5432) or,
+# if none answers, starts a throwaway cluster from the local binaries; then runs
+# cargo fmt --check, cargo clippy -D warnings and cargo test against it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+# Finds a PostgreSQL server binary directory (initdb, pg_ctl, postgres).
+pg_bindir() {
+    if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
+        pg_config --bindir; return
+    fi
+    if command -v initdb >/dev/null 2>&1; then
+        dirname "$(command -v initdb)"; return
+    fi
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+answers() {
+    psql "$1" -Atqc 'select 1' >/dev/null 2>&1
+}
+
+if answers "$DATABASE_URL"; then
+    echo "test.sh: using PostgreSQL at $DATABASE_URL"
+else
+    bindir="$(pg_bindir)"
+    if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
+        echo "test.sh: no PostgreSQL answers at $DATABASE_URL and no initdb was found" >&2
+        exit 1
+    fi
+    export PGRELAY_TEST_PGBIN="$bindir"
+    dir="$(mktemp -d /tmp/pgrelay-test-pg.XXXXXX)"
+    port=$(( 20000 + RANDOM % 20000 ))
+    as_owner=()
+    if [ "$(id -u)" = 0 ]; then
+        # initdb refuses to run as root: the cluster belongs to the postgres user.
+        id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+        chown postgres "$dir"
+        as_owner=(runuser -u postgres --)
+    fi
+    "${as_owner[@]}" "$bindir/initdb" -D "$dir/data" -U postgres -A trust >"$dir/initdb.log" 2>&1 \
+        || { cat "$dir/initdb.log" >&2; exit 1; }
+    "${as_owner[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null
+    cleanup() {
+        "${as_owner[@]}" "$bindir/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+        rm -rf "$dir"
+    }
+    trap cleanup EXIT
+    export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+    echo "test.sh: started a throwaway PostgreSQL at $DATABASE_URL"
+fi
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo test

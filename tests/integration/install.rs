@@ -1,0 +1,125 @@
+//! Capture install and uninstall, through the command line as a user runs them.
+
+use std::process::Command;
+
+use crate::support::{Relay, TestDb};
+
+fn pgrelay(db: &TestDb, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("run pgrelay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn trigger_count(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "select count(*) from pg_trigger where tgname like 'pgrelay_capture_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_is_idempotent_and_uninstall_removes_the_triggers() {
+    let db = TestDb::new().await;
+    db.exec("create table items(id int primary key); create schema shop; create table shop.orders(id int primary key)").await;
+    for _ in 0..2 {
+        let (ok, out) = pgrelay(&db, &["install", "items", "shop.orders"]);
+        assert!(ok, "{out}");
+    }
+    assert_eq!(trigger_count(&db).await, 6);
+    let (ok, out) = pgrelay(&db, &["status"]);
+    assert!(
+        ok && out.contains("public.items") && out.contains("shop.orders"),
+        "{out}"
+    );
+
+    let (ok, out) = pgrelay(&db, &["uninstall", "items"]);
+    assert!(ok, "{out}");
+    assert_eq!(trigger_count(&db).await, 3);
+    // A write to an uninstalled table is not logged, and still succeeds.
+    db.exec("insert into items values (1)").await;
+    let logged: i64 = db
+        .client()
+        .await
+        .query_one("select count(*) from pgrelay.changes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_refuses_missing_tables_and_tables_without_a_primary_key_by_name() {
+    let db = TestDb::new().await;
+    db.exec("create table items(id int primary key); create table nokey(a int)")
+        .await;
+    let (ok, out) = pgrelay(&db, &["install", "items", "nokey"]);
+    assert!(!ok);
+    assert!(out.contains("public.nokey has no primary key"), "{out}");
+    let (ok, out) = pgrelay(&db, &["install", "missing"]);
+    assert!(!ok);
+    assert!(out.contains("public.missing does not exist"), "{out}");
+    // All or nothing: items was not installed by the failed call.
+    assert_eq!(trigger_count(&db).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_install_names_the_table_that_lacks_capture() {
+    let db = TestDb::new().await;
+    db.exec("create table items(id int primary key)").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = pgrelay::Config::new(
+        db.url.clone(),
+        vec![pgrelay::TableName::parse("items").unwrap()],
+    );
+    let err = pgrelay::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("Capture is not installed on table public.items"),
+        "{err}"
+    );
+    let _ = Relay::start_with(&db, &["items"], |c| c.install = true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_while_writers_run_loses_no_write() {
+    let db = TestDb::new().await;
+    db.exec("create table items(id serial primary key, n int)")
+        .await;
+    let client = db.client().await;
+    let writer = tokio::spawn(async move {
+        for i in 0..300 {
+            client
+                .execute("insert into items(n) values ($1)", &[&i])
+                .await
+                .expect("write never fails");
+        }
+    });
+    for _ in 0..5 {
+        let (ok, out) = pgrelay(&db, &["install", "items"]);
+        assert!(ok, "{out}");
+    }
+    writer.await.unwrap();
+    let count: i64 = db
+        .client()
+        .await
+        .query_one("select count(*) from items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 300);
+}

@@ -1,0 +1,12 @@
+//! Integration tests: a real PostgreSQL (each test on its own database), the relay in
+//! process, real WebSocket clients. See `scripts/test.sh` for how PostgreSQL is found.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod install;
+mod protocol;
+mod shutdown;
+mod snapshot;
+mod stream;
+mod support;

@@ -1,0 +1,294 @@
+//! Live events: format, order, exactly once, large rows and statements, isolation by table.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::support::{Relay, TestDb};
+
+const ITEMS: &str = "create table items(id serial primary key, name text, price numeric)";
+
+fn strip_volatile(mut v: Value) -> Value {
+    let obj = v.as_object_mut().expect("event is an object");
+    let seq = obj.remove("seq").expect("event has seq");
+    assert!(
+        seq.as_i64().is_some_and(|s| s > 0),
+        "seq is a positive integer: {seq}"
+    );
+    let ts = obj.remove("ts").expect("event has ts");
+    let ts = ts.as_str().expect("ts is a string");
+    assert!(
+        ts.len() >= 20 && ts.as_bytes()[10] == b'T',
+        "ts is ISO 8601: {ts}"
+    );
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_type_from_plain_sql_arrives_in_the_design_format() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
+
+    db.exec("insert into items(name, price) values ('apple', 10.5)")
+        .await;
+    db.exec("update items set name = 'orange', price = 12.0 where id = 1")
+        .await;
+    db.exec("delete from items where id = 1").await;
+
+    let events = ws.events(3).await;
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs increase: {seqs:?}"
+    );
+    let events: Vec<Value> = events.into_iter().map(strip_volatile).collect();
+    assert_eq!(
+        events[0],
+        json!({"type": "create", "resource": "items", "id": 1,
+               "data": {"id": 1, "name": "apple", "price": 10.5}})
+    );
+    assert_eq!(
+        events[1],
+        json!({"type": "update", "resource": "items", "id": 1,
+               "data": {"id": 1, "name": "orange", "price": 12.0},
+               "old": {"id": 1, "name": "apple", "price": 10.5},
+               "changed": ["name", "price"]})
+    );
+    assert_eq!(
+        events[2],
+        json!({"type": "delete", "resource": "items", "id": 1,
+               "old": {"id": 1, "name": "orange", "price": 12.0}})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_keys_schemas_and_types_render_as_postgres_does() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create schema shop;
+             create table shop.lines(order_id int, line int, sku text, at timestamptz,
+                                     big numeric, tags text[], meta jsonb, ok boolean,
+                                     primary key (order_id, line))",
+            &["shop.lines"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["shop.lines"]).await;
+    let mut ws = relay.ws("/ws/shop.lines").await;
+    db.exec(
+        "insert into shop.lines values (7, 2, 'a\"b', '2026-01-02 03:04:05.5+00',
+                                        12345678901234567890.123, '{x,y}', '{\"k\": [1]}', true)",
+    )
+    .await;
+    let e = strip_volatile(ws.next_json().await);
+    assert_eq!(e["resource"], "shop.lines");
+    assert_eq!(e["id"], json!({"order_id": 7, "line": 2}));
+    let data = &e["data"];
+    assert_eq!(data["sku"], "a\"b");
+    assert_eq!(data["at"], "2026-01-02T03:04:05.5+00:00");
+    // numeric keeps every digit: serialized as PostgreSQL's to_jsonb renders it.
+    assert_eq!(data["big"].to_string(), "12345678901234567890.123");
+    assert_eq!(data["tags"], json!(["x", "y"]));
+    assert_eq!(data["meta"], json!({"k": [1]}));
+    assert_eq!(data["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20000_row_statement_arrives_whole_in_seq_order() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("insert into items(name, price) select 'n' || g, g from generate_series(1, 20000) g")
+        .await;
+    let events = ws.events(20_000).await;
+    let mut last = 0;
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["type"], "create");
+        assert_eq!(e["data"]["name"], format!("n{}", i + 1));
+        let seq = e["seq"].as_i64().unwrap();
+        assert!(seq > last, "seq order");
+        last = seq;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_9k_100k_and_2mb_commit_and_arrive_whole() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs(id int primary key, body text)",
+            &["docs"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["docs"]).await;
+    let mut ws = relay.ws("/ws/docs").await;
+    let sizes = [9_000usize, 100_000, 2_000_000];
+    let client = db.client().await;
+    for (i, size) in sizes.iter().enumerate() {
+        let body: String = (0..*size)
+            .map(|j| char::from(b'a' + (j % 26) as u8))
+            .collect();
+        client
+            .execute("insert into docs values ($1, $2)", &[&(i as i32), &body])
+            .await
+            .expect("a large row commits");
+        client
+            .execute(
+                "update docs set body = body || 'x' where id = $1",
+                &[&(i as i32)],
+            )
+            .await
+            .expect("a large update commits");
+    }
+    for (i, size) in sizes.iter().enumerate() {
+        let created = ws.next_json().await;
+        assert_eq!(created["type"], "create");
+        assert_eq!(created["id"], i);
+        assert_eq!(created["data"]["body"].as_str().unwrap().len(), *size);
+        let updated = ws.next_json().await;
+        assert_eq!(updated["type"], "update");
+        assert_eq!(updated["data"]["body"].as_str().unwrap().len(), size + 1);
+        assert_eq!(updated["old"]["body"].as_str().unwrap().len(), *size);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_sends_nothing() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec(
+        "begin; insert into items(name) values ('ghost'); update items set name = 'x'; rollback",
+    )
+    .await;
+    db.exec(
+        "begin; insert into items(name) values ('half'); savepoint s;
+         insert into items(name) values ('undone'); rollback to s; commit",
+    )
+    .await;
+    db.exec("insert into items(name) values ('sentinel')").await;
+    let first = ws.next_json().await;
+    assert_eq!(first["data"]["name"], "half");
+    let second = ws.next_json().await;
+    assert_eq!(
+        second["data"]["name"], "sentinel",
+        "nothing rolled back was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_writers_of_500_transactions_arrive_exactly_once() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = db.client().await;
+        writers.push(tokio::spawn(async move {
+            for i in 0..500 {
+                client
+                    .execute(
+                        "insert into items(name) values ($1)",
+                        &[&format!("w{w}-{i}")],
+                    )
+                    .await
+                    .expect("insert");
+            }
+        }));
+    }
+    let events = ws.events(2000).await;
+    for w in writers {
+        w.await.unwrap();
+    }
+    let names: HashSet<String> = events
+        .iter()
+        .map(|e| e["data"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 2000, "no duplicates and none missing");
+    // Each writer's own transactions arrive in its commit order.
+    for w in 0..4 {
+        let mine: Vec<usize> = events
+            .iter()
+            .filter_map(|e| {
+                let n = e["data"]["name"].as_str().unwrap();
+                n.strip_prefix(&format!("w{w}-"))
+                    .map(|i| i.parse().unwrap())
+            })
+            .collect();
+        assert_eq!(mine, (0..500).collect::<Vec<_>>());
+    }
+    // Nothing extra follows.
+    db.exec("insert into items(name) values ('sentinel')").await;
+    assert_eq!(ws.next_json().await["data"]["name"], "sentinel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_one_table_never_reach_another_tables_route() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table a(id int primary key); create table b(id int primary key);
+             create table c(id int primary key)",
+            &["a", "b", "c"],
+        )
+        .await;
+    // `c` has capture installed but is not exposed by this relay.
+    let relay = Relay::start(&db, &["a", "b"]).await;
+    let mut wa = relay.ws("/ws/a").await;
+    let mut wb = relay.ws("/ws/b").await;
+    db.exec("insert into a values (1); insert into c values (3); insert into b values (2); insert into a values (4)").await;
+    let ea = wa.events(2).await;
+    assert_eq!(
+        (ea[0]["id"].as_i64(), ea[1]["id"].as_i64()),
+        (Some(1), Some(4))
+    );
+    assert!(ea.iter().all(|e| e["resource"] == "a"));
+    let eb = wb.next_json().await;
+    assert_eq!(
+        (eb["resource"].as_str(), eb["id"].as_i64()),
+        (Some("b"), Some(2))
+    );
+    db.exec("insert into b values (5)").await;
+    assert_eq!(
+        wb.next_json().await["id"],
+        5,
+        "b received nothing of a or c"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_notify_payload_is_counted_and_skipped() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("select pg_notify('pgrelay', 'not json'); select pg_notify('pgrelay', '{\"k\":\"p\",\"xid\":\"1\",\"from\":9,\"to\":1,\"n\":1}')").await;
+    db.exec("insert into items(name) values ('after')").await;
+    assert_eq!(ws.next_json().await["data"]["name"], "after");
+    let (status, body) = crate::support::http_get(relay.addr, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("pgrelay_bad_payloads_total 2"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_key_update_and_a_no_op_update_are_sent_as_updates() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("insert into items(name) select 'n' || g from generate_series(1, 3) g")
+        .await;
+    assert!(ws.events(3).await.iter().all(|e| e["type"] == "create"));
+    db.exec("update items set id = id + 10").await;
+    db.exec("update items set name = name where id = 11").await;
+    let events = ws.events(4).await;
+    for (e, n) in events[..3].iter().zip(1..) {
+        assert_eq!(e["type"], "update");
+        assert_eq!(e["old"]["id"], e["data"]["id"].as_i64().unwrap() - 10);
+        assert_eq!(e["old"]["name"], e["data"]["name"]);
+        assert_eq!(e["data"]["name"], format!("n{n}"));
+        assert_eq!(e["changed"], json!(["id"]));
+    }
+    assert_eq!(events[3]["changed"], json!([]));
+}

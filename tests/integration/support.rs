@@ -1,0 +1,346 @@
+//! Test support: a fresh database per test, an in-process relay, WebSocket and HTTP clients,
+//! and timeouts that fail with the caller's location instead of hanging.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::Location;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pgrelay::{Config, TableName};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_postgres::NoTls;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single remote step may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// The server the tests use (`DATABASE_URL`, as the README's test command sets it).
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Awaits `fut`, failing the test at the caller's line if it takes longer than `limit`.
+#[track_caller]
+pub fn within<F: Future>(limit: Duration, fut: F) -> impl Future<Output = F::Output> {
+    let caller = Location::caller();
+    async move {
+        match tokio::time::timeout(limit, fut).await {
+            Ok(v) => v,
+            Err(_) => panic!("timed out after {limit:?} at {caller}"),
+        }
+    }
+}
+
+/// Connects and drives a plain client.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A uniquely named database, dropped (with its connections) when this is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "pgrelay_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .expect("create database");
+        let mut config: tokio_postgres::Config = admin_url().parse().expect("DATABASE_URL parses");
+        config.dbname(&name);
+        let url = config_to_url(&config);
+        TestDb { name, url }
+    }
+
+    /// A client on this database.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// Runs SQL on a fresh connection.
+    pub async fn exec(&self, sql: &str) {
+        self.client()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// Creates tables and installs capture on them.
+    pub async fn with_tables(self, ddl: &str, tables: &[&str]) -> Self {
+        self.exec(ddl).await;
+        let mut client = self.client().await;
+        let names: Vec<TableName> = tables
+            .iter()
+            .map(|t| TableName::parse(t).unwrap())
+            .collect();
+        pgrelay::sql::install(&mut client, &names)
+            .await
+            .expect("install capture");
+        self
+    }
+}
+
+fn config_to_url(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    let db = config.get_dbname().unwrap_or("postgres");
+    format!("host={host} port={port} user={user} dbname={db}")
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await; a short-lived runtime on its own thread can.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("drop database if exists {name} with (force)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A relay running in this process.
+pub struct Relay {
+    pub addr: SocketAddr,
+    shutdown_tx: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<pgrelay::Result<()>>>,
+}
+
+impl Relay {
+    /// Starts a relay with default settings for `tables` and waits until it is ready.
+    pub async fn start(db: &TestDb, tables: &[&str]) -> Self {
+        Self::start_with(db, tables, |_| {}).await
+    }
+
+    /// Starts a relay after `tweak` adjusts its config, and waits until it is ready.
+    pub async fn start_with(db: &TestDb, tables: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
+        let names = tables
+            .iter()
+            .map(|t| TableName::parse(t).unwrap())
+            .collect();
+        let mut config = Config::new(db.url.clone(), names);
+        config.pool_size = 4;
+        config.horizon_interval = Duration::from_millis(200);
+        config.max_backoff = Duration::from_millis(500);
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(pgrelay::run(config, listener, async {
+            let _ = shutdown_rx.await;
+        }));
+        let relay = Relay {
+            addr,
+            shutdown_tx: Some(shutdown_tx),
+            handle: Some(handle),
+        };
+        relay.wait_ready().await;
+        relay
+    }
+
+    /// Waits until `/readyz` answers 200.
+    #[track_caller]
+    pub fn wait_ready(&self) -> impl Future<Output = ()> + '_ {
+        within(STEP, async move {
+            loop {
+                if let Ok((200, _)) = http_get(self.addr, "/readyz").await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    /// `ws://addr/path`, connected.
+    pub async fn ws(&self, path: &str) -> Ws {
+        let url = format!("ws://{}{}", self.addr, path);
+        let (socket, _) = within(STEP, tokio_tungstenite::connect_async(url.as_str()))
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        Ws { socket }
+    }
+
+    /// Shuts the relay down and returns what `run` returned.
+    pub async fn stop(mut self) -> pgrelay::Result<()> {
+        if let Some(tx) = self.shutdown_tx.take() {
+            let _ = tx.send(());
+        }
+        let handle = self.handle.take().expect("not stopped yet");
+        within(STEP, handle).await.expect("relay task panicked")
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown_tx.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A minimal HTTP GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A WebSocket test client.
+pub struct Ws {
+    pub socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What the next data frame was.
+#[derive(Debug)]
+pub enum Frame {
+    Json(Value),
+    Closed(Option<CloseFrame>),
+}
+
+impl Ws {
+    /// The next text or close frame (pings are answered by the client library).
+    pub async fn next_frame(&mut self) -> Frame {
+        loop {
+            match self.socket.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    return Frame::Json(
+                        serde_json::from_str(t.as_str()).expect("server sent JSON"),
+                    );
+                }
+                Some(Ok(Message::Close(frame))) => return Frame::Closed(frame),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Frame::Closed(None),
+            }
+        }
+    }
+
+    /// The next JSON message; fails on close or after [`STEP`].
+    #[track_caller]
+    pub fn next_json(&mut self) -> impl Future<Output = Value> + '_ {
+        let caller = Location::caller();
+        async move {
+            match within(STEP, self.next_frame()).await {
+                Frame::Json(v) => v,
+                Frame::Closed(f) => panic!("socket closed ({f:?}) while waiting at {caller}"),
+            }
+        }
+    }
+
+    /// The close frame's code; fails if a JSON message or nothing comes first.
+    #[track_caller]
+    pub fn expect_close(&mut self) -> impl Future<Output = Option<u16>> + '_ {
+        let caller = Location::caller();
+        async move {
+            match within(STEP, self.next_frame()).await {
+                Frame::Closed(f) => f.map(|f| u16::from(f.code)),
+                Frame::Json(v) => panic!("expected close, got {v} at {caller}"),
+            }
+        }
+    }
+
+    /// Collects `n` change events (skipping nothing else: any other message fails).
+    #[track_caller]
+    pub fn events(&mut self, n: usize) -> impl Future<Output = Vec<Value>> + '_ {
+        let caller = Location::caller();
+        async move {
+            let mut out = Vec::with_capacity(n);
+            while out.len() < n {
+                let v = match within(STEP, self.next_frame()).await {
+                    Frame::Json(v) => v,
+                    Frame::Closed(f) => panic!(
+                        "closed ({f:?}) after {} of {n} events at {caller}",
+                        out.len()
+                    ),
+                };
+                out.push(v);
+            }
+            out
+        }
+    }
+
+    /// Reads `initial` messages until `done`, returning all their rows.
+    pub async fn initial_rows(&mut self) -> Vec<Value> {
+        let mut rows = Vec::new();
+        loop {
+            let v = self.next_json().await;
+            assert_eq!(v["type"], "initial", "expected initial data, got {v}");
+            rows.extend(
+                v["data"]
+                    .as_array()
+                    .expect("initial data is an array")
+                    .iter()
+                    .cloned(),
+            );
+            if v["done"] == true {
+                return rows;
+            }
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        within(STEP, self.socket.send(Message::text(text)))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+}
