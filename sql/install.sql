@@ -26,6 +26,18 @@ create table if not exists pgrelay.changes (
     old         jsonb
 );
 
+-- Catch-up after a reconnect reads the rows at or above the relay's xid horizon.
+create index if not exists changes_xid_idx on pgrelay.changes (xid);
+
+-- Each relay's progress, for `pgrelay status` (observability only: relays never read it).
+create table if not exists pgrelay.relays (
+    instance  text        primary key,
+    horizon   xid8        not null,
+    last_seq  bigint,
+    last_ts   timestamptz,
+    seen_at   timestamptz not null default now()
+);
+
 -- One log row as the JSON object the relay decodes (shared by the trigger and the relay).
 create or replace function pgrelay.event_json(c pgrelay.changes) returns jsonb
 language sql stable parallel safe as $$

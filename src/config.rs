@@ -71,6 +71,8 @@ pub struct Config {
     pub max_backoff: Duration,
     /// How long shutdown waits for tasks before giving up.
     pub shutdown_timeout: Duration,
+    /// How much of `pgrelay.changes` to keep.
+    pub retention: crate::retention::Retention,
 }
 
 impl Config {
@@ -91,6 +93,11 @@ impl Config {
             horizon_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
+            retention: crate::retention::Retention {
+                max_age: Some(Duration::from_secs(24 * 3600)),
+                max_rows: None,
+                interval: Duration::from_secs(60),
+            },
         }
     }
 

@@ -133,6 +133,11 @@ pub mod control {
         json!({"type": "error", "code": code, "message": message}).to_string()
     }
 
+    /// `{"type":"reset","resource":…,"reason":…}`: the client's copy is stale.
+    pub fn reset(resource: &str, reason: &str) -> String {
+        json!({"type": "reset", "resource": resource, "reason": reason}).to_string()
+    }
+
     /// `{"type":"initial","resource":…,"data":[…],"done":…}` from rows already encoded as JSON.
     pub fn initial(resource: &str, rows: &[String], done: bool) -> String {
         let resource = serde_json::Value::from(resource).to_string();

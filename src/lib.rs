@@ -17,6 +17,7 @@
 //! - [`snapshot`] — initial data and the snapshot handoff.
 //! - [`http`] — routes and the per-socket task.
 //! - [`sql`] — install/uninstall, catalog, pool, identifier quoting.
+//! - [`retention`] — pruning the change log.
 //! - [`config`], [`error`], [`metrics`].
 //!
 //! [`run`] is the whole server; `main.rs` and the tests call it the same way.
@@ -28,6 +29,7 @@ pub mod event;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod retention;
 pub mod snapshot;
 pub mod sql;
 
@@ -78,7 +80,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
 
     let capture = capture::Capture {
-        database_url: config.database_url.clone(),
+        pg_config: sql::pg_config(&config.database_url, "pgrelay capture")?,
         hub: Arc::clone(&hub),
         state: Arc::clone(&capture_state),
         metrics: Arc::clone(&metrics),
@@ -86,6 +88,12 @@ pub async fn run(
         max_backoff: config.max_backoff,
     };
     tracker.spawn(capture.run(token.clone()));
+    tracker.spawn(retention::run(
+        pool.clone(),
+        config.retention,
+        Arc::clone(&metrics),
+        token.clone(),
+    ));
 
     let shutdown_timeout = config.shutdown_timeout;
     let state = Arc::new(http::AppState {

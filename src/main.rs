@@ -101,6 +101,12 @@ struct ServeArgs {
     /// Query pool size.
     #[arg(long, env = "PGRELAY_POOL_SIZE", default_value_t = 16)]
     pool_size: usize,
+    /// Prune log events older than this many seconds (0: never by age).
+    #[arg(long, env = "PGRELAY_RETENTION_SECS", default_value_t = 86_400)]
+    retention_secs: u64,
+    /// Keep at most this many log events (the newest).
+    #[arg(long, env = "PGRELAY_RETENTION_ROWS")]
+    retention_rows: Option<i64>,
 }
 
 fn tables(names: &[String]) -> anyhow::Result<Vec<TableName>> {
@@ -149,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
             let client = pgrelay::sql::connect(&db.database_url)
                 .await
                 .context("connecting to the database")?;
-            let rows = pgrelay::sql::status(&client).await?;
+            let (rows, relays) = pgrelay::sql::status(&client).await?;
             if rows.is_empty() {
                 println!("capture is not installed in this database");
             }
@@ -166,6 +172,21 @@ async fn main() -> anyhow::Result<()> {
                     r.log_rows,
                     seq(r.oldest_seq),
                     seq(r.newest_seq)
+                );
+            }
+            println!();
+            println!(
+                "{:<18} {:>12} {:>14} {:>12}",
+                "relay", "last seq", "lag (s)", "seen (s ago)"
+            );
+            if relays.is_empty() {
+                println!("(no relay has reported progress in the last day)");
+            }
+            for r in relays {
+                let seq = r.last_seq.map_or("-".to_owned(), |s| s.to_string());
+                println!(
+                    "{:<18} {:>12} {:>14.3} {:>12.1}",
+                    r.instance, seq, r.lag_secs, r.seen_secs_ago
                 );
             }
             Ok(())
@@ -188,6 +209,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.history_events = args.history_events;
     config.history_bytes = args.history_bytes;
     config.pool_size = args.pool_size;
+    config.retention.max_age =
+        (args.retention_secs > 0).then(|| Duration::from_secs(args.retention_secs));
+    config.retention.max_rows = args.retention_rows;
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub frames_sent: AtomicU64,
     /// Connections closed with 4008.
     pub slow_consumers: AtomicU64,
+    /// Log rows deleted by retention.
+    pub pruned_rows: AtomicU64,
 }
 
 impl Metrics {
@@ -39,7 +41,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self, listening: bool) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, u64); 7] = [
+        let rows: [(&str, &str, &str, u64); 8] = [
             (
                 "pgrelay_events_captured_total",
                 "counter",
@@ -75,6 +77,12 @@ impl Metrics {
                 "counter",
                 "Connections closed with 4008.",
                 self.slow_consumers.load(Ordering::Relaxed),
+            ),
+            (
+                "pgrelay_pruned_rows_total",
+                "counter",
+                "Log rows deleted by retention.",
+                self.pruned_rows.load(Ordering::Relaxed),
             ),
             (
                 "pgrelay_capture_listening",

@@ -72,9 +72,22 @@ pub struct TableInfo {
     pub key_columns: Vec<String>,
 }
 
-/// Opens a plain connection and drives it on a task (for commands and capture setup).
+/// Parses a connection string and names the connection (visible in `pg_stat_activity`)
+/// unless the string already sets `application_name`.
+pub fn pg_config(
+    database_url: &str,
+    application_name: &str,
+) -> Result<tokio_postgres::Config, SqlError> {
+    let mut config: tokio_postgres::Config = database_url.parse()?;
+    if config.get_application_name().is_none() {
+        config.application_name(application_name);
+    }
+    Ok(config)
+}
+
+/// Opens a plain connection and drives it on a task (for commands and setup).
 pub async fn connect(database_url: &str) -> Result<Client, SqlError> {
-    let (client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let (client, connection) = pg_config(database_url, "pgrelay")?.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "database connection closed");
@@ -85,9 +98,8 @@ pub async fn connect(database_url: &str) -> Result<Client, SqlError> {
 
 /// Builds the query pool (snapshots, REST).
 pub fn pool(database_url: &str, size: usize) -> Result<Pool, SqlError> {
-    let pg_config: tokio_postgres::Config = database_url.parse()?;
     let manager = Manager::from_config(
-        pg_config,
+        pg_config(database_url, "pgrelay")?,
         NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
@@ -209,14 +221,35 @@ pub struct TableStatus {
     pub newest_seq: Option<i64>,
 }
 
-/// Capture status of every table that has capture triggers or log rows.
-pub async fn status(client: &Client) -> Result<Vec<TableStatus>, SqlError> {
+/// One running (or recently running) relay, as it reports itself in `pgrelay.relays`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayStatus {
+    /// Random id the relay picked at start.
+    pub instance: String,
+    /// Seq of the last event it published.
+    pub last_seq: Option<i64>,
+    /// Capture time of the newest logged event minus that of the last one it published:
+    /// how far behind the log the relay is (0 when it has published the newest).
+    pub lag_secs: f64,
+    /// Seconds since the relay last reported (it reports about once a second).
+    pub seen_secs_ago: f64,
+}
+
+const RELAY_STATUS: &str = "
+    select r.instance, r.last_seq,
+           coalesce(extract(epoch from greatest(interval '0',
+               (select max(ts) from pgrelay.changes) - r.last_ts))::float8, 0),
+           extract(epoch from now() - r.seen_at)::float8
+      from pgrelay.relays r order by r.instance";
+
+/// Capture status of every table that has capture triggers or log rows, and of the relays.
+pub async fn status(client: &Client) -> Result<(Vec<TableStatus>, Vec<RelayStatus>), SqlError> {
     let schema_exists: bool = client
         .query_one("select to_regclass('pgrelay.changes') is not null", &[])
         .await?
         .get(0);
     if !schema_exists {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let rows = client
         .query(
@@ -237,7 +270,18 @@ pub async fn status(client: &Client) -> Result<Vec<TableStatus>, SqlError> {
             &[],
         )
         .await?;
-    Ok(rows
+    let relays = client
+        .query(RELAY_STATUS, &[])
+        .await?
+        .iter()
+        .map(|r| RelayStatus {
+            instance: r.get(0),
+            last_seq: r.get(1),
+            lag_secs: r.get(2),
+            seen_secs_ago: r.get(3),
+        })
+        .collect();
+    let tables = rows
         .iter()
         .map(|r| TableStatus {
             table: r.get(0),
@@ -246,7 +290,8 @@ pub async fn status(client: &Client) -> Result<Vec<TableStatus>, SqlError> {
             oldest_seq: r.get(3),
             newest_seq: r.get(4),
         })
-        .collect())
+        .collect();
+    Ok((tables, relays))
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ pub struct Listener {
 impl Listener {
     /// Connects and starts the driver. Not pooled: a pool drives connections itself and drops
     /// notifications.
-    pub async fn connect(database_url: &str) -> Result<Self, tokio_postgres::Error> {
-        let (client, mut connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, tokio_postgres::Error> {
+        let (client, mut connection) = config.connect(NoTls).await?;
         // Unbounded on purpose: the driver must keep reading the socket whatever capture is
         // doing, or PostgreSQL's notification queue would fill up instead; capture drains it
         // without waiting on any subscriber.

@@ -49,6 +49,15 @@ const CATCH_UP: &str = "
      where c.seq >= $1 and c.xid >= $2::text::xid8
      order by c.seq limit $3";
 
+const REPORT_RELAY: &str = "
+    insert into pgrelay.relays (instance, horizon, last_seq, last_ts, seen_at)
+    values ($1, $2::text::xid8, $3, $4::text::timestamptz, now())
+    on conflict (instance) do update set horizon = excluded.horizon,
+        last_seq = coalesce(excluded.last_seq, relays.last_seq),
+        last_ts = coalesce(excluded.last_ts, relays.last_ts), seen_at = now()";
+
+const FORGET_RELAY: &str = "delete from pgrelay.relays where instance = $1";
+
 const TAKE_HORIZON: &str = "select pg_snapshot_xmin(pg_current_snapshot())::text";
 
 /// Why a capture session ended (it reconnects after each of these).
@@ -87,9 +96,11 @@ struct Progress {
     pending: Option<(String, u64)>,
     /// Highest seq published per transaction at or above the horizon.
     published: HashMap<u64, i64>,
-    /// Distinguishes this relay's markers from other replicas'.
-    instance: u64,
+    /// Distinguishes this relay's markers (and its `pgrelay.relays` row) from other replicas'.
+    instance: String,
     markers_sent: u64,
+    /// Seq and capture time of the last event published, for `pgrelay status`.
+    last: Option<(i64, String)>,
 }
 
 impl Progress {
@@ -116,8 +127,8 @@ impl Progress {
 
 /// Everything the capture task needs.
 pub struct Capture {
-    /// Connection string of the dedicated LISTEN connection.
-    pub database_url: String,
+    /// Settings of the dedicated LISTEN connection.
+    pub pg_config: tokio_postgres::Config,
     /// Where events go.
     pub hub: Arc<Hub>,
     /// Readiness flag shared with `/readyz`.
@@ -165,7 +176,7 @@ impl Capture {
         let mut listener = tokio::select! {
             biased;
             _ = token.cancelled() => return Ok(()),
-            listener = Listener::connect(&self.database_url) => listener?,
+            listener = Listener::connect(&self.pg_config) => listener?,
         };
         if progress.is_none() {
             // The first horizon is taken before the first LISTEN: everything from then on
@@ -175,8 +186,9 @@ impl Capture {
                 horizon,
                 pending: None,
                 published: HashMap::new(),
-                instance: rand::random(),
+                instance: format!("{:016x}", rand::random::<u64>()),
                 markers_sent: 0,
+                last: None,
             });
         }
         let progress = progress.as_mut().expect("progress was set above");
@@ -194,7 +206,9 @@ impl Capture {
                 // priority 1: shutdown
                 biased;
                 _ = token.cancelled() => {
-                    let _ = listener.client().batch_execute("unlisten *").await;
+                    let client = listener.client();
+                    let _ = client.batch_execute("unlisten *").await;
+                    let _ = client.execute(FORGET_RELAY, &[&progress.instance]).await;
                     return Ok(());
                 }
                 // priority 2: notifications, in order
@@ -207,7 +221,7 @@ impl Capture {
                     if progress.pending.is_none() {
                         let xid = take_horizon(listener.client()).await?;
                         progress.markers_sent += 1;
-                        let id = format!("{:x}-{}", progress.instance, progress.markers_sent);
+                        let id = format!("{}-{}", progress.instance, progress.markers_sent);
                         let marker = serde_json::json!({"k": "m", "id": id}).to_string();
                         listener.client().execute("select pg_notify('pgrelay', $1)", &[&marker]).await?;
                         progress.pending = Some((id, xid));
@@ -244,6 +258,7 @@ impl Capture {
                 if let Some((pending_id, xid)) = progress.pending.take() {
                     if pending_id == id {
                         progress.advance(xid);
+                        report_progress(client, progress).await;
                     } else {
                         progress.pending = Some((pending_id, xid));
                     }
@@ -288,8 +303,25 @@ impl Capture {
             return;
         }
         progress.record(&event);
+        progress.last = Some((event.seq, event.ts.clone()));
         self.metrics.inc(&self.metrics.events_captured);
         self.hub.publish(event);
+    }
+}
+
+/// Records this relay's progress for `pgrelay status`. Best effort: a failure is logged,
+/// never fatal (the table is observability only, and may predate an upgrade).
+async fn report_progress(client: &Client, progress: &Progress) {
+    let horizon = progress.horizon.to_string();
+    let (seq, ts) = match &progress.last {
+        Some((seq, ts)) => (Some(*seq), Some(ts.as_str())),
+        None => (None, None),
+    };
+    if let Err(err) = client
+        .execute(REPORT_RELAY, &[&progress.instance, &horizon, &seq, &ts])
+        .await
+    {
+        tracing::debug!(error = %err, "could not record relay progress");
     }
 }
 

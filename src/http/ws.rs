@@ -17,7 +17,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::{ApiError, AppState, with_state};
 use crate::event::control;
-use crate::hub::{Cursor, Entry, Overflow};
+use crate::hub::{Cursor, Entry, Overflow, Topic};
 use crate::snapshot::{self, Snapshot};
 use crate::sql::TableInfo;
 
@@ -39,8 +39,10 @@ mod close {
 /// Options of one subscription, from the query string or a subscribe message.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Params {
-    /// Send the initial rows first.
+    /// Send the initial rows first (with `since`: only if the resume is impossible).
     pub snapshot: bool,
+    /// Resume after this event's seq.
+    pub since: Option<i64>,
 }
 
 impl Params {
@@ -50,6 +52,12 @@ impl Params {
         for (key, value) in pairs {
             match key.as_str() {
                 "snapshot" => params.snapshot = parse_bool(key, value)?,
+                "since" => {
+                    let seq = value
+                        .parse()
+                        .map_err(|_| format!("since must be an event seq, not {value:?}"))?;
+                    params.since = Some(seq);
+                }
                 other => return Err(format!("Unknown query parameter {other:?}")),
             }
         }
@@ -65,7 +73,19 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     }
 }
 
-/// GET /ws/{table}?snapshot=true
+/// Where a subscription starts reading: at the head, or just after the `since` event. The
+/// flag is true when `since` is not in the retained history (the client must get a `reset`).
+fn open_cursor(topic: &Arc<Topic>, since: Option<i64>) -> (Cursor, bool) {
+    match since {
+        None => (topic.subscribe(), false),
+        Some(seq) => match topic.subscribe_after_seq(seq) {
+            Some(cursor) => (cursor, false),
+            None => (topic.subscribe(), true),
+        },
+    }
+}
+
+/// GET /ws/{table}?snapshot=true&since=41
 pub fn route(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
@@ -91,17 +111,17 @@ pub fn route(
         .map(
             |table: TableInfo, state: Arc<AppState>, params: Params, ws: Ws| {
                 // Subscribe before the upgrade reply goes out: events from now on are ours.
-                let cursor = state
+                let topic = state
                     .hub
                     .topic(&table.resource)
-                    .expect("every exposed table has a topic")
-                    .subscribe();
+                    .expect("every exposed table has a topic");
+                let (cursor, reset) = open_cursor(topic, params.since);
                 let limit = state.config.max_client_frame;
                 let guard = state.tracker.token();
                 ws.max_message_size(limit).max_frame_size(limit).on_upgrade(
                     move |socket| async move {
                         let session = Session::new(socket, state, table, cursor);
-                        session.run(params).await;
+                        session.run(params, reset).await;
                         drop(guard);
                     },
                 )
@@ -142,8 +162,8 @@ impl Session {
     }
 
     #[tracing::instrument(name = "ws", skip_all, fields(table = %self.table.resource))]
-    async fn run(mut self, params: Params) {
-        let end = match self.serve(params).await {
+    async fn run(mut self, params: Params, reset: bool) {
+        let end = match self.serve(params, reset).await {
             Ok(end) | Err(end) => end,
         };
         if let End::Close(code, reason) = end {
@@ -169,10 +189,8 @@ impl Session {
         tracing::debug!("socket closed");
     }
 
-    async fn serve(&mut self, params: Params) -> Result<End, End> {
-        if params.snapshot {
-            self.send_initial().await?;
-        }
+    async fn serve(&mut self, params: Params, reset: bool) -> Result<End, End> {
+        self.start(&params, reset).await?;
         let config = &self.state.config;
         let (ping_interval, ping_timeout) = (config.ping_interval, config.ping_timeout);
         let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
@@ -227,11 +245,18 @@ impl Session {
             Ok::<_, warp::Error>(())
         };
         let token = &self.state.token;
-        let result = tokio::select! {
+        let result = {
+            tokio::pin!(write);
+            tokio::select! {
             biased;
-            _ = token.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
             overflow = self.cursor.overflowed() => Err(overflow_end(overflow)),
-            written = write => written.map_err(|_| End::Gone),
+            written = &mut write => written.map_err(|_| End::Gone),
+            _ = token.cancelled() => {
+                // Shutting down: give the frames in flight a moment to go out, then close.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut write).await;
+                                Err(End::Close(close::GOING_AWAY, "server shutting down"))
+            }
+            }
         };
         batch.clear();
         result
@@ -275,10 +300,18 @@ impl Session {
                     Ok(pairs) => pairs,
                     Err(m) => return self.send_error("bad_request", &m).await,
                 };
-                if let Err(m) = Params::from_query(&pairs) {
-                    return self.send_error("bad_request", &m).await;
+                let params = match Params::from_query(&pairs) {
+                    Ok(params) => params,
+                    Err(m) => return self.send_error("bad_request", &m).await,
+                };
+                if params.since.is_some() {
+                    let (cursor, reset) = open_cursor(self.cursor.topic(), params.since);
+                    self.cursor = cursor;
+                    self.seen_in = None;
+                    self.start(&params, reset).await
+                } else {
+                    self.send_initial().await
                 }
-                self.send_initial().await
             }
             Some(other) => {
                 let m = format!("Unknown message type {other:?} (expected subscribe or ping)");
@@ -289,6 +322,19 @@ impl Session {
                     .await
             }
         }
+    }
+
+    /// What a subscription sends first: a `reset` when its `since` is not in the history,
+    /// then the initial rows if asked for (with `since`, only after a reset).
+    async fn start(&mut self, params: &Params, reset: bool) -> Result<(), End> {
+        if reset {
+            let message = control::reset(&self.table.resource, "history_unavailable");
+            self.send_text(message).await?;
+        }
+        if params.snapshot && (params.since.is_none() || reset) {
+            self.send_initial().await?;
+        }
+        Ok(())
     }
 
     /// Sends the initial rows and from then on drops events the snapshot contains.
@@ -379,8 +425,22 @@ mod tests {
                 .collect();
             Params::from_query(&pairs)
         };
-        assert_eq!(q(&[]), Ok(Params { snapshot: false }));
-        assert_eq!(q(&[("snapshot", "true")]), Ok(Params { snapshot: true }));
+        assert_eq!(q(&[]), Ok(Params::default()));
+        assert_eq!(
+            q(&[("snapshot", "true")]),
+            Ok(Params {
+                snapshot: true,
+                since: None
+            })
+        );
+        assert_eq!(
+            q(&[("since", "41")]),
+            Ok(Params {
+                snapshot: false,
+                since: Some(41)
+            })
+        );
+        assert!(q(&[("since", "x")]).is_err());
         assert!(q(&[("snapshot", "maybe")]).is_err());
         assert!(q(&[("bogus", "1")]).unwrap_err().contains("bogus"));
     }

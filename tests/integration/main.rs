@@ -6,6 +6,7 @@
 
 mod install;
 mod protocol;
+mod recovery;
 mod shutdown;
 mod snapshot;
 mod stream;

@@ -56,6 +56,8 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// False for a database the test does not own (nothing is dropped).
+    owned: bool,
 }
 
 impl TestDb {
@@ -75,7 +77,12 @@ impl TestDb {
         let mut config: tokio_postgres::Config = admin_url().parse().expect("DATABASE_URL parses");
         config.dbname(&name);
         let url = config_to_url(&config);
-        TestDb { name, url }
+                TestDb { name, url, owned: true }
+    }
+
+    /// A database somewhere else (e.g. in a test's own cluster), left alone on drop.
+    pub fn external(url: String) -> Self {
+        TestDb { name: String::new(), url, owned: false }
     }
 
     /// A client on this database.
@@ -121,7 +128,10 @@ fn config_to_url(config: &tokio_postgres::Config) -> String {
 }
 
 impl Drop for TestDb {
-    fn drop(&mut self) {
+        fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let name = self.name.clone();
         // Drop cannot await; a short-lived runtime on its own thread can.
         let _ = std::thread::spawn(move || {
@@ -343,4 +353,183 @@ impl Ws {
     pub async fn send_json(&mut self, value: Value) {
         self.send_text(&value.to_string()).await;
     }
+}
+
+/// Seconds to wait for a relay process to become ready.
+const PROCESS_START: Duration = Duration::from_secs(30);
+
+/// A `pgrelay serve` child process (killed when dropped).
+pub struct RelayProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl RelayProcess {
+    /// Starts the binary on a free port and waits for `/readyz`.
+    pub async fn start(db_url: &str, tables: &str, extra: &[&str]) -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let listen = format!("127.0.0.1:{port}");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+            .args(["serve", "--tables", tables, "--listen", &listen])
+            .args(extra)
+            .env("DATABASE_URL", db_url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start pgrelay");
+        let addr: SocketAddr = listen.parse().unwrap();
+        within(PROCESS_START, async {
+            while !matches!(http_get(addr, "/readyz").await, Ok((200, _))) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        RelayProcess { child, addr }
+    }
+
+    /// Peak resident memory of the process, in bytes (Linux `VmHWM`).
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+}
+
+/// A throwaway PostgreSQL cluster of the test's own, for faults that need the whole
+/// server (a restart). Stopped and deleted when dropped.
+pub struct Cluster {
+    dir: std::path::PathBuf,
+    bindir: std::path::PathBuf,
+    pub port: u16,
+    as_root: bool,
+}
+
+fn pg_bindir() -> std::path::PathBuf {
+    if let Ok(dir) = std::env::var("PGRELAY_TEST_PGBIN") {
+        return dir.into();
+    }
+    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+        let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    if let Ok(out) = std::process::Command::new("sh").args(["-c", "command -v initdb"]).output() {
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !path.is_empty() {
+            return std::path::Path::new(&path).parent().unwrap().to_path_buf();
+        }
+    }
+    let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL binaries (set PGRELAY_TEST_PGBIN)")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop().expect("PostgreSQL binaries (set PGRELAY_TEST_PGBIN)")
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        let bindir = pg_bindir();
+        let dir = std::env::temp_dir().join(format!(
+            "pgrelay-cluster-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let as_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cluster = Cluster { dir, bindir, port, as_root };
+        if as_root {
+            // initdb refuses to run as root: the cluster belongs to the postgres user.
+            cluster.run_plain("chown", &["postgres", cluster.dir.to_str().unwrap()]);
+        }
+        let data = cluster.data();
+        cluster.run_pg("initdb", &["-D", &data, "-U", "postgres", "-A", "trust"]);
+        cluster.pg_ctl("start");
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn run_plain(&self, program: &str, args: &[&str]) {
+        let status = std::process::Command::new(program).args(args).status().unwrap();
+        assert!(status.success(), "{program} {args:?}");
+    }
+
+    fn run_pg(&self, tool: &str, args: &[&str]) {
+        let tool = self.bindir.join(tool).display().to_string();
+        let mut command = if self.as_root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &tool]);
+            c
+        } else {
+            std::process::Command::new(&tool)
+        };
+        let out = command.args(args).output().unwrap();
+        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn pg_ctl(&self, action: &str) {
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.display());
+        let log = self.dir.join("server.log").display().to_string();
+        let data = self.data();
+        self.run_pg("pg_ctl", &["-D", &data, "-l", &log, "-w", "-m", "fast", "-o", &options, action]);
+    }
+
+    /// `pg_ctl restart -m fast`: every connection is closed, the server comes back.
+    pub fn restart(&self) {
+        self.pg_ctl("restart");
+    }
+
+    /// The connection string of a database in this cluster.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let tool = self.bindir.join("pg_ctl").display().to_string();
+        let mut command = if self.as_root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &tool]);
+            c
+        } else {
+            std::process::Command::new(&tool)
+        };
+        let _ = command.args(["-D", &data, "-m", "immediate", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Terminates every backend of the relay (capture and pool) on `db`; returns how many.
+pub async fn terminate_relay_connections(db: &TestDb) -> i64 {
+    let admin = connect(&admin_url()).await;
+    admin
+        .query_one(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+              where datname = $1 and application_name like 'pgrelay%'",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
