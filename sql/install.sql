@@ -27,7 +27,15 @@ create table if not exists pgrelay.changes (
 );
 
 -- Catch-up after a reconnect reads the rows at or above the relay's xid horizon.
-create index if not exists changes_xid_idx on pgrelay.changes (xid);
+-- (Created only when missing: CREATE INDEX IF NOT EXISTS would still lock the log table,
+-- and a reinstall must not lock anything writers use.)
+do $$
+begin
+    if to_regclass('pgrelay.changes_xid_idx') is null then
+        create index changes_xid_idx on pgrelay.changes (xid);
+    end if;
+end
+$$;
 
 -- Each relay's progress, for `pgrelay status` (observability only: relays never read it).
 create table if not exists pgrelay.relays (

@@ -125,21 +125,37 @@ fn table_error(err: tokio_postgres::Error, table: &TableName) -> SqlError {
     }
 }
 
-/// Installs (or refreshes) the capture schema and the triggers of `tables`. Idempotent, and
-/// all or nothing: one transaction.
+/// Installs (or refreshes) the capture schema and the triggers of `tables`. Idempotent.
+///
+/// Safe while writers run: the schema step locks nothing writers use once it exists, every
+/// table is checked (exists, has a primary key) before any trigger is created, and each
+/// table's triggers are created in a transaction of their own, so the installer never holds
+/// one table's lock while waiting for another's (a writer could otherwise deadlock with it).
 pub async fn install(client: &mut Client, tables: &[TableName]) -> Result<(), SqlError> {
     let tx = client.transaction().await?;
     tx.batch_execute(INSTALL_LOCK).await?;
     tx.batch_execute(INSTALL_SQL).await?;
+    tx.commit().await?;
     for table in tables {
+        let row = client
+            .query_opt(DESCRIBE, &[&table.schema, &table.table])
+            .await?
+            .ok_or_else(|| SqlError::NoSuchTable(table.clone()))?;
+        if row.get::<_, Option<Vec<String>>>("keys").is_none() {
+            return Err(SqlError::NoPrimaryKey(table.clone()));
+        }
+    }
+    for table in tables {
+        let tx = client.transaction().await?;
+        tx.batch_execute(INSTALL_LOCK).await?;
         tx.execute(
             "select pgrelay.install($1, $2)",
             &[&table.schema, &table.table],
         )
         .await
         .map_err(|e| table_error(e, table))?;
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 

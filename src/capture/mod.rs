@@ -178,9 +178,11 @@ impl Capture {
             _ = token.cancelled() => return Ok(()),
             listener = Listener::connect(&self.pg_config) => listener?,
         };
-        if progress.is_none() {
+        let reconnect = progress.is_some();
+        if !reconnect {
             // The first horizon is taken before the first LISTEN: everything from then on
-            // is recoverable, everything before is history no live subscriber was promised.
+            // is recoverable, everything before is history no live subscriber was promised
+            // (so the first session has nothing to catch up).
             let horizon = take_horizon(listener.client()).await?;
             *progress = Some(Progress {
                 horizon,
@@ -193,7 +195,9 @@ impl Capture {
         }
         let progress = progress.as_mut().expect("progress was set above");
         listener.client().batch_execute("listen pgrelay").await?;
-        self.catch_up(listener.client(), progress).await?;
+        if reconnect {
+            self.catch_up(listener.client(), progress).await?;
+        }
         progress.pending = None;
         self.state.listening.store(true, Ordering::Release);
         *backoff = Duration::from_millis(50);

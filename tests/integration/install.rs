@@ -71,7 +71,7 @@ async fn install_refuses_missing_tables_and_tables_without_a_primary_key_by_name
     let (ok, out) = pgrelay(&db, &["install", "missing"]);
     assert!(!ok);
     assert!(out.contains("public.missing does not exist"), "{out}");
-    // All or nothing: items was not installed by the failed call.
+    // Every table is checked first: items was not installed by the failed call.
     assert_eq!(trigger_count(&db).await, 0);
 }
 
@@ -122,4 +122,88 @@ async fn install_while_writers_run_loses_no_write() {
         .unwrap()
         .get(0);
     assert_eq!(count, 300);
+}
+
+async fn log_rows(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one("select count(*) from pgrelay.changes", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_the_log_by_row_count_and_by_age() {
+    use std::time::Duration;
+    let db = TestDb::new().await;
+    db.exec("create table items(id serial primary key, n int)")
+        .await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        c.install = true;
+        c.retention.max_age = None;
+        c.retention.max_rows = Some(10);
+        c.retention.interval = Duration::from_millis(100);
+    })
+    .await;
+    db.exec("insert into items(n) select g from generate_series(1, 50) g")
+        .await;
+    crate::support::within(crate::support::STEP, async {
+        while log_rows(&db).await > 10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let newest: i64 = db
+        .client()
+        .await
+        .query_one("select min((data->>'n')::int8) from pgrelay.changes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(newest, 41, "the newest 10 rows are kept");
+    relay.stop().await.unwrap();
+
+    let _relay = Relay::start_with(&db, &["items"], |c| {
+        c.retention.max_age = Some(Duration::from_millis(500));
+        c.retention.max_rows = None;
+        c.retention.interval = Duration::from_millis(100);
+    })
+    .await;
+    crate::support::within(crate::support::STEP, async {
+        while log_rows(&db).await > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_tables_and_the_running_relays_lag() {
+    let db = TestDb::new().await;
+    db.exec("create table items(id serial primary key, n int)")
+        .await;
+    let relay = Relay::start_with(&db, &["items"], |c| c.install = true).await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("insert into items(n) values (1), (2)").await;
+    let events = ws.events(2).await;
+    let last_seq = events[1]["seq"].as_i64().unwrap().to_string();
+    // The relay reports its progress when its horizon moves (every 200 ms in tests).
+    crate::support::within(crate::support::STEP, async {
+        loop {
+            let (ok, out) = pgrelay(&db, &["status"]);
+            assert!(ok, "{out}");
+            let relay_line = out
+                .lines()
+                .find(|l| l.split_whitespace().nth(1) == Some(last_seq.as_str()));
+            if let Some(line) = relay_line {
+                let lag: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+                assert_eq!(lag, 0.0, "{out}");
+                assert!(out.contains("public.items") && out.contains("yes"), "{out}");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
 }

@@ -7,7 +7,9 @@
 mod install;
 mod protocol;
 mod recovery;
+mod resume;
 mod shutdown;
+mod slow;
 mod snapshot;
 mod stream;
 mod support;

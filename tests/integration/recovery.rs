@@ -6,12 +6,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Cluster, Relay, TestDb, connect, http_get, terminate_relay_connections, within};
+use crate::support::{
+    Cluster, Relay, TestDb, connect, http_get, terminate_relay_connections, within,
+};
 
 const ITEMS: &str = "create table items(id serial primary key, name text)";
 
 fn names(events: &[Value]) -> Vec<String> {
-    events.iter().map(|e| e["data"]["name"].as_str().unwrap().to_owned()).collect()
+    events
+        .iter()
+        .map(|e| e["data"]["name"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,7 +27,10 @@ async fn killing_the_relays_connections_mid_stream_loses_and_repeats_nothing() {
     let client = db.client().await;
     let writer = tokio::spawn(async move {
         for i in 0..3000 {
-            client.execute("insert into items(name) values ($1)", &[&i.to_string()]).await.unwrap();
+            client
+                .execute("insert into items(name) values ($1)", &[&i.to_string()])
+                .await
+                .unwrap();
         }
     });
     let first = ws.events(1000).await;
@@ -35,9 +43,16 @@ async fn killing_the_relays_connections_mid_stream_loses_and_repeats_nothing() {
     all.extend(names(&rest));
     let expected: Vec<String> = (0..3000).map(|i| i.to_string()).collect();
     assert_eq!(all, expected, "every row once, in commit order");
-    eprintln!("recovery after pg_terminate_backend: 2000 remaining events in {:?}", killed_at.elapsed());
+    eprintln!(
+        "recovery after pg_terminate_backend: 2000 remaining events in {:?}",
+        killed_at.elapsed()
+    );
     db.exec("insert into items(name) values ('sentinel')").await;
-    assert_eq!(ws.next_json().await["data"]["name"], "sentinel", "nothing repeated");
+    assert_eq!(
+        ws.next_json().await["data"]["name"],
+        "sentinel",
+        "nothing repeated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,17 +63,27 @@ async fn a_late_committer_is_delivered_after_the_relay_reconnects() {
 
     // The late transaction takes the lower seq and stays open.
     let late = db.client().await;
-    late.batch_execute("begin; insert into items(name) values ('late')").await.unwrap();
+    late.batch_execute("begin; insert into items(name) values ('late')")
+        .await
+        .unwrap();
     // A later transaction commits first and is delivered.
     let other = db.client().await;
-    other.execute("insert into items(name) values ('early')", &[]).await.unwrap();
+    other
+        .execute("insert into items(name) values ('early')", &[])
+        .await
+        .unwrap();
     let early = ws.next_json().await;
     assert_eq!(early["data"]["name"], "early");
 
     // Cut the relay off: refuse new connections to the database, terminate the relay's.
     let admin = connect(&crate::support::admin_url()).await;
     let quoted = format!("\"{}\"", db.name);
-    admin.batch_execute(&format!("alter database {quoted} with allow_connections false")).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "alter database {quoted} with allow_connections false"
+        ))
+        .await
+        .unwrap();
     terminate_relay_connections(&db).await;
     within(crate::support::STEP, async {
         while http_get(relay.addr, "/readyz").await.unwrap().0 != 503 {
@@ -69,15 +94,33 @@ async fn a_late_committer_is_delivered_after_the_relay_reconnects() {
 
     // The late transaction commits while no relay listens, and so does one more.
     late.batch_execute("commit").await.unwrap();
-    other.execute("insert into items(name) values ('while away')", &[]).await.unwrap();
+    other
+        .execute("insert into items(name) values ('while away')", &[])
+        .await
+        .unwrap();
 
-    admin.batch_execute(&format!("alter database {quoted} with allow_connections true")).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "alter database {quoted} with allow_connections true"
+        ))
+        .await
+        .unwrap();
     relay.wait_ready().await;
     let events = ws.events(2).await;
     let got: HashSet<String> = names(&events).into_iter().collect();
-    assert_eq!(got, HashSet::from(["late".to_owned(), "while away".to_owned()]));
-    other.execute("insert into items(name) values ('sentinel')", &[]).await.unwrap();
-    assert_eq!(ws.next_json().await["data"]["name"], "sentinel", "nothing repeated");
+    assert_eq!(
+        got,
+        HashSet::from(["late".to_owned(), "while away".to_owned()])
+    );
+    other
+        .execute("insert into items(name) values ('sentinel')", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.next_json().await["data"]["name"],
+        "sentinel",
+        "nothing repeated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,14 +147,19 @@ async fn a_postgres_restart_while_a_writer_runs_loses_nothing() {
             if i == 300 {
                 restart_tx.send_replace(true);
             }
-            match client.execute("insert into items(name) values ($1)", &[&i.to_string()]).await {
+            match client
+                .execute("insert into items(name) values ($1)", &[&i.to_string()])
+                .await
+            {
                 Ok(_) => i += 1,
                 Err(_) => {
                     // The outcome of this insert is unknown; the final check reads the table.
                     i += 1;
                     loop {
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        if let Ok((c, conn)) = tokio_postgres::connect(&writer_url, tokio_postgres::NoTls).await {
+                        if let Ok((c, conn)) =
+                            tokio_postgres::connect(&writer_url, tokio_postgres::NoTls).await
+                        {
                             tokio::spawn(conn);
                             client = c;
                             break;
@@ -121,14 +169,21 @@ async fn a_postgres_restart_while_a_writer_runs_loses_nothing() {
             }
         }
     });
-    within(crate::support::STEP, restart_rx.wait_for(|r| *r)).await.unwrap();
-        let restarted_at = Instant::now();
+    within(crate::support::STEP, restart_rx.wait_for(|r| *r))
+        .await
+        .unwrap();
+    let restarted_at = Instant::now();
     let cluster = std::sync::Arc::new(cluster);
     let restarting = std::sync::Arc::clone(&cluster);
-    tokio::task::spawn_blocking(move || restarting.restart()).await.unwrap();
+    tokio::task::spawn_blocking(move || restarting.restart())
+        .await
+        .unwrap();
     within(Duration::from_secs(60), writer).await.unwrap();
     relay.wait_ready().await;
-    eprintln!("postgres restart: relay ready again {:?} after the restart began", restarted_at.elapsed());
+    eprintln!(
+        "postgres restart: relay ready again {:?} after the restart began",
+        restarted_at.elapsed()
+    );
 
     let check = connect(&url).await;
     let committed: HashSet<String> = check
@@ -144,7 +199,7 @@ async fn a_postgres_restart_while_a_writer_runs_loses_nothing() {
     }
     let unique: HashSet<String> = received.iter().cloned().collect();
     assert_eq!(unique.len(), received.len(), "no duplicates");
-        assert_eq!(unique, committed, "every committed row was delivered");
+    assert_eq!(unique, committed, "every committed row was delivered");
     drop(relay);
     drop(cluster);
 }

@@ -77,12 +77,20 @@ impl TestDb {
         let mut config: tokio_postgres::Config = admin_url().parse().expect("DATABASE_URL parses");
         config.dbname(&name);
         let url = config_to_url(&config);
-                TestDb { name, url, owned: true }
+        TestDb {
+            name,
+            url,
+            owned: true,
+        }
     }
 
     /// A database somewhere else (e.g. in a test's own cluster), left alone on drop.
     pub fn external(url: String) -> Self {
-        TestDb { name: String::new(), url, owned: false }
+        TestDb {
+            name: String::new(),
+            url,
+            owned: false,
+        }
     }
 
     /// A client on this database.
@@ -128,7 +136,7 @@ fn config_to_url(config: &tokio_postgres::Config) -> String {
 }
 
 impl Drop for TestDb {
-        fn drop(&mut self) {
+    fn drop(&mut self) {
         if !self.owned {
             return;
         }
@@ -395,7 +403,10 @@ impl RelayProcess {
     pub fn peak_rss(&self) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("VmHWM");
         let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kb * 1024
     }
@@ -414,13 +425,19 @@ fn pg_bindir() -> std::path::PathBuf {
     if let Ok(dir) = std::env::var("PGRELAY_TEST_PGBIN") {
         return dir.into();
     }
-    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
         let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if dir.join("initdb").exists() {
             return dir;
         }
     }
-    if let Ok(out) = std::process::Command::new("sh").args(["-c", "command -v initdb"]).output() {
+    if let Ok(out) = std::process::Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+    {
         let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if !path.is_empty() {
             return std::path::Path::new(&path).parent().unwrap().to_path_buf();
@@ -432,7 +449,8 @@ fn pg_bindir() -> std::path::PathBuf {
         .filter(|p| p.join("initdb").exists())
         .collect();
     dirs.sort();
-    dirs.pop().expect("PostgreSQL binaries (set PGRELAY_TEST_PGBIN)")
+    dirs.pop()
+        .expect("PostgreSQL binaries (set PGRELAY_TEST_PGBIN)")
 }
 
 impl Cluster {
@@ -453,7 +471,12 @@ impl Cluster {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let cluster = Cluster { dir, bindir, port, as_root };
+        let cluster = Cluster {
+            dir,
+            bindir,
+            port,
+            as_root,
+        };
         if as_root {
             // initdb refuses to run as root: the cluster belongs to the postgres user.
             cluster.run_plain("chown", &["postgres", cluster.dir.to_str().unwrap()]);
@@ -469,7 +492,10 @@ impl Cluster {
     }
 
     fn run_plain(&self, program: &str, args: &[&str]) {
-        let status = std::process::Command::new(program).args(args).status().unwrap();
+        let status = std::process::Command::new(program)
+            .args(args)
+            .status()
+            .unwrap();
         assert!(status.success(), "{program} {args:?}");
     }
 
@@ -483,14 +509,27 @@ impl Cluster {
             std::process::Command::new(&tool)
         };
         let out = command.args(args).output().unwrap();
-        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn pg_ctl(&self, action: &str) {
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.display());
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.display()
+        );
         let log = self.dir.join("server.log").display().to_string();
         let data = self.data();
-        self.run_pg("pg_ctl", &["-D", &data, "-l", &log, "-w", "-m", "fast", "-o", &options, action]);
+        self.run_pg(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-w", "-m", "fast", "-o", &options, action,
+            ],
+        );
     }
 
     /// `pg_ctl restart -m fast`: every connection is closed, the server comes back.
@@ -500,7 +539,10 @@ impl Cluster {
 
     /// The connection string of a database in this cluster.
     pub fn url(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.port
+        )
     }
 }
 
@@ -515,7 +557,9 @@ impl Drop for Cluster {
         } else {
             std::process::Command::new(&tool)
         };
-        let _ = command.args(["-D", &data, "-m", "immediate", "stop"]).output();
+        let _ = command
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
