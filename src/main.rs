@@ -216,7 +216,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    pgrelay::run(config, listener, shutdown_signal()).await?;
+    if let Err(err) = pgrelay::run(config, listener, shutdown_signal()).await {
+        anyhow::bail!(pgrelay::error::chain(&err));
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -62,7 +62,9 @@ pub async fn run(
                 metrics.add(&metrics.pruned_rows, rows);
                 tracing::info!(rows, "pruned the change log");
             }
-            Err(err) => tracing::warn!(error = %err, "pruning the change log failed"),
+            Err(err) => {
+                tracing::warn!(error = %crate::error::chain(&err), "pruning the change log failed")
+            }
         }
     }
 }

@@ -154,7 +154,7 @@ impl Capture {
                 Ok(()) => return,
                 Err(err) => {
                     self.metrics.inc(&self.metrics.capture_reconnects);
-                    tracing::warn!(error = %err, retry_in = ?backoff, "capture connection lost");
+                    tracing::warn!(error = %crate::error::chain(&err), retry_in = ?backoff, "capture connection lost");
                 }
             }
             let jitter = rand::random_range(0.5..1.0);
@@ -325,7 +325,7 @@ async fn report_progress(client: &Client, progress: &Progress) {
         .execute(REPORT_RELAY, &[&progress.instance, &horizon, &seq, &ts])
         .await
     {
-        tracing::debug!(error = %err, "could not record relay progress");
+        tracing::debug!(error = %crate::error::chain(&err), "could not record relay progress");
     }
 }
 

@@ -348,7 +348,7 @@ impl Session {
             }
             Err(snapshot::SnapshotError::Socket(_)) => Err(End::Gone),
             Err(err) => {
-                tracing::error!(error = %err, "initial data failed");
+                tracing::error!(error = %crate::error::chain(&err), "initial data failed");
                 let _ = self
                     .send_text(control::error("internal", "Initial data could not be read"))
                     .await;

@@ -37,6 +37,22 @@ async fn killing_the_relays_connections_mid_stream_loses_and_repeats_nothing() {
     let killed_at = Instant::now();
     let killed = terminate_relay_connections(&db).await;
     assert!(killed >= 1, "the capture connection was terminated");
+    within(crate::support::STEP, async {
+        loop {
+            let (_, metrics) = http_get(relay.addr, "/metrics").await.unwrap();
+            if metrics.contains("pgrelay_capture_reconnects_total 1")
+                && metrics.contains("pgrelay_capture_listening 1")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    eprintln!(
+        "recovery after pg_terminate_backend: listening again after {:?}",
+        killed_at.elapsed()
+    );
     let rest = ws.events(2000).await;
     within(Duration::from_secs(60), writer).await.unwrap();
     let mut all = names(&first);
@@ -44,7 +60,7 @@ async fn killing_the_relays_connections_mid_stream_loses_and_repeats_nothing() {
     let expected: Vec<String> = (0..3000).map(|i| i.to_string()).collect();
     assert_eq!(all, expected, "every row once, in commit order");
     eprintln!(
-        "recovery after pg_terminate_backend: 2000 remaining events in {:?}",
+        "recovery after pg_terminate_backend: all 2000 remaining events {:?} after the kill",
         killed_at.elapsed()
     );
     db.exec("insert into items(name) values ('sentinel')").await;
