@@ -26,6 +26,7 @@ pub mod capture;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod filter;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -70,6 +70,42 @@ pub struct TableInfo {
     pub resource: String,
     /// Primary key columns, in key order.
     pub key_columns: Vec<String>,
+    /// Every column, in table order, with how its values compare.
+    pub columns: Vec<crate::filter::Column>,
+}
+
+const COLUMNS: &str = "
+    select a.attname::text, a.atttypid::regtype::text, base.typname::text, base.typtype = 'e'
+      from pg_attribute a
+      join pg_type t on t.oid = a.atttypid
+      join pg_type base on base.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
+     where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped
+     order by a.attnum";
+
+/// The columns of a table (by name), for filters and projections.
+pub async fn describe_columns(
+    client: &Client,
+    table: &TableName,
+) -> Result<Vec<crate::filter::Column>, SqlError> {
+    let row = client
+        .query_opt(DESCRIBE, &[&table.schema, &table.table])
+        .await?
+        .ok_or_else(|| SqlError::NoSuchTable(table.clone()))?;
+    columns(client, row.get("oid")).await
+}
+
+/// The columns of a table (by oid), for filters and projections.
+pub async fn columns(client: &Client, oid: u32) -> Result<Vec<crate::filter::Column>, SqlError> {
+    Ok(client
+        .query(COLUMNS, &[&oid])
+        .await?
+        .iter()
+        .map(|r| crate::filter::Column {
+            name: r.get(0),
+            sql_type: r.get(1),
+            kind: crate::filter::Kind::from_type_name(r.get(2), r.get(3)),
+        })
+        .collect())
 }
 
 /// Parses a connection string and names the connection (visible in `pg_stat_activity`)
@@ -213,10 +249,12 @@ pub async fn describe(client: &Client, tables: &[TableName]) -> Result<Vec<Table
         if triggers != 3 {
             return Err(SqlError::NotInstalled(table.clone()));
         }
+        let oid: u32 = row.get("oid");
         infos.push(TableInfo {
             name: table.clone(),
             resource: table.resource(),
             key_columns: keys,
+            columns: columns(client, oid).await?,
         });
     }
     Ok(infos)
