@@ -104,6 +104,11 @@ impl ChangeEvent {
             (Op::Update, _, _) => Some(Vec::new()),
             _ => None,
         };
+        self.to_frame_with(resource, changed)
+    }
+
+    /// Encodes the event with a given `changed` list (`None` leaves the field out).
+    pub fn to_frame_with(&self, resource: &str, changed: Option<Vec<String>>) -> String {
         let wire = WireEvent {
             kind: self.op,
             resource,
@@ -131,6 +136,16 @@ pub mod control {
     /// `{"type":"error","code":…,"message":…}`.
     pub fn error(code: &str, message: &str) -> String {
         json!({"type": "error", "code": code, "message": message}).to_string()
+    }
+
+    /// `{"type":"subscribed","resource":…}`.
+    pub fn subscribed(resource: &str) -> String {
+        json!({"type": "subscribed", "resource": resource}).to_string()
+    }
+
+    /// `{"type":"unsubscribed","resource":…}`.
+    pub fn unsubscribed(resource: &str) -> String {
+        json!({"type": "unsubscribed", "resource": resource}).to_string()
     }
 
     /// `{"type":"reset","resource":…,"reason":…}`: the client's copy is stale.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Op};
 
 /// Limits of the per-table rings.
 #[derive(Debug, Clone, Copy)]
@@ -36,9 +36,36 @@ pub struct Entry {
     /// The decoded event (for filters and snapshot visibility).
     pub event: ChangeEvent,
     /// The JSON text frame, encoded once.
-    pub frame: String,
+    pub frame: Arc<str>,
+    /// The table's subscriber-facing name.
+    pub resource: Arc<str>,
+    /// Frames for other shapes (type as sent, projection key), encoded on first use.
+    shaped: Mutex<Vec<(Op, u64, Arc<str>)>>,
     /// Bytes published on this table up to and including this entry.
     end_offset: u64,
+}
+
+impl Entry {
+    /// The frame for a (type as sent, projection) shape: encoded by the first subscriber that
+    /// needs it, shared by the rest.
+    pub fn shaped_frame(
+        &self,
+        sent: Op,
+        select_key: u64,
+        encode: impl FnOnce() -> String,
+    ) -> Arc<str> {
+        // Poisoning leaves the cache consistent (a push either happened or not).
+        let mut shaped = self.shaped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, frame)) = shaped
+            .iter()
+            .find(|(op, key, _)| *op == sent && *key == select_key)
+        {
+            return Arc::clone(frame);
+        }
+        let frame: Arc<str> = encode().into();
+        shaped.push((sent, select_key, Arc::clone(&frame)));
+        frame
+    }
 }
 
 /// Why a cursor cannot go on.
@@ -75,7 +102,7 @@ impl Ring {
 /// The ring of one table and the counter that wakes its readers.
 #[derive(Debug)]
 pub struct Topic {
-    resource: String,
+    resource: Arc<str>,
     ring: Mutex<Ring>,
     /// Bumped after every publish; cursors wait on it. Dropped with the hub.
     head_tx: watch::Sender<u64>,
@@ -95,7 +122,7 @@ impl Topic {
     }
 
     fn publish(&self, event: ChangeEvent) {
-        let frame = event.to_frame(&self.resource);
+        let frame: Arc<str> = event.to_frame(&self.resource).into();
         let mut ring = self.lock();
         ring.published_bytes += frame.len() as u64;
         ring.held_bytes += frame.len();
@@ -103,6 +130,8 @@ impl Topic {
         ring.entries.push_back(Arc::new(Entry {
             event,
             frame,
+            resource: Arc::clone(&self.resource),
+            shaped: Mutex::new(Vec::new()),
             end_offset,
         }));
         while ring.entries.len() > 1
@@ -233,7 +262,7 @@ impl Hub {
         for (schema, table) in tables {
             let resource = crate::event::resource_name(schema, table);
             let topic = Arc::new(Topic {
-                resource: resource.clone(),
+                resource: resource.as_str().into(),
                 ring: Mutex::new(Ring::default()),
                 head_tx: watch::channel(0).0,
                 limits,

@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod retention;
 pub mod snapshot;
 pub mod sql;
+pub mod subscription;
 
 use std::future::Future;
 use std::sync::Arc;

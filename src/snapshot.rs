@@ -4,10 +4,12 @@
 use deadpool_postgres::Pool;
 use futures_util::{Sink, SinkExt};
 use tokio_postgres::IsolationLevel;
+use tokio_postgres::types::ToSql;
 use warp::ws::Message;
 
 use crate::event::control;
 use crate::sql::{SqlError, TableInfo, quote_ident, quote_table};
+use crate::subscription::Shape;
 
 /// Largest `initial` message, in bytes of row JSON (a message may exceed it by one row).
 const INITIAL_MESSAGE_BYTES: usize = 1 << 20;
@@ -73,6 +75,7 @@ impl From<tokio_postgres::Error> for SnapshotError {
 pub async fn send_initial<S>(
     pool: &Pool,
     table: &TableInfo,
+    shape: &Shape,
     batch_rows: usize,
     sink: &mut S,
 ) -> Result<Snapshot, SnapshotError>
@@ -93,13 +96,19 @@ where
         .get(0);
     let snapshot = Snapshot::parse(&text).ok_or(SnapshotError::BadSnapshot(text))?;
     let order: Vec<String> = table.key_columns.iter().map(|k| quote_ident(k)).collect();
+    let mut params = Vec::new();
     let query = format!(
-        "select to_jsonb(t) from {} as t order by {}",
+        "select to_jsonb(t) from {} as t where {} order by {}",
         quote_table(&table.name),
+        shape.filter.to_sql(&mut params),
         order.join(", ")
     );
     let statement = tx.prepare(&query).await?;
-    let portal = tx.bind(&statement, &[]).await?;
+    let refs: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    let portal = tx.bind(&statement, &refs).await?;
     let max_rows = i32::try_from(batch_rows).unwrap_or(i32::MAX);
     let mut rows: Vec<String> = Vec::new();
     let mut bytes = 0usize;
@@ -108,7 +117,7 @@ where
         let finished = batch.len() < batch_rows;
         for row in batch {
             let value: serde_json::Value = row.get(0);
-            let json = value.to_string();
+            let json = shape.project(value).to_string();
             bytes += json.len();
             rows.push(json);
             if rows.len() >= batch_rows || bytes >= INITIAL_MESSAGE_BYTES {

@@ -85,7 +85,8 @@ pub fn routes(
     health()
         .or(ready(Arc::clone(&state)))
         .or(metrics(Arc::clone(&state)))
-        .or(ws::route(state))
+        .or(ws::table_route(Arc::clone(&state)))
+        .or(ws::multiplexed_route(state))
         .recover(recover)
 }
 

@@ -1,25 +1,30 @@
-//! `GET /ws/{table}`: upgrade, then one task per socket that streams the table's events.
+//! WebSocket routes: `GET /ws/{table}` (one table) and `GET /ws` (subscribe by message), and
+//! the per-socket task.
 //!
 //! The socket task is a `select!` over shutdown, client frames, the heartbeat and the hub
-//! cursor. The cursor is created before the upgrade completes, so every event published
-//! after the client sees `101 Switching Protocols` reaches it. Writes are batched: up to
-//! [`WRITE_BATCH`] frames are fed, then flushed once.
+//! cursors of its subscriptions. A `/ws/{table}` cursor is created before the upgrade
+//! completes, so every event published after the client sees `101 Switching Protocols`
+//! reaches it. Writes are batched: up to [`WRITE_BATCH`] frames are fed, then flushed once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::select_all;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
+use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket, Ws};
 use warp::{Filter, Rejection, Reply};
 
 use super::{ApiError, AppState, with_state};
 use crate::event::control;
+use crate::filter;
 use crate::hub::{Cursor, Entry, Overflow, Topic};
 use crate::snapshot::{self, Snapshot};
 use crate::sql::TableInfo;
+use crate::subscription::{Params, Shape, ShapeError, message_pairs};
 
 /// Most frames fed to the socket before one flush.
 const WRITE_BATCH: usize = 256;
@@ -36,43 +41,6 @@ mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 
-/// Options of one subscription, from the query string or a subscribe message.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Params {
-    /// Send the initial rows first (with `since`: only if the resume is impossible).
-    pub snapshot: bool,
-    /// Resume after this event's seq.
-    pub since: Option<i64>,
-}
-
-impl Params {
-    /// Parses query-string pairs; unknown keys are an error, not silently ignored.
-    pub fn from_query(pairs: &[(String, String)]) -> Result<Self, String> {
-        let mut params = Params::default();
-        for (key, value) in pairs {
-            match key.as_str() {
-                "snapshot" => params.snapshot = parse_bool(key, value)?,
-                "since" => {
-                    let seq = value
-                        .parse()
-                        .map_err(|_| format!("since must be an event seq, not {value:?}"))?;
-                    params.since = Some(seq);
-                }
-                other => return Err(format!("Unknown query parameter {other:?}")),
-            }
-        }
-        Ok(params)
-    }
-}
-
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
-    match value {
-        "true" | "1" | "" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(format!("{key} must be true or false, not {value:?}")),
-    }
-}
-
 /// Where a subscription starts reading: at the head, or just after the `since` event. The
 /// flag is true when `since` is not in the retained history (the client must get a `reset`).
 fn open_cursor(topic: &Arc<Topic>, since: Option<i64>) -> (Cursor, bool) {
@@ -85,48 +53,139 @@ fn open_cursor(topic: &Arc<Topic>, since: Option<i64>) -> (Cursor, bool) {
     }
 }
 
-/// GET /ws/{table}?snapshot=true&since=41
-pub fn route(
+/// Why a subscription could not be set up, as the client is told.
+enum SetupError {
+    /// The request is wrong: 400, or an `error` message.
+    Bad(String),
+    /// The database could not check it: 503, or an `error` message.
+    Unavailable,
+}
+
+/// Checks a subscription's parameters against the table (filters need PostgreSQL to type
+/// their values, so only they cost a query).
+async fn compile_shape(
+    state: &AppState,
+    table: &TableInfo,
+    params: &Params,
+) -> Result<Shape, SetupError> {
+    let filter = if params.has_filters() {
+        let client = state.pool.get().await.map_err(|err| {
+            tracing::warn!(error = %err, "no database connection to check a filter");
+            SetupError::Unavailable
+        })?;
+        match filter::compile(&client, &table.columns, params.filters.clone()).await {
+            Ok(filter) => filter,
+            Err(filter::FilterError::Db(err)) => {
+                tracing::warn!(error = %crate::error::chain(&err), "checking a filter failed");
+                return Err(SetupError::Unavailable);
+            }
+            Err(err) => return Err(SetupError::Bad(err.to_string())),
+        }
+    } else {
+        filter::Filter::default()
+    };
+    Shape::new(table, params, filter).map_err(|e: ShapeError| SetupError::Bad(e.to_string()))
+}
+
+fn lookup(state: &AppState, resource: &str) -> Option<TableInfo> {
+    state.tables.get(resource).cloned()
+}
+
+/// GET /ws/{table}?snapshot=true&since=41&select=id,name&events=create&price=gt.10
+pub fn table_route(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("ws" / String)
         .and(warp::get())
         .and(with_state(state))
-        .and_then(|resource: String, state: Arc<AppState>| async move {
-            match state.tables.get(&resource) {
-                Some(table) => Ok((table.clone(), state)),
-                None => Err(warp::reject::custom(ApiError::not_found(format!(
-                    "Table {resource:?} is not exposed by this relay"
-                )))),
-            }
-        })
-        .untuple_one()
-        .and(warp::query::<Vec<(String, String)>>().and_then(
-            |pairs: Vec<(String, String)>| async move {
-                Params::from_query(&pairs)
-                    .map_err(|m| warp::reject::custom(ApiError::bad_request(m)))
+        .and(warp::query::<Vec<(String, String)>>())
+        .and_then(
+            |resource: String, state: Arc<AppState>, pairs: Vec<(String, String)>| async move {
+                let table = lookup(&state, &resource).ok_or_else(|| {
+                    warp::reject::custom(ApiError::not_found(format!(
+                        "Table {resource:?} is not exposed by this relay"
+                    )))
+                })?;
+                let params = Params::from_pairs(&pairs)
+                    .map_err(|m| warp::reject::custom(ApiError::bad_request(m)))?;
+                let shape = compile_shape(&state, &table, &params)
+                    .await
+                    .map_err(|e| match e {
+                        SetupError::Bad(m) => warp::reject::custom(ApiError::bad_request(m)),
+                        SetupError::Unavailable => warp::reject::custom(ApiError {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            code: "unavailable",
+                            message: "The database is unavailable; try again".into(),
+                        }),
+                    })?;
+                Ok::<_, Rejection>((state, table, params, shape))
             },
-        ))
+        )
+        .untuple_one()
         .and(warp::ws())
         .map(
-            |table: TableInfo, state: Arc<AppState>, params: Params, ws: Ws| {
+            |state: Arc<AppState>, table: TableInfo, params: Params, shape: Shape, ws: Ws| {
                 // Subscribe before the upgrade reply goes out: events from now on are ours.
                 let topic = state
                     .hub
                     .topic(&table.resource)
                     .expect("every exposed table has a topic");
                 let (cursor, reset) = open_cursor(topic, params.since);
-                let limit = state.config.max_client_frame;
-                let guard = state.tracker.token();
-                ws.max_message_size(limit).max_frame_size(limit).on_upgrade(
-                    move |socket| async move {
-                        let session = Session::new(socket, state, table, cursor);
-                        session.run(params, reset).await;
-                        drop(guard);
-                    },
-                )
+                let first = Subscription::new(table, cursor, shape);
+                upgrade(ws, state, Some((first, params, reset)))
             },
         )
+}
+
+/// GET /ws: subscriptions come by message.
+pub fn multiplexed_route(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("ws")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(warp::ws())
+        .map(|state: Arc<AppState>, ws: Ws| upgrade(ws, state, None))
+}
+
+fn upgrade(
+    ws: Ws,
+    state: Arc<AppState>,
+    first: Option<(Subscription, Params, bool)>,
+) -> impl Reply {
+    let limit = state.config.max_client_frame;
+    let guard = state.tracker.token();
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| async move {
+            let single = first.as_ref().map(|(s, _, _)| s.table.resource.clone());
+            let session = Session::new(socket, state, single);
+            session.run(first).await;
+            drop(guard);
+        })
+}
+
+/// One table subscription on a socket.
+struct Subscription {
+    table: TableInfo,
+    cursor: Cursor,
+    shape: Shape,
+    /// Events whose transaction this snapshot contains were in the initial data: drop them.
+    seen_in: Option<Snapshot>,
+    /// Entries read from the cursor, waiting to be written.
+    batch: Vec<Arc<Entry>>,
+}
+
+impl Subscription {
+    fn new(table: TableInfo, cursor: Cursor, shape: Shape) -> Self {
+        Subscription {
+            table,
+            cursor,
+            shape,
+            seen_in: None,
+            batch: Vec::with_capacity(WRITE_BATCH),
+        }
+    }
 }
 
 /// Why a socket loop ended, and how to close it.
@@ -141,29 +200,30 @@ struct Session {
     sink: SplitSink<WebSocket, Message>,
     stream: SplitStream<WebSocket>,
     state: Arc<AppState>,
-    table: TableInfo,
-    cursor: Cursor,
-    /// Events whose transaction this snapshot contains were in the initial data: drop them.
-    seen_in: Option<Snapshot>,
+    /// `Some(resource)` on `/ws/{table}`; `None` on `/ws`.
+    single: Option<String>,
+    subs: Vec<Subscription>,
+    /// Which subscription is polled first next time (round robin, for fairness).
+    next_first: usize,
 }
 
 impl Session {
-    fn new(socket: WebSocket, state: Arc<AppState>, table: TableInfo, cursor: Cursor) -> Self {
+    fn new(socket: WebSocket, state: Arc<AppState>, single: Option<String>) -> Self {
         let (sink, stream) = socket.split();
         state.metrics.add(&state.metrics.ws_connections, 1);
         Session {
             sink,
             stream,
             state,
-            table,
-            cursor,
-            seen_in: None,
+            single,
+            subs: Vec::new(),
+            next_first: 0,
         }
     }
 
-    #[tracing::instrument(name = "ws", skip_all, fields(table = %self.table.resource))]
-    async fn run(mut self, params: Params, reset: bool) {
-        let end = match self.serve(params, reset).await {
+    #[tracing::instrument(name = "ws", skip_all, fields(table = ?self.single))]
+    async fn run(mut self, first: Option<(Subscription, Params, bool)>) {
+        let end = match self.serve(first).await {
             Ok(end) | Err(end) => end,
         };
         if let End::Close(code, reason) = end {
@@ -189,14 +249,16 @@ impl Session {
         tracing::debug!("socket closed");
     }
 
-    async fn serve(&mut self, params: Params, reset: bool) -> Result<End, End> {
-        self.start(&params, reset).await?;
+    async fn serve(&mut self, first: Option<(Subscription, Params, bool)>) -> Result<End, End> {
+        if let Some((sub, params, reset)) = first {
+            self.subs.push(sub);
+            self.start(0, &params, reset).await?;
+        }
         let config = &self.state.config;
         let (ping_interval, ping_timeout) = (config.ping_interval, config.ping_timeout);
         let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
-        let mut batch: Vec<Arc<Entry>> = Vec::with_capacity(WRITE_BATCH);
         let token = self.state.token.clone();
         loop {
             tokio::select! {
@@ -216,50 +278,13 @@ impl Session {
                     self.sink.send(Message::ping(Vec::new())).await.map_err(|_| End::Gone)?;
                 }
                 // priority 4: events
-                result = self.cursor.next_batch(&mut batch, WRITE_BATCH) => {
+                (index, result) = next_batch(&mut self.subs, self.next_first) => {
+                    self.next_first = index + 1;
                     result.map_err(overflow_end)?;
-                    self.write_events(&mut batch).await?;
+                    write_events(&mut self.sink, &mut self.subs[index], &self.state).await?;
                 }
             }
         }
-    }
-
-    /// Feeds the batch's frames (minus those the initial data already holds), then flushes
-    /// once; gives up with 4008 when the cursor overflows while the socket is slow.
-    async fn write_events(&mut self, batch: &mut Vec<Arc<Entry>>) -> Result<(), End> {
-        let seen_in = self.seen_in.as_ref();
-        let sink = &mut self.sink;
-        let metrics = &self.state.metrics;
-        let write = async {
-            let mut sent = 0u64;
-            for entry in batch.iter() {
-                if seen_in.is_some_and(|s| s.contains(entry.event.xid)) {
-                    continue;
-                }
-                // One copy of the shared frame per socket: warp's text messages own a String.
-                sink.feed(Message::text(entry.frame.clone())).await?;
-                sent += 1;
-            }
-            sink.flush().await?;
-            metrics.add(&metrics.frames_sent, sent);
-            Ok::<_, warp::Error>(())
-        };
-        let token = &self.state.token;
-        let result = {
-            tokio::pin!(write);
-            tokio::select! {
-            biased;
-            overflow = self.cursor.overflowed() => Err(overflow_end(overflow)),
-            written = &mut write => written.map_err(|_| End::Gone),
-            _ = token.cancelled() => {
-                // Shutting down: give the frames in flight a moment to go out, then close.
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut write).await;
-                                Err(End::Close(close::GOING_AWAY, "server shutting down"))
-            }
-            }
-        };
-        batch.clear();
-        result
     }
 
     async fn on_client_frame(
@@ -295,26 +320,12 @@ impl Session {
         };
         match value.get("type").and_then(Value::as_str) {
             Some("ping") => self.send_text(control::pong()).await,
-            Some("subscribe") => {
-                let pairs = match message_params(&value) {
-                    Ok(pairs) => pairs,
-                    Err(m) => return self.send_error("bad_request", &m).await,
-                };
-                let params = match Params::from_query(&pairs) {
-                    Ok(params) => params,
-                    Err(m) => return self.send_error("bad_request", &m).await,
-                };
-                if params.since.is_some() {
-                    let (cursor, reset) = open_cursor(self.cursor.topic(), params.since);
-                    self.cursor = cursor;
-                    self.seen_in = None;
-                    self.start(&params, reset).await
-                } else {
-                    self.send_initial().await
-                }
-            }
+            Some("subscribe") => self.on_subscribe(&value).await,
+            Some("unsubscribe") => self.on_unsubscribe(&value).await,
             Some(other) => {
-                let m = format!("Unknown message type {other:?} (expected subscribe or ping)");
+                let m = format!(
+                    "Unknown message type {other:?} (expected subscribe, unsubscribe or ping)"
+                );
                 self.send_error("bad_request", &m).await
             }
             None => {
@@ -324,26 +335,145 @@ impl Session {
         }
     }
 
+    /// `{"type":"subscribe", "resource"?, …query keys}`.
+    async fn on_subscribe(&mut self, message: &Value) -> Result<(), End> {
+        let named = message
+            .get("resource")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let resource = match (&self.single, named) {
+            (Some(single), None) => single.clone(),
+            (Some(single), Some(named)) if &named == single => named,
+            (Some(single), Some(named)) => {
+                let m = format!("This socket streams {single:?}; subscribe to {named:?} on /ws");
+                return self.send_error("bad_request", &m).await;
+            }
+            (None, Some(named)) => named,
+            (None, None) => {
+                return self
+                    .send_error("bad_request", "Subscribe needs a \"resource\"")
+                    .await;
+            }
+        };
+        let Some(table) = lookup(&self.state, &resource) else {
+            let m = format!("Unknown resource {resource:?}");
+            return self.send_error("not_found", &m).await;
+        };
+        let params = match message_pairs(message).and_then(|pairs| Params::from_pairs(&pairs)) {
+            Ok(params) => params,
+            Err(m) => {
+                return self
+                    .send_error("bad_request", &format!("{resource}: {m}"))
+                    .await;
+            }
+        };
+        let shape = match compile_shape(&self.state, &table, &params).await {
+            Ok(shape) => shape,
+            Err(SetupError::Bad(m)) => {
+                return self
+                    .send_error("bad_request", &format!("{resource}: {m}"))
+                    .await;
+            }
+            Err(SetupError::Unavailable) => {
+                return self
+                    .send_error("unavailable", "The database is unavailable; try again")
+                    .await;
+            }
+        };
+        let existing = self.subs.iter().position(|s| s.table.resource == resource);
+        if self.single.is_some() {
+            // On /ws/{table} the subscription exists; the message replaces its keys and, unless
+            // it resumes with `since`, asks for the initial rows.
+            let index = existing.expect("a /ws/{table} socket always has its subscription");
+            self.subs[index].shape = shape;
+            if params.since.is_some() {
+                let (cursor, reset) = open_cursor(self.subs[index].cursor.topic(), params.since);
+                self.subs[index].cursor = cursor;
+                self.subs[index].seen_in = None;
+                self.start(index, &params, reset).await
+            } else {
+                self.send_initial(index).await
+            }
+        } else {
+            let topic = self
+                .state
+                .hub
+                .topic(&resource)
+                .expect("every exposed table has a topic");
+            let (cursor, reset) = open_cursor(topic, params.since);
+            let sub = Subscription::new(table, cursor, shape);
+            let index = match existing {
+                Some(index) => {
+                    self.subs[index] = sub;
+                    index
+                }
+                None => {
+                    self.subs.push(sub);
+                    self.subs.len() - 1
+                }
+            };
+            self.send_text(control::subscribed(&resource)).await?;
+            self.start(index, &params, reset).await
+        }
+    }
+
+    /// `{"type":"unsubscribe","resource":…}` (on `/ws`).
+    async fn on_unsubscribe(&mut self, message: &Value) -> Result<(), End> {
+        if self.single.is_some() {
+            return self
+                .send_error(
+                    "bad_request",
+                    "Unsubscribe is for /ws; close this socket instead",
+                )
+                .await;
+        }
+        let Some(resource) = message.get("resource").and_then(Value::as_str) else {
+            return self
+                .send_error("bad_request", "Unsubscribe needs a \"resource\"")
+                .await;
+        };
+        match self.subs.iter().position(|s| s.table.resource == resource) {
+            Some(index) => {
+                let resource = resource.to_owned();
+                self.subs.remove(index);
+                self.send_text(control::unsubscribed(&resource)).await
+            }
+            None => {
+                let m = format!("Not subscribed to {resource:?}");
+                self.send_error("bad_request", &m).await
+            }
+        }
+    }
+
     /// What a subscription sends first: a `reset` when its `since` is not in the history,
     /// then the initial rows if asked for (with `since`, only after a reset).
-    async fn start(&mut self, params: &Params, reset: bool) -> Result<(), End> {
+    async fn start(&mut self, index: usize, params: &Params, reset: bool) -> Result<(), End> {
         if reset {
-            let message = control::reset(&self.table.resource, "history_unavailable");
+            let message = control::reset(&self.subs[index].table.resource, "history_unavailable");
             self.send_text(message).await?;
         }
         if params.snapshot && (params.since.is_none() || reset) {
-            self.send_initial().await?;
+            self.send_initial(index).await?;
         }
         Ok(())
     }
 
     /// Sends the initial rows and from then on drops events the snapshot contains.
-    async fn send_initial(&mut self) -> Result<(), End> {
+    async fn send_initial(&mut self, index: usize) -> Result<(), End> {
         let state = &self.state;
+        let sub = &mut self.subs[index];
         let batch_rows = state.config.snapshot_batch_rows;
-        match snapshot::send_initial(&state.pool, &self.table, batch_rows, &mut self.sink).await {
+        match snapshot::send_initial(
+            &state.pool,
+            &sub.table,
+            &sub.shape,
+            batch_rows,
+            &mut self.sink,
+        )
+        .await
+        {
             Ok(snapshot) => {
-                self.seen_in = Some(snapshot);
+                sub.seen_in = Some(snapshot);
                 Ok(())
             }
             Err(snapshot::SnapshotError::Socket(_)) => Err(End::Gone),
@@ -375,31 +505,90 @@ impl Drop for Session {
     }
 }
 
+/// Waits for entries on any subscription; returns which one has a batch. Pends forever when
+/// there is no subscription. Polls starting at `first` so a busy table cannot starve others.
+async fn next_batch(subs: &mut [Subscription], first: usize) -> (usize, Result<(), Overflow>) {
+    match subs.len() {
+        0 => std::future::pending().await,
+        1 => {
+            let sub = &mut subs[0];
+            (0, sub.cursor.next_batch(&mut sub.batch, WRITE_BATCH).await)
+        }
+        n => {
+            let mut waits: Vec<_> = subs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, sub)| {
+                    Box::pin(async move {
+                        (i, sub.cursor.next_batch(&mut sub.batch, WRITE_BATCH).await)
+                    })
+                })
+                .collect();
+            waits.rotate_left(first % n);
+            select_all(waits).await.0
+        }
+    }
+}
+
+/// Feeds the subscription's batch (each entry shaped for it, minus what its initial data
+/// holds), then flushes once; gives up with 4008 when the cursor overflows while the socket
+/// is slow.
+async fn write_events(
+    sink: &mut SplitSink<WebSocket, Message>,
+    sub: &mut Subscription,
+    state: &AppState,
+) -> Result<(), End> {
+    let Subscription {
+        cursor,
+        shape,
+        seen_in,
+        batch,
+        ..
+    } = sub;
+    let metrics = &state.metrics;
+    let write = async {
+        let mut sent = 0u64;
+        for entry in batch.iter() {
+            if seen_in
+                .as_ref()
+                .is_some_and(|s| s.contains(entry.event.xid))
+            {
+                continue;
+            }
+            let Some(frame) = shape.frame(entry) else {
+                continue;
+            };
+            // One copy of the shared frame per socket: warp's text messages own a String.
+            sink.feed(Message::text(frame.as_ref())).await?;
+            sent += 1;
+        }
+        sink.flush().await?;
+        metrics.add(&metrics.frames_sent, sent);
+        Ok::<_, warp::Error>(())
+    };
+    let token = &state.token;
+    let result = {
+        tokio::pin!(write);
+        tokio::select! {
+            biased;
+            overflow = cursor.overflowed() => Err(overflow_end(overflow)),
+            written = &mut write => written.map_err(|_| End::Gone),
+            _ = token.cancelled() => {
+                // Shutting down: give the frames in flight a moment to go out, then close.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut write).await;
+                Err(End::Close(close::GOING_AWAY, "server shutting down"))
+            }
+        }
+    };
+    batch.clear();
+    result
+}
+
 fn overflow_end(overflow: Overflow) -> End {
     match overflow {
         Overflow::Lagged | Overflow::Evicted => End::Close(close::SLOW_CONSUMER, "slow consumer"),
         Overflow::Closed => End::Close(close::GOING_AWAY, "server shutting down"),
     }
-}
-
-/// The query keys carried by a subscribe message, as string pairs.
-fn message_params(value: &Value) -> Result<Vec<(String, String)>, String> {
-    let Some(object) = value.as_object() else {
-        return Err("Message must be a JSON object".into());
-    };
-    let mut pairs = Vec::new();
-    for (key, v) in object {
-        if key == "type" {
-            continue;
-        }
-        let text = match v {
-            Value::String(s) => s.clone(),
-            Value::Bool(_) | Value::Number(_) => v.to_string(),
-            _ => return Err(format!("{key} must be a string, number or boolean")),
-        };
-        pairs.push((key.clone(), text));
-    }
-    Ok(pairs)
 }
 
 fn is_too_big(err: &warp::Error) -> bool {
@@ -409,46 +598,4 @@ fn is_too_big(err: &warp::Error) -> bool {
         source.and_then(|s| s.downcast_ref::<WsError>()),
         Some(WsError::Capacity(_))
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn params_accept_snapshot_and_reject_unknown_keys() {
-        let q = |pairs: &[(&str, &str)]| {
-            let pairs: Vec<(String, String)> = pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            Params::from_query(&pairs)
-        };
-        assert_eq!(q(&[]), Ok(Params::default()));
-        assert_eq!(
-            q(&[("snapshot", "true")]),
-            Ok(Params {
-                snapshot: true,
-                since: None
-            })
-        );
-        assert_eq!(
-            q(&[("since", "41")]),
-            Ok(Params {
-                snapshot: false,
-                since: Some(41)
-            })
-        );
-        assert!(q(&[("since", "x")]).is_err());
-        assert!(q(&[("snapshot", "maybe")]).is_err());
-        assert!(q(&[("bogus", "1")]).unwrap_err().contains("bogus"));
-    }
-
-    #[test]
-    fn subscribe_message_keys_become_pairs() {
-        let pairs = message_params(&json!({"type": "subscribe", "snapshot": true})).unwrap();
-        assert_eq!(pairs, vec![("snapshot".to_string(), "true".to_string())]);
-        assert!(message_params(&json!({"type": "subscribe", "x": [1]})).is_err());
-    }
 }
