@@ -78,6 +78,23 @@ impl Params {
         Ok(params)
     }
 
+    /// The keys of `self` overridden by those `message` carries: its filter (if it has one)
+    /// replaces the whole filter, its `select`/`events` replace those; `snapshot` and `since`
+    /// are the message's own.
+    pub fn overridden_by(&self, message: Params) -> Params {
+        Params {
+            snapshot: message.snapshot,
+            since: message.since,
+            select: message.select.or_else(|| self.select.clone()),
+            events: message.events.or_else(|| self.events.clone()),
+            filters: if message.filters.is_empty() {
+                self.filters.clone()
+            } else {
+                message.filters
+            },
+        }
+    }
+
     /// Whether the filter needs PostgreSQL to type its values.
     pub fn has_filters(&self) -> bool {
         !self.filters.is_empty()

@@ -131,7 +131,7 @@ pub fn table_route(
                     .topic(&table.resource)
                     .expect("every exposed table has a topic");
                 let (cursor, reset) = open_cursor(topic, params.since);
-                let first = Subscription::new(table, cursor, shape);
+                let first = Subscription::new(table, cursor, params.clone(), shape);
                 upgrade(ws, state, Some((first, params, reset)))
             },
         )
@@ -169,6 +169,8 @@ fn upgrade(
 struct Subscription {
     table: TableInfo,
     cursor: Cursor,
+    /// What the client asked for (a subscribe message on `/ws/{table}` overrides parts).
+    params: Params,
     shape: Shape,
     /// Events whose transaction this snapshot contains were in the initial data: drop them.
     seen_in: Option<Snapshot>,
@@ -177,10 +179,11 @@ struct Subscription {
 }
 
 impl Subscription {
-    fn new(table: TableInfo, cursor: Cursor, shape: Shape) -> Self {
+    fn new(table: TableInfo, cursor: Cursor, params: Params, shape: Shape) -> Self {
         Subscription {
             table,
             cursor,
+            params,
             shape,
             seen_in: None,
             batch: Vec::with_capacity(WRITE_BATCH),
@@ -359,7 +362,7 @@ impl Session {
             let m = format!("Unknown resource {resource:?}");
             return self.send_error("not_found", &m).await;
         };
-        let params = match message_pairs(message).and_then(|pairs| Params::from_pairs(&pairs)) {
+        let mut params = match message_pairs(message).and_then(|pairs| Params::from_pairs(&pairs)) {
             Ok(params) => params,
             Err(m) => {
                 return self
@@ -367,6 +370,12 @@ impl Session {
                     .await;
             }
         };
+        let existing = self.subs.iter().position(|s| s.table.resource == resource);
+        if self.single.is_some()
+            && let Some(index) = existing
+        {
+            params = self.subs[index].params.overridden_by(params);
+        }
         let shape = match compile_shape(&self.state, &table, &params).await {
             Ok(shape) => shape,
             Err(SetupError::Bad(m)) => {
@@ -380,12 +389,12 @@ impl Session {
                     .await;
             }
         };
-        let existing = self.subs.iter().position(|s| s.table.resource == resource);
         if self.single.is_some() {
             // On /ws/{table} the subscription exists; the message replaces its keys and, unless
             // it resumes with `since`, asks for the initial rows.
             let index = existing.expect("a /ws/{table} socket always has its subscription");
             self.subs[index].shape = shape;
+            self.subs[index].params = params.clone();
             if params.since.is_some() {
                 let (cursor, reset) = open_cursor(self.subs[index].cursor.topic(), params.since);
                 self.subs[index].cursor = cursor;
@@ -401,7 +410,7 @@ impl Session {
                 .topic(&resource)
                 .expect("every exposed table has a topic");
             let (cursor, reset) = open_cursor(topic, params.since);
-            let sub = Subscription::new(table, cursor, shape);
+            let sub = Subscription::new(table, cursor, params.clone(), shape);
             let index = match existing {
                 Some(index) => {
                     self.subs[index] = sub;

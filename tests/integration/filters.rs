@@ -188,3 +188,348 @@ async fn sql_and_rust_agree_on_random_filters_over_random_rows() {
     }
     assert!(checked > 200, "only {checked} filters were valid");
 }
+
+mod live {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+
+    use crate::support::{Relay, TestDb, Ws, http_get, within};
+
+    const ITEMS: &str =
+        "create table items(id serial primary key, name text, price numeric, tag text)";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn updates_that_cross_a_filter_arrive_as_create_and_delete() {
+        let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+        db.exec("insert into items(id, name, price) values (1, 'cheap', 5), (2, 'dear', 20), (3, 'mid', 15), (4, 'low', 1)").await;
+        let relay = Relay::start(&db, &["items"]).await;
+        let mut ws = relay.ws("/ws/items?price=gt.10").await;
+        db.exec("update items set price = 30 where id = 1").await; // moves in
+        db.exec("update items set price = 5 where id = 2").await; // moves out
+        db.exec("update items set price = 25 where id = 3").await; // stays in
+        db.exec("update items set price = 2 where id = 4").await; // stays out: nothing
+        db.exec("insert into items(id, name, price) values (5, 'new', 11), (6, 'no', 3)")
+            .await;
+        db.exec("delete from items where id in (5, 6)").await;
+        let events = ws.events(5).await;
+        let got: Vec<(String, i64)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap().to_owned(),
+                    e["id"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let expected = [
+            ("create", 1),
+            ("delete", 2),
+            ("update", 3),
+            ("create", 5),
+            ("delete", 5),
+        ];
+        assert_eq!(got, expected.map(|(t, i)| (t.to_owned(), i)));
+        assert_eq!(events[0]["data"]["price"], 30);
+        assert!(
+            events[0].get("old").is_none(),
+            "a create carries no old row"
+        );
+        assert_eq!(
+            events[1]["old"]["price"], 20,
+            "a delete carries the row as the client held it"
+        );
+        assert!(events[1].get("data").is_none());
+        assert_eq!(events[2]["changed"], json!(["price"]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn select_and_events_shape_what_is_sent() {
+        let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+        let relay = Relay::start(&db, &["items"]).await;
+        let mut ws = relay
+            .ws("/ws/items?select=id,name&events=create,delete")
+            .await;
+        let mut full = relay.ws("/ws/items").await;
+        db.exec("insert into items(name, price, tag) values ('a', 1, 't')")
+            .await;
+        db.exec("update items set name = 'b'").await;
+        db.exec("delete from items").await;
+        let events = ws.events(2).await;
+        assert_eq!(events[0]["type"], "create");
+        assert_eq!(events[0]["data"], json!({"id": 1, "name": "a"}));
+        assert_eq!(events[0]["id"], 1);
+        assert_eq!(events[1]["type"], "delete");
+        assert_eq!(events[1]["old"], json!({"id": 1, "name": "b"}));
+        assert_eq!(
+            full.events(3).await[1]["data"]["price"],
+            1,
+            "other subscribers get whole rows"
+        );
+
+        let mut ws = relay.ws("/ws/items?select=name&snapshot=true").await;
+        db.exec("insert into items(name, price) values ('c', 2)")
+            .await;
+        // The initial data is projected too (and came before the insert, or holds it).
+        let rows = ws.initial_rows().await;
+        assert!(
+            rows.iter()
+                .all(|r| r.as_object().unwrap().keys().eq(["name"])),
+            "{rows:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_filters_are_rejected_before_the_upgrade_and_by_message() {
+        let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+        let relay = Relay::start(&db, &["items"]).await;
+        for (query, needle) in [
+            ("price=gt.abc", "abc"),
+            ("nope=eq.1", "nope"),
+            ("price=like.1*", "like"),
+            ("price=between.1", "unknown operator"),
+            ("select=id,nope", "nope"),
+            ("events=upsert", "upsert"),
+        ] {
+            let (status, body) = http_get(relay.addr, &format!("/ws/items?{query}"))
+                .await
+                .unwrap();
+            assert_eq!(status, 400, "{query}: {body}");
+            let body: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(body["error"]["code"], "bad_request");
+            assert!(
+                body["error"]["message"].as_str().unwrap().contains(needle),
+                "{query}: {body}"
+            );
+        }
+
+        let mut ws = relay.ws("/ws").await;
+        for (message, needle) in [
+            (
+                json!({"type": "subscribe", "resource": "items", "price": "gt.abc"}),
+                "abc",
+            ),
+            (
+                json!({"type": "subscribe", "resource": "items", "nope": "eq.1"}),
+                "nope",
+            ),
+            (json!({"type": "subscribe", "resource": "ghosts"}), "ghosts"),
+            (json!({"type": "subscribe"}), "resource"),
+            (
+                json!({"type": "unsubscribe", "resource": "items"}),
+                "Not subscribed",
+            ),
+        ] {
+            ws.send_json(message.clone()).await;
+            let reply = ws.next_json().await;
+            assert_eq!(reply["type"], "error", "{message} -> {reply}");
+            assert!(
+                reply["message"].as_str().unwrap().contains(needle),
+                "{message} -> {reply}"
+            );
+        }
+        ws.send_json(json!({"type": "ping"})).await;
+        assert_eq!(
+            ws.next_json().await,
+            json!({"type": "pong"}),
+            "the socket stays open"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_socket_streams_two_tables_each_with_its_filter_then_unsubscribes_one() {
+        let db = TestDb::new()
+            .await
+            .with_tables(
+                "create table items(id serial primary key, name text, price numeric);
+                 create table orders(id serial primary key, status text)",
+                &["items", "orders"],
+            )
+            .await;
+        let relay = Relay::start(&db, &["items", "orders"]).await;
+        let mut ws = relay.ws("/ws").await;
+        ws.send_json(json!({"type": "subscribe", "resource": "items", "price": "gte.10"}))
+            .await;
+        assert_eq!(
+            ws.next_json().await,
+            json!({"type": "subscribed", "resource": "items"})
+        );
+        ws.send_json(json!({"type": "subscribe", "resource": "orders", "status": "eq.open", "snapshot": true})).await;
+        assert_eq!(
+            ws.next_json().await,
+            json!({"type": "subscribed", "resource": "orders"})
+        );
+        assert_eq!(ws.initial_rows().await, Vec::<Value>::new());
+
+        db.exec("insert into items(name, price) values ('cheap', 1), ('dear', 10)")
+            .await;
+        db.exec("insert into orders(status) values ('closed'), ('open')")
+            .await;
+        let mut got: Vec<(String, i64)> = ws
+            .events(2)
+            .await
+            .iter()
+            .map(|e| {
+                (
+                    e["resource"].as_str().unwrap().to_owned(),
+                    e["id"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![("items".to_owned(), 2), ("orders".to_owned(), 2)]);
+
+        ws.send_json(json!({"type": "unsubscribe", "resource": "items"}))
+            .await;
+        assert_eq!(
+            ws.next_json().await,
+            json!({"type": "unsubscribed", "resource": "items"})
+        );
+        db.exec("insert into items(name, price) values ('dear too', 99)")
+            .await;
+        db.exec("insert into orders(status) values ('open')").await;
+        let e = ws.next_json().await;
+        assert_eq!(
+            (e["resource"].as_str(), e["id"].as_i64()),
+            (Some("orders"), Some(3)),
+            "items is gone"
+        );
+    }
+
+    /// A client's filtered copy: initial rows, then events applied strictly.
+    #[derive(Default)]
+    struct Copy {
+        rows: BTreeMap<i64, Value>,
+        started: bool,
+        done: bool,
+    }
+
+    impl Copy {
+        fn apply(&mut self, m: &Value) {
+            let id = || m["id"].as_i64().unwrap();
+            match m["type"].as_str().unwrap() {
+                "initial" => {
+                    self.started = true;
+                    for row in m["data"].as_array().unwrap() {
+                        let id = row["id"].as_i64().unwrap();
+                        assert!(
+                            self.rows.insert(id, row.clone()).is_none(),
+                            "row {id} twice"
+                        );
+                    }
+                    self.done = m["done"] == true;
+                }
+                _ if !self.started => {}
+                "create" => assert!(
+                    self.rows.insert(id(), m["data"].clone()).is_none(),
+                    "duplicate create {m}"
+                ),
+                "update" => assert!(
+                    self.rows.insert(id(), m["data"].clone()).is_some(),
+                    "update of a row not held {m}"
+                ),
+                "delete" => assert!(
+                    self.rows.remove(&id()).is_some(),
+                    "delete of a row not held {m}"
+                ),
+                other => panic!("unexpected {other}: {m}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn staggered_filtered_subscribers_end_holding_exactly_the_matching_rows() {
+        let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+        db.exec("insert into items(name, price, tag) select 'seed', g % 100, case when g % 3 = 0 then null else 't' || (g % 4) end from generate_series(1, 200) g").await;
+        let relay = Relay::start(&db, &["items"]).await;
+        let filters = [
+            ("price=gt.50", "price > 50"),
+            ("price=lte.20", "price <= 20"),
+            ("tag=is.null", "tag is null"),
+            ("tag=in.(t1,t3)", "tag in ('t1', 't3')"),
+            ("price=gte.30&price=lt.70", "price >= 30 and price < 70"),
+            ("tag=like.t*&price=neq.10", "tag like 't%' and price <> 10"),
+            ("name=eq.w", "name = 'w'"),
+            ("price=gt.1000", "price > 1000"),
+        ];
+        let writer_client = db.client().await;
+        let writer = tokio::spawn(async move {
+            for i in 0..600i32 {
+                let sql = match i % 4 {
+                    0 => {
+                        "insert into items(name, price, tag) values ('w', $1::int % 100, 't' || ($1::int % 5))"
+                    }
+                    1 => {
+                        "update items set price = (price + 37 + $1::int) % 100 where id = (select max(id) - ($1::int % 9) from items)"
+                    }
+                    2 => {
+                        "update items set tag = case when tag is null then 't1' else null end, price = price + 1 where id = (select min(id) + ($1::int % 11) from items)"
+                    }
+                    _ => "delete from items where id = (select min(id) + ($1::int % 7) from items)",
+                };
+                writer_client
+                    .execute(sql, &[&i])
+                    .await
+                    .expect("writer statement");
+            }
+        });
+        let mut clients: Vec<(Ws, Copy, &str)> = Vec::new();
+        for (k, (query, predicate)) in filters.iter().enumerate() {
+            let mut ws = relay.ws(&format!("/ws/items?{query}")).await;
+            ws.send_json(json!({"type": "subscribe"})).await;
+            clients.push((ws, Copy::default(), predicate));
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(50 + 20 * k as u64);
+            for (ws, copy, _) in clients.iter_mut() {
+                while let Ok(frame) = tokio::time::timeout_at(deadline, ws.next_json()).await {
+                    copy.apply(&frame);
+                }
+            }
+        }
+        within(Duration::from_secs(60), writer).await.unwrap();
+        // One sentinel row per filter, each passing its own filter: a client that has seen
+        // its sentinel's create has seen everything committed before it.
+        db.exec(
+            "insert into items(id, name, price, tag) values
+               (100000, 's', 999, 't9'), (100001, 's', -1, 't9'), (100002, 's', 500, null),
+               (100003, 's', 500, 't1'), (100004, 's', 50, 't9'), (100005, 's', 11, 'tz'),
+               (100006, 'w', 500, 't9'), (100007, 's', 5000, 't9')",
+        )
+        .await;
+        let client = db.client().await;
+        for (k, (ws, copy, predicate)) in clients.iter_mut().enumerate() {
+            let sentinel = 100_000 + k as i64;
+            loop {
+                let frame = ws.next_json().await;
+                copy.apply(&frame);
+                if frame["type"] == "create" && frame["id"] == sentinel {
+                    break;
+                }
+            }
+            let expected: BTreeMap<i64, Value> = client
+                .query(
+                    &format!("select id, to_jsonb(t) from items t where {predicate}"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (i64::from(r.get::<_, i32>(0)), r.get::<_, Value>(1)))
+                // Sentinels after ours in the same statement may not have been read yet.
+                .filter(|(id, _)| *id <= sentinel)
+                .collect();
+            assert!(copy.done, "{predicate}: initial data finished");
+            let ids: std::collections::BTreeSet<&i64> =
+                copy.rows.keys().chain(expected.keys()).collect();
+            let differ: Vec<(i64, Option<&Value>, Option<&Value>)> = ids
+                .into_iter()
+                .filter(|id| copy.rows.get(id) != expected.get(id))
+                .map(|id| (*id, copy.rows.get(id), expected.get(id)))
+                .collect();
+            assert!(
+                differ.is_empty(),
+                "{predicate}: the client's copy differs (id, client, table): {differ:?}"
+            );
+        }
+    }
+}
