@@ -62,7 +62,7 @@ enum Command {
         /// Send the initial rows first.
         #[arg(long)]
         snapshot: bool,
-        /// Table (resource) to follow.
+        /// Table (resource) to follow, optionally with query keys: `items?price=gt.10`.
         table: String,
     },
 }
@@ -248,9 +248,11 @@ async fn shutdown_signal() {
 }
 
 async fn tail(url: &str, table: &str, snapshot: bool) -> anyhow::Result<()> {
+    // `table` may carry query keys: `items?price=gt.10`.
     let mut target = format!("{}/ws/{}", url.trim_end_matches('/'), table);
     if snapshot {
-        target.push_str("?snapshot=true");
+        target.push(if target.contains('?') { '&' } else { '?' });
+        target.push_str("snapshot=true");
     }
     let (mut socket, _) = tokio_tungstenite::connect_async(&target)
         .await
