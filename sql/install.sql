@@ -55,66 +55,78 @@ language sql stable parallel safe as $$
         'id', c.id, 'data', c.data, 'old', c.old)
 $$;
 
--- The primary key value of a row: the bare value for a one-column key, an object otherwise.
-create or replace function pgrelay.key_of(r jsonb, keys text[]) returns jsonb
-language sql immutable parallel safe as $$
-    select case when cardinality(keys) = 1 then r -> keys[1]
-                else (select jsonb_object_agg(k, r -> k) from unnest(keys) as k) end
-$$;
+-- (Earlier versions computed keys in a SQL function, which PostgreSQL cannot inline and so
+-- re-plans on every call; the trigger now computes them inline.)
+drop function if exists pgrelay.key_of(jsonb, text[]);
 
 -- Statement-level AFTER trigger for INSERT, UPDATE and DELETE. The trigger arguments are the
 -- table's primary key columns, in key order. One INSERT ... SELECT writes the whole statement
 -- to the log and one NOTIFY announces it.
+--
+-- The trigger never reads pgrelay.changes: under SERIALIZABLE, a read of the log would take
+-- predicate locks that every other writer's insert conflicts with, and writes must never fail
+-- because of pgrelay. The inline payload of a one-row statement comes from RETURNING instead
+-- (computed only when the statement has one row; CASE does not evaluate it otherwise).
 create or replace function pgrelay.capture() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     keys    text[] := tg_argv[0:tg_nargs - 1];  -- tg_argv is 0-based; this copy is 1-based
+    k1      text := tg_argv[0];                  -- the key column of a one-column key
+    single  boolean := tg_nargs = 1;
+    v_rows  bigint;
     v_first bigint;
     v_last  bigint;
-    v_count bigint;
     payload text;
 begin
+    if tg_op = 'DELETE' then
+        select count(*) into v_rows from pgrelay_old;
+    else
+        select count(*) into v_rows from pgrelay_new;
+    end if;
+    if v_rows = 0 then
+        return null;
+    end if;
+
     if tg_op = 'INSERT' then
         with ins as (
-            insert into pgrelay.changes (schema_name, table_name, op, id, data)
-            select tg_table_schema, tg_table_name, 'create', pgrelay.key_of(n.r, keys), n.r
+            insert into pgrelay.changes as c (schema_name, table_name, op, id, data)
+            select tg_table_schema, tg_table_name, 'create', case when single then n.r -> k1
+                   else (select jsonb_object_agg(k, n.r -> k) from unnest(keys) as k) end, n.r
             from (select to_jsonb(t) as r from pgrelay_new t) as n
-            returning seq)
-        select min(seq), max(seq), count(*) into v_first, v_last, v_count from ins;
+            returning c.seq, case when v_rows = 1
+                             then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
+        select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;
     elsif tg_op = 'UPDATE' then
         -- The old and new transition tables hold the rows in the same order: pair them by
         -- position, which stays right when an update changes the primary key.
         with ins as (
-            insert into pgrelay.changes (schema_name, table_name, op, id, data, old)
-            select tg_table_schema, tg_table_name, 'update', pgrelay.key_of(n.r, keys), n.r, o.r
+            insert into pgrelay.changes as c (schema_name, table_name, op, id, data, old)
+            select tg_table_schema, tg_table_name, 'update', case when single then n.r -> k1
+                   else (select jsonb_object_agg(k, n.r -> k) from unnest(keys) as k) end, n.r, o.r
             from (select row_number() over () as i, to_jsonb(t) as r from pgrelay_new t) as n
             join (select row_number() over () as i, to_jsonb(t) as r from pgrelay_old t) as o
               using (i)
-            returning seq)
-        select min(seq), max(seq), count(*) into v_first, v_last, v_count from ins;
+            returning c.seq, case when v_rows = 1
+                             then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
+        select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;
     else
         with ins as (
-            insert into pgrelay.changes (schema_name, table_name, op, id, old)
-            select tg_table_schema, tg_table_name, 'delete', pgrelay.key_of(o.r, keys), o.r
+            insert into pgrelay.changes as c (schema_name, table_name, op, id, old)
+            select tg_table_schema, tg_table_name, 'delete', case when single then o.r -> k1
+                   else (select jsonb_object_agg(k, o.r -> k) from unnest(keys) as k) end, o.r
             from (select to_jsonb(t) as r from pgrelay_old t) as o
-            returning seq)
-        select min(seq), max(seq), count(*) into v_first, v_last, v_count from ins;
+            returning c.seq, case when v_rows = 1
+                             then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
+        select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;
     end if;
 
-    if v_count = 0 then
-        return null;
+    if payload is not null and octet_length(payload) <= 7000 then
+        perform pg_notify('pgrelay', payload);
+    else
+        perform pg_notify('pgrelay', json_build_object(
+            'k', 'p', 'xid', pg_current_xact_id()::text,
+            'from', v_first, 'to', v_last, 'n', v_rows)::text);
     end if;
-    if v_count = 1 then
-        select (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text into payload
-        from pgrelay.changes c where c.seq = v_first;
-        if octet_length(payload) <= 7000 then
-            perform pg_notify('pgrelay', payload);
-            return null;
-        end if;
-    end if;
-    perform pg_notify('pgrelay', json_build_object(
-        'k', 'p', 'xid', pg_current_xact_id()::text,
-        'from', v_first, 'to', v_last, 'n', v_count)::text);
     return null;
 end
 $$;
@@ -134,6 +146,12 @@ begin
     if rel is null then
         raise exception 'table %.% does not exist', p_schema, p_table
             using errcode = 'undefined_table';
+    end if;
+    -- Statement-level triggers on a partitioned table do not fire for writes made directly
+    -- to its partitions, so capture there would silently miss changes.
+    if (select relkind from pg_class where oid = rel) = 'p' then
+        raise exception 'table %.% is partitioned; pgrelay cannot capture it yet (expose its partitions)',
+            p_schema, p_table using errcode = 'feature_not_supported';
     end if;
 
     select array_agg(a.attname::text order by k.ord) into keys

@@ -24,6 +24,9 @@ pub enum SqlError {
     /// The table has no primary key, so rows cannot be identified.
     #[error("Table {0} has no primary key; pgrelay needs one to identify rows")]
     NoPrimaryKey(TableName),
+    /// The table is partitioned (writes to partitions would bypass capture).
+    #[error("Table {0} is partitioned; pgrelay cannot capture it yet (expose its partitions)")]
+    Partitioned(TableName),
     /// Capture is not installed on the table.
     #[error("Capture is not installed on table {0}; run `pgrelay install` or pass --install")]
     NotInstalled(TableName),
@@ -156,6 +159,9 @@ fn table_error(err: tokio_postgres::Error, table: &TableName) -> SqlError {
         Some(code) if *code == SqlState::UNDEFINED_TABLE => SqlError::NoSuchTable(table.clone()),
         Some(code) if *code == SqlState::INVALID_TABLE_DEFINITION => {
             SqlError::NoPrimaryKey(table.clone())
+        }
+        Some(code) if *code == SqlState::FEATURE_NOT_SUPPORTED => {
+            SqlError::Partitioned(table.clone())
         }
         _ => SqlError::Db(err),
     }

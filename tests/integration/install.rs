@@ -207,3 +207,13 @@ async fn status_reports_tables_and_the_running_relays_lag() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_refuses_a_partitioned_table_by_name() {
+    let db = TestDb::new().await;
+    db.exec("create table events(id int, at date, primary key (id, at)) partition by range (at)")
+        .await;
+    let (ok, out) = pgrelay(&db, &["install", "events"]);
+    assert!(!ok);
+    assert!(out.contains("public.events is partitioned"), "{out}");
+}

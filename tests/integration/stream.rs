@@ -336,3 +336,43 @@ async fn concurrent_bulk_statements_with_interleaved_seqs_arrive_exactly_once() 
     let interleaved = seqs.chunks(40).any(|c| c[39] - c[0] != 39);
     eprintln!("bulk statements interleaved their seqs: {interleaved}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_writers_of_different_tables_never_fail_because_of_capture() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table a(id serial primary key, n int); create table b(id serial primary key, n int)",
+            &["a", "b"],
+        )
+        .await;
+    let one = db.client().await;
+    let two = db.client().await;
+    for round in 0..30 {
+        // Interleaved: each transaction writes twice, the other one in between.
+        one.batch_execute("begin isolation level serializable")
+            .await
+            .unwrap();
+        two.batch_execute("begin isolation level serializable")
+            .await
+            .unwrap();
+        one.execute("insert into a(n) values ($1)", &[&round])
+            .await
+            .unwrap();
+        two.execute("insert into b(n) values ($1)", &[&round])
+            .await
+            .unwrap();
+        one.execute("insert into a(n) values ($1)", &[&round])
+            .await
+            .unwrap();
+        two.execute("insert into b(n) values ($1)", &[&round])
+            .await
+            .unwrap();
+        one.batch_execute("commit")
+            .await
+            .expect("capture made a serializable writer fail");
+        two.batch_execute("commit")
+            .await
+            .expect("capture made a serializable writer fail");
+    }
+}
