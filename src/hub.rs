@@ -157,6 +157,7 @@ impl Topic {
             topic: Arc::clone(self),
             pos,
             offset,
+            base: offset,
             head_rx: self.head_tx.subscribe(),
         }
     }
@@ -167,12 +168,17 @@ impl Topic {
         let ring = self.lock();
         let index = ring.entries.iter().rposition(|e| e.event.seq == seq)?;
         let entry = &ring.entries[index];
-        let (pos, offset) = (ring.first + index as u64 + 1, entry.end_offset);
+        let (pos, offset, base) = (
+            ring.first + index as u64 + 1,
+            entry.end_offset,
+            ring.published_bytes,
+        );
         drop(ring);
         Some(Cursor {
             topic: Arc::clone(self),
             pos,
             offset,
+            base,
             head_rx: self.head_tx.subscribe(),
         })
     }
@@ -186,6 +192,10 @@ pub struct Cursor {
     pos: u64,
     /// `end_offset` of the last entry read.
     offset: u64,
+    /// Bytes published when the cursor was created or rebased: a backlog that existed then
+    /// (a resume's replay, what came during initial data) is bounded by the ring and does
+    /// not count against the queue limit; only what is published after it does.
+    base: u64,
     head_rx: watch::Receiver<u64>,
 }
 
@@ -193,6 +203,11 @@ impl Cursor {
     /// The table this cursor reads.
     pub fn topic(&self) -> &Arc<Topic> {
         &self.topic
+    }
+
+    /// Stops counting what is published up to now against the queue limit (see `base`).
+    pub fn rebase(&mut self) {
+        self.base = self.topic.lock().published_bytes;
     }
 
     /// Waits for published entries and appends up to `max` of them to `out`.
@@ -239,7 +254,7 @@ impl Cursor {
         if self.pos < ring.first {
             return Err(Overflow::Evicted);
         }
-        if ring.published_bytes - self.offset > self.topic.limits.queue_bytes {
+        if ring.published_bytes - self.offset.max(self.base) > self.topic.limits.queue_bytes {
             return Err(Overflow::Lagged);
         }
         Ok(())
@@ -378,6 +393,30 @@ mod tests {
         }
         let mut out = Vec::new();
         assert_eq!(cursor.next_batch(&mut out, 10).await, Err(Overflow::Lagged));
+    }
+
+    #[tokio::test]
+    async fn a_lagged_subscriber_can_resume_from_its_last_seq() {
+        let hub = hub(1000, 1 << 20, 4096);
+        let topic = hub.topic("a").unwrap();
+        let mut cursor = topic.subscribe();
+        for seq in 1..=10 {
+            hub.publish(event(seq, "a", 1000));
+        }
+        let mut out = Vec::new();
+        assert_eq!(cursor.next_batch(&mut out, 10).await, Err(Overflow::Lagged));
+        // The backlog it resumes into is in the ring; only new events count against it.
+        let mut resumed = topic.subscribe_after_seq(2).unwrap();
+        resumed.next_batch(&mut out, 100).await.unwrap();
+        assert_eq!(out.len(), 8);
+        for seq in 11..=20 {
+            hub.publish(event(seq, "a", 1000));
+        }
+        out.clear();
+        assert_eq!(
+            resumed.next_batch(&mut out, 100).await,
+            Err(Overflow::Lagged)
+        );
     }
 
     #[tokio::test]

@@ -90,6 +90,18 @@ pub async fn run(
         max_backoff: config.max_backoff,
     };
     tracker.spawn(capture.run(token.clone()));
+    // Serve only once capture LISTENs: a subscriber must not connect into a window whose
+    // commits the relay will never see.
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = capture_state.wait_listening() => {}
+        _ = &mut shutdown => {
+            token.cancel();
+            tracker.close();
+            let _ = tokio::time::timeout(config.shutdown_timeout, tracker.wait()).await;
+            return Ok(());
+        }
+    }
     tracker.spawn(retention::run(
         pool.clone(),
         config.retention,

@@ -1,6 +1,8 @@
 //! Initial data: a table's rows as of one snapshot, and which events that snapshot already
 //! contains (DESIGN.md guarantee 3).
 
+use std::time::Duration;
+
 use deadpool_postgres::Pool;
 use futures_util::{Sink, SinkExt};
 use tokio_postgres::IsolationLevel;
@@ -58,6 +60,9 @@ pub enum SnapshotError {
     /// The client went away.
     #[error("Socket closed while sending initial data")]
     Socket(#[source] warp::Error),
+    /// The client stopped reading.
+    #[error("The client stopped reading the initial data")]
+    Stalled,
     /// The snapshot text did not parse (a broken invariant).
     #[error("Unexpected snapshot text {0:?}")]
     BadSnapshot(String),
@@ -77,6 +82,7 @@ pub async fn send_initial<S>(
     table: &TableInfo,
     shape: &Shape,
     batch_rows: usize,
+    write_timeout: Duration,
     sink: &mut S,
 ) -> Result<Snapshot, SnapshotError>
 where
@@ -122,9 +128,7 @@ where
             rows.push(json);
             if rows.len() >= batch_rows || bytes >= INITIAL_MESSAGE_BYTES {
                 let message = control::initial(&table.resource, &rows, false);
-                sink.send(Message::text(message))
-                    .await
-                    .map_err(SnapshotError::Socket)?;
+                send(sink, message, write_timeout).await?;
                 rows.clear();
                 bytes = 0;
             }
@@ -135,10 +139,20 @@ where
     }
     tx.commit().await?;
     let message = control::initial(&table.resource, &rows, true);
-    sink.send(Message::text(message))
-        .await
-        .map_err(SnapshotError::Socket)?;
+    send(sink, message, write_timeout).await?;
     Ok(snapshot)
+}
+
+/// Sends one message, giving up when the client has not taken it within `limit` (a stalled
+/// client must not keep the snapshot's transaction, and its pooled connection, open).
+async fn send<S>(sink: &mut S, message: String, limit: Duration) -> Result<(), SnapshotError>
+where
+    S: Sink<Message, Error = warp::Error> + Unpin,
+{
+    match tokio::time::timeout(limit, sink.send(Message::text(message))).await {
+        Ok(result) => result.map_err(SnapshotError::Socket),
+        Err(_) => Err(SnapshotError::Stalled),
+    }
 }
 
 #[cfg(test)]

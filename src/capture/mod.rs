@@ -23,9 +23,9 @@ pub use decode::{DecodeError, Payload, decode};
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -75,16 +75,35 @@ pub enum CaptureError {
 }
 
 /// Shared view of capture for readiness checks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CaptureState {
     /// True while LISTEN is active and catch-up is done. Written only by the capture task.
-    listening: AtomicBool,
+    listening: watch::Sender<bool>,
+}
+
+impl Default for CaptureState {
+    fn default() -> Self {
+        CaptureState {
+            listening: watch::channel(false).0,
+        }
+    }
 }
 
 impl CaptureState {
     /// Whether capture is connected and LISTENing.
     pub fn is_listening(&self) -> bool {
-        self.listening.load(Ordering::Acquire)
+        *self.listening.borrow()
+    }
+
+    /// Resolves once capture LISTENs.
+    pub async fn wait_listening(&self) {
+        let mut rx = self.listening.subscribe();
+        // The sender lives as long as `self`, so the wait cannot fail while we borrow it.
+        let _ = rx.wait_for(|listening| *listening).await;
+    }
+
+    fn set_listening(&self, listening: bool) {
+        self.listening.send_replace(listening);
     }
 }
 
@@ -149,7 +168,7 @@ impl Capture {
         let mut backoff = Duration::from_millis(50);
         loop {
             let result = self.session(&mut progress, &token, &mut backoff).await;
-            self.state.listening.store(false, Ordering::Release);
+            self.state.set_listening(false);
             match result {
                 Ok(()) => return,
                 Err(err) => {
@@ -199,7 +218,7 @@ impl Capture {
             self.catch_up(listener.client(), progress).await?;
         }
         progress.pending = None;
-        self.state.listening.store(true, Ordering::Release);
+        self.state.set_listening(true);
         *backoff = Duration::from_millis(50);
         tracing::info!(horizon = progress.horizon, "capture listening");
 
@@ -277,10 +296,29 @@ impl Capture {
     }
 
     /// Reads every log row at or above the horizon and publishes what is new.
+    ///
+    /// All in one REPEATABLE READ snapshot: a transaction is then either wholly in the
+    /// catch-up (and its notifications are duplicates) or wholly after it (and its
+    /// notifications deliver it), which is what the per-transaction dedupe relies on. With a
+    /// snapshot per batch, a transaction committing mid-catch-up could have its later rows
+    /// replayed and its earlier ones then dropped as duplicates. Notifications wait until
+    /// the transaction ends; it only reads.
     async fn catch_up(&self, client: &Client, progress: &mut Progress) -> Result<(), CaptureError> {
+        client
+            .batch_execute("begin isolation level repeatable read read only")
+            .await?;
+        let replayed = self.replay(client, progress).await?;
+        client.batch_execute("commit").await?;
+        if replayed > 0 {
+            tracing::info!(replayed, "capture caught up from the log");
+        }
+        Ok(())
+    }
+
+    async fn replay(&self, client: &Client, progress: &mut Progress) -> Result<u64, CaptureError> {
         let horizon = progress.horizon.to_string();
         let start: Option<i64> = client.query_one(CATCH_UP_START, &[&horizon]).await?.get(0);
-        let Some(mut next) = start else { return Ok(()) };
+        let Some(mut next) = start else { return Ok(0) };
         let mut replayed = 0u64;
         loop {
             let rows = client
@@ -296,10 +334,7 @@ impl Capture {
                 }
             }
         }
-        if replayed > 0 {
-            tracing::info!(replayed, "capture caught up from the log");
-        }
-        Ok(())
+        Ok(replayed)
     }
 
     fn publish(&self, progress: &mut Progress, event: ChangeEvent) {

@@ -278,7 +278,7 @@ impl Session {
                     if last_heard.elapsed() >= ping_timeout {
                         return Ok(End::Close(close::NORMAL, "heartbeat timeout"));
                     }
-                    self.sink.send(Message::ping(Vec::new())).await.map_err(|_| End::Gone)?;
+                    self.send(Message::ping(Vec::new())).await?;
                 }
                 // priority 4: events
                 (index, result) = next_batch(&mut self.subs, self.next_first) => {
@@ -469,23 +469,36 @@ impl Session {
 
     /// Sends the initial rows and from then on drops events the snapshot contains.
     async fn send_initial(&mut self, index: usize) -> Result<(), End> {
-        let state = &self.state;
+        let state = Arc::clone(&self.state);
         let sub = &mut self.subs[index];
         let batch_rows = state.config.snapshot_batch_rows;
-        match snapshot::send_initial(
+        let write_timeout = state.config.ping_timeout;
+        let sending = snapshot::send_initial(
             &state.pool,
             &sub.table,
             &sub.shape,
             batch_rows,
+            write_timeout,
             &mut self.sink,
-        )
-        .await
-        {
+        );
+        let result = tokio::select! {
+            biased;
+            // Dropping the send rolls the snapshot's transaction back.
+            _ = state.token.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
+            result = sending => result,
+        };
+        match result {
             Ok(snapshot) => {
                 sub.seen_in = Some(snapshot);
+                // What was published while the initial data went out is read from the ring
+                // (bounded); only what comes after counts against the queue limit.
+                sub.cursor.rebase();
                 Ok(())
             }
             Err(snapshot::SnapshotError::Socket(_)) => Err(End::Gone),
+            Err(snapshot::SnapshotError::Stalled) => {
+                Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))
+            }
             Err(err) => {
                 tracing::error!(error = %crate::error::chain(&err), "initial data failed");
                 let _ = self
@@ -501,10 +514,22 @@ impl Session {
     }
 
     async fn send_text(&mut self, text: String) -> Result<(), End> {
-        self.sink
-            .send(Message::text(text))
-            .await
-            .map_err(|_| End::Gone)
+        self.send(Message::text(text)).await
+    }
+
+    /// Sends one message unless shutdown comes first; a client that has not taken it within
+    /// the ping timeout has stopped reading and is closed as a slow consumer.
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        let limit = self.state.config.ping_timeout;
+        tokio::select! {
+            biased;
+            _ = self.state.token.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
+            sent = tokio::time::timeout(limit, self.sink.send(message)) => match sent {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::Gone),
+                Err(_) => Err(End::Close(close::SLOW_CONSUMER, "slow consumer")),
+            },
+        }
     }
 }
 
@@ -582,6 +607,9 @@ async fn write_events(
             biased;
             overflow = cursor.overflowed() => Err(overflow_end(overflow)),
             written = &mut write => written.map_err(|_| End::Gone),
+            _ = tokio::time::sleep(state.config.ping_timeout) => {
+                Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))
+            }
             _ = token.cancelled() => {
                 // Shutting down: give the frames in flight a moment to go out, then close.
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut write).await;

@@ -74,3 +74,102 @@ async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
     );
     drop(stalled);
 }
+
+async fn stalled_client(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let url = format!("ws://{addr}{path}");
+    tokio_tungstenite::client_async(url.as_str(), stream)
+        .await
+        .unwrap()
+        .0
+}
+
+async fn wait_for_metric(addr: std::net::SocketAddr, needle: &str) {
+    within(Duration::from_secs(20), async {
+        loop {
+            let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+            if metrics.contains(needle) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_initial_data_is_closed_and_releases_the_snapshot() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs(id serial primary key, body text)",
+            &["docs"],
+        )
+        .await;
+    db.exec("insert into docs(body) select repeat('y', 200) from generate_series(1, 50000)")
+        .await;
+    let relay = crate::support::Relay::start_with(&db, &["docs"], |c| {
+        c.ping_interval = Duration::from_millis(300);
+        c.ping_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let _stalled = stalled_client(relay.addr, "/ws/docs?snapshot=true").await;
+    wait_for_metric(relay.addr, "pgrelay_slow_consumers_total 1").await;
+    let open_snapshots: i64 = db
+        .client()
+        .await
+        .query_one(
+            "select count(*) from pg_stat_activity where datname = current_database()
+               and application_name = 'pgrelay' and state like 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open_snapshots, 0, "the snapshot's transaction was ended");
+    relay
+        .stop()
+        .await
+        .expect("shutdown is not held up by the stalled client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_pings_but_never_reads_cannot_hold_up_shutdown() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs(id serial primary key, body text)",
+            &["docs"],
+        )
+        .await;
+    let relay = crate::support::Relay::start_with(&db, &["docs"], |c| {
+        c.ping_interval = Duration::from_secs(10);
+        c.ping_timeout = Duration::from_secs(11);
+    })
+    .await;
+    let mut flooder = stalled_client(relay.addr, "/ws/docs").await;
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    // Enough pings that the replies fill every buffer on the way back.
+    let ping = Message::text(r#"{"type":"ping"}"#);
+    let flood = async {
+        for _ in 0..3_000_000 {
+            if flooder.send(ping.clone()).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(6), flood).await;
+    let started = std::time::Instant::now();
+    relay.stop().await.expect("shutdown completes");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+}
