@@ -15,23 +15,26 @@ use crate::sql::SqlError;
 /// Rows deleted per statement.
 const BATCH: i64 = 5000;
 
-/// Rows at or above the horizon of a relay seen in the last five minutes are kept whatever
-/// their age: that relay may still have to read them (a pointer it has not followed yet, or a
-/// catch-up after a reconnect).
-const LIVE_HORIZON: &str = "coalesce((select min(horizon) from pgrelay.relays
-        where seen_at > now() - interval '5 minutes'), '18446744073709551615'::xid8)";
+// Rows at or above the horizon of a relay seen in the last five minutes are kept whatever
+// their age or count: that relay may still have to read them (a pointer it has not followed
+// yet, or a catch-up after a reconnect). Both deletes end with this condition.
 
 const PRUNE_BY_AGE: &str = "
     delete from pgrelay.changes where seq in (
         select seq from (select seq, ts, xid from pgrelay.changes order by seq limit $2) as oldest
-         where ts < now() - make_interval(secs => $1) and xid < {LIVE_HORIZON})";
+         where ts < now() - make_interval(secs => $1))
+       and xid < coalesce((select min(horizon) from pgrelay.relays
+                            where seen_at > now() - interval '5 minutes'),
+                          '18446744073709551615'::xid8)";
 
 const ROWS_CUTOFF: &str = "select seq from pgrelay.changes order by seq desc offset $1 limit 1";
 
 const PRUNE_UP_TO: &str = "
     delete from pgrelay.changes where seq in (
         select seq from pgrelay.changes where seq <= $1 order by seq limit $2)
-        and xid < {LIVE_HORIZON}";
+       and xid < coalesce((select min(horizon) from pgrelay.relays
+                            where seen_at > now() - interval '5 minutes'),
+                          '18446744073709551615'::xid8)";
 
 const PRUNE_RELAYS: &str = "delete from pgrelay.relays where seen_at < now() - interval '1 day'";
 
@@ -87,12 +90,7 @@ pub async fn prune(
     if let Some(age) = retention.max_age {
         let secs = age.as_secs_f64();
         loop {
-            let n = client
-                .execute(
-                    &PRUNE_BY_AGE.replace("{LIVE_HORIZON}", LIVE_HORIZON),
-                    &[&secs, &BATCH],
-                )
-                .await?;
+            let n = client.execute(PRUNE_BY_AGE, &[&secs, &BATCH]).await?;
             deleted += n;
             if n < BATCH as u64 || token.is_cancelled() {
                 break;

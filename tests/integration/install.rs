@@ -217,3 +217,58 @@ async fn install_refuses_a_partitioned_table_by_name() {
     assert!(!ok);
     assert!(out.contains("public.events is partitioned"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_rows_a_running_relay_may_still_need() {
+    use std::time::Duration;
+    let db = TestDb::new().await;
+    db.exec("create table items(id serial primary key, n int)")
+        .await;
+    let _relay = Relay::start_with(&db, &["items"], |c| {
+        c.install = true;
+        c.retention.max_age = Some(Duration::from_millis(1));
+        c.retention.interval = Duration::from_millis(100);
+    })
+    .await;
+    // An open transaction with an xid holds every relay's horizon below the rows after it.
+    let open = db.client().await;
+    open.batch_execute("begin; insert into items(n) values (0)")
+        .await
+        .unwrap();
+    db.exec("insert into items(n) select g from generate_series(1, 20) g")
+        .await;
+    // Let several pruning rounds pass (the log rows are far older than 1 ms by then).
+    let relay_seen = |db: &TestDb| {
+        let db_url = db.url.clone();
+        async move {
+            let c = crate::support::connect(&db_url).await;
+            let n: i64 = c
+                .query_one("select count(*) from pgrelay.relays where seen_at > now() - interval '1 second'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+    crate::support::within(crate::support::STEP, async {
+        while relay_seen(&db).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let before = log_rows(&db).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // five pruning rounds
+    assert_eq!(
+        log_rows(&db).await,
+        before,
+        "rows above a live relay's horizon are kept"
+    );
+    assert_eq!(before, 20);
+    open.batch_execute("commit").await.unwrap();
+    crate::support::within(crate::support::STEP, async {
+        while log_rows(&db).await > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
