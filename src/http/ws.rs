@@ -29,6 +29,10 @@ use crate::subscription::{Params, Shape, ShapeError, message_pairs};
 /// Most frames fed to the socket before one flush.
 const WRITE_BATCH: usize = 256;
 
+/// How long a subscriber more than its queue limit behind may go without completing a write
+/// before it is closed as a slow consumer.
+const STALL_GRACE: Duration = Duration::from_secs(1);
+
 /// How long a close frame may take to go out before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -605,7 +609,14 @@ async fn write_events(
         tokio::pin!(write);
         tokio::select! {
             biased;
-            overflow = cursor.overflowed() => Err(overflow_end(overflow)),
+            overflow = async {
+                let overflow = cursor.overflowed().await;
+                if overflow == Overflow::Lagged {
+                    // Too far behind: close unless this write completes soon.
+                    tokio::time::sleep(STALL_GRACE).await;
+                }
+                overflow
+            } => Err(overflow_end(overflow)),
             written = &mut write => written.map_err(|_| End::Gone),
             _ = tokio::time::sleep(state.config.ping_timeout) => {
                 Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))

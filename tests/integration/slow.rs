@@ -173,3 +173,32 @@ async fn a_client_that_sends_pings_but_never_reads_cannot_hold_up_shutdown() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_the_queue_limit_reaches_every_reading_subscriber() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs(id serial primary key, body text)",
+            &["docs"],
+        )
+        .await;
+    // 20,000 events of ~150 bytes are far more than a 64 KiB queue: the subscribers fall
+    // behind the head, but they keep reading, so none is a slow consumer.
+    let relay =
+        crate::support::Relay::start_with(&db, &["docs"], |c| c.queue_bytes = 64 * 1024).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(relay.ws("/ws/docs").await);
+    }
+    db.exec("insert into docs(body) select 'row ' || g from generate_series(1, 20000) g")
+        .await;
+    for ws in clients.iter_mut() {
+        assert_eq!(ws.events(20_000).await.len(), 20_000);
+    }
+    let (_, metrics) = http_get(relay.addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("pgrelay_slow_consumers_total 0"),
+        "{metrics}"
+    );
+}
