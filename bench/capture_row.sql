@@ -1,5 +1,5 @@
 -- Benchmark-only: a ROW-level variant of pgrelay.capture, for comparing designs.
--- Run after sql/install.sql (it reuses pgrelay.changes, pgrelay.event_json and pgrelay.key_of).
+-- Run after sql/install.sql (it reuses pgrelay.changes and pgrelay.event_json).
 --
 -- Same log table and same payload contract as the statement-level trigger, but per row:
 --   one INSERT into pgrelay.changes per row, and one pg_notify per row:
@@ -17,13 +17,13 @@ declare
     k       jsonb;
     payload text;
 begin
-    -- The key without a query: pgrelay.key_of cannot be inlined (it has a sub-select), and a
-    -- SQL function called from a per-row statement is parsed and planned again on every row.
+    -- The key is computed here, not by a SQL function inside the INSERT: a SQL function that
+    -- cannot be inlined is parsed and planned again on every row (see capture_row_naive).
     r := to_jsonb(case when tg_op = 'DELETE' then old else new end);
     if tg_nargs = 1 then
         k := r -> tg_argv[0];
     else
-        k := pgrelay.key_of(r, tg_argv[0:tg_nargs - 1]);
+        k := (select jsonb_object_agg(x, r -> x) from unnest(tg_argv[0:tg_nargs - 1]) as x);
     end if;
 
     if tg_op = 'INSERT' then
@@ -51,9 +51,18 @@ begin
 end
 $$;
 
--- The same per row, but the straightforward port: it keeps pgrelay.key_of inside the INSERT,
--- exactly as pgrelay.capture does. Optional variant (e) of bench/triggers.sh, kept to show
--- what that costs per row.
+-- The key function of earlier sql/install.sql versions (before 095b3f7 computed keys inline).
+-- A SQL function with a sub-select cannot be inlined, so every execution of a statement that
+-- calls it parses and plans its body again.
+create or replace function pgrelay.bench_key_of(r jsonb, keys text[]) returns jsonb
+language sql immutable parallel safe as $$
+    select case when cardinality(keys) = 1 then r -> keys[1]
+                else (select jsonb_object_agg(k, r -> k) from unnest(keys) as k) end
+$$;
+
+-- The same per row, but the straightforward port of the earlier pgrelay.capture: it keeps that
+-- key function inside the per-row INSERT. Optional variant (e) of bench/triggers.sh, kept to
+-- show what that costs per row.
 create or replace function pgrelay.capture_row_naive() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
@@ -66,18 +75,18 @@ begin
     if tg_op = 'INSERT' then
         r_new := to_jsonb(new);
         insert into pgrelay.changes (schema_name, table_name, op, id, data)
-        values (tg_table_schema, tg_table_name, 'create', pgrelay.key_of(r_new, keys), r_new)
+        values (tg_table_schema, tg_table_name, 'create', pgrelay.bench_key_of(r_new, keys), r_new)
         returning * into c;
     elsif tg_op = 'UPDATE' then
         r_new := to_jsonb(new);
         r_old := to_jsonb(old);
         insert into pgrelay.changes (schema_name, table_name, op, id, data, old)
-        values (tg_table_schema, tg_table_name, 'update', pgrelay.key_of(r_new, keys), r_new, r_old)
+        values (tg_table_schema, tg_table_name, 'update', pgrelay.bench_key_of(r_new, keys), r_new, r_old)
         returning * into c;
     else
         r_old := to_jsonb(old);
         insert into pgrelay.changes (schema_name, table_name, op, id, old)
-        values (tg_table_schema, tg_table_name, 'delete', pgrelay.key_of(r_old, keys), r_old)
+        values (tg_table_schema, tg_table_name, 'delete', pgrelay.bench_key_of(r_old, keys), r_old)
         returning * into c;
     end if;
 

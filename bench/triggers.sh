@@ -7,14 +7,17 @@
 #   REPS          repetitions per variant and workload (default 3)
 #   WORKLOADS     subset/order of: insert1 bulk1000 update1 (default: all three)
 #   VARIANTS      subset/order of: a b c d e (default: a b c d); ratios need a and b
+#   SYNCHRONOUS_COMMIT  if set (e.g. off), used by the pgbench sessions; default: the server's.
+#                 'off' takes the WAL flush out of every commit, so the CPU cost of capture
+#                 is not buried under (noisy) fsync latency.
 #
 # Variants, each measured in its own freshly created database (dropped right after):
 #   a  no trigger
 #   b  bare row-level AFTER trigger: perform pg_notify('bench', row_to_json(new)::text)
 #   c  pgrelay statement-level capture (sql/install.sql as it is, pgrelay.install)
 #   d  row-level variant of pgrelay capture (bench/capture_row.sql, pgrelay.capture_row)
-#   e  optional: the same, ported naively (pgrelay.capture_row_naive keeps pgrelay.key_of
-#      inside the per-row INSERT)
+#   e  optional: the same, ported naively (pgrelay.capture_row_naive keeps a SQL key function,
+#      like the earlier pgrelay.key_of, inside the per-row INSERT)
 # Workloads:
 #   insert1   single-row INSERT transactions       pgbench -n -c 4 -j 2 -T D
 #   bulk1000  INSERT ... SELECT generate_series     pgbench -n -c 1      -T D  (1,000 rows/stmt)
@@ -55,10 +58,23 @@ fi
 url_for() { printf '%s/%s%s' "$URL_BASE" "$1" "$URL_QUERY"; }
 
 export PGOPTIONS='-c client_min_messages=warning'
+BENCH_PGOPTIONS=$PGOPTIONS
+if [[ -n ${SYNCHRONOUS_COMMIT:-} ]]; then
+    [[ $SYNCHRONOUS_COMMIT =~ ^[a-z_]+$ ]] || { echo "bad SYNCHRONOUS_COMMIT" >&2; exit 2; }
+    BENCH_PGOPTIONS="$PGOPTIONS -c synchronous_commit=$SYNCHRONOUS_COMMIT"
+fi
 psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -At -d "$URL" "$@"; }
 psql_db() { local db=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -At -d "$(url_for "$db")" "$@"; }
 
 TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT   # replaced by cleanup below
+# Snapshot the SQL once, so that every measurement of a run uses the same capture code even if
+# the files are edited while it runs.
+cp "$INSTALL_SQL" "$TMP/install.sql"
+cp "$ROW_SQL" "$TMP/capture_row.sql"
+INSTALL_SQL=$TMP/install.sql
+ROW_SQL=$TMP/capture_row.sql
+SQL_SUMS="sql/install.sql md5 $(md5sum <"$INSTALL_SQL" | cut -c1-12), bench/capture_row.sql md5 $(md5sum <"$ROW_SQL" | cut -c1-12)"
 PREFIX="pgrelay_bench_$$_$(date +%s)"
 CREATED=()   # databases this run created and may still have to drop
 
@@ -153,7 +169,7 @@ run_one() {
     setup_db "$db" "$workload" "$v"
     psql_admin -c checkpoint 2>/dev/null || true   # start every run from the same WAL state
     # shellcheck disable=SC2046
-    if ! out=$(pgbench $(pgbench_opts "$workload") -f "$TMP/$workload.sql" "$(url_for "$db")" 2>&1); then
+    if ! out=$(PGOPTIONS=$BENCH_PGOPTIONS pgbench $(pgbench_opts "$workload") -f "$TMP/$workload.sql" "$(url_for "$db")" 2>&1); then
         echo "$out" >&2; echo "pgbench failed: $workload $v rep $rep" >&2; exit 1
     fi
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | tail -1)
@@ -191,14 +207,23 @@ ELAPSED=$(( $(date +%s) - START ))
 
 # --- report -------------------------------------------------------------------------------------
 PGVER=$(psql_admin -c "show server_version")
-SETTINGS=$(psql_admin -c "select string_agg(name || '=' || setting || coalesce(unit, ''), ', ' order by name)
+SETTINGS=$(psql_admin -c "select string_agg(name || '=' || current_setting(name), ', ' order by name)
                           from pg_settings where name in ('shared_buffers', 'synchronous_commit',
                           'fsync', 'full_page_writes', 'wal_level', 'max_wal_size')")
 
 echo "### Capture trigger write cost ($(date -u +%Y-%m-%d))"
 echo
 echo "PostgreSQL $PGVER, $(nproc) CPUs, $SETTINGS."
-echo "\`bench/triggers.sh $DURATION\`: ${DURATION}s per pgbench run, median of $REPS interleaved runs"
+echo "$SQL_SUMS."
+CMD="bench/triggers.sh $DURATION"
+[[ $VARIANTS == "a b c d" ]] || CMD="VARIANTS=\"$VARIANTS\" $CMD"
+[[ $WORKLOADS == "insert1 bulk1000 update1" ]] || CMD="WORKLOADS=\"$WORKLOADS\" $CMD"
+[[ $REPS == 3 ]] || CMD="REPS=$REPS $CMD"
+if [[ -n ${SYNCHRONOUS_COMMIT:-} ]]; then
+    CMD="SYNCHRONOUS_COMMIT=$SYNCHRONOUS_COMMIT $CMD"
+    echo "pgbench sessions ran with synchronous_commit=$SYNCHRONOUS_COMMIT."
+fi
+echo "\`$CMD\`: ${DURATION}s per pgbench run, median of $REPS interleaved runs"
 echo "(variants round robin: ${VARIANTS// /,},...; fresh database per run, checkpoint before each run, no LISTENer); total ${ELAPSED}s."
 echo
 echo "| workload | variant | median TPS | rows/s | vs (a) no trigger | vs (b) bare notify | runs (TPS) |"
