@@ -1,4 +1,6 @@
-//! The `pgrelay` command line: serve, install, uninstall, status, tail.
+//! The `pgrelay` command line: serve, install, uninstall, status, tail, bench.
+
+mod bench;
 
 use std::time::Duration;
 
@@ -54,6 +56,8 @@ enum Command {
         #[command(flatten)]
         db: Database,
     },
+    /// Measure delivery rate, latency, loss and relay CPU/RSS (see BENCHMARKS.md).
+    Bench(BenchArgs),
     /// Print a table's events as JSON lines.
     Tail {
         /// Base URL of the relay.
@@ -65,6 +69,43 @@ enum Command {
         /// Table (resource) to follow, optionally with query keys: `items?price=gt.10`.
         table: String,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    db: Database,
+    /// A running relay exposing table `pgrelay_bench` (`ws://host:port`); by default the
+    /// bench starts its own and reports its CPU and memory.
+    #[arg(long)]
+    relay_url: Option<String>,
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "burst")]
+    scenario: bench::Scenario,
+    /// WebSocket subscribers.
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Rows of the burst statement.
+    #[arg(long, default_value_t = 200_000)]
+    rows: usize,
+    /// Transactions per second for `steady` (0: as fast as one connection goes).
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds of writing for `steady` and `fanout`.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Bytes of text per row.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Writer connections for `fanout`.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Repeat the scenario this many times (each run is reported, then the median).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -196,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
             snapshot,
             table,
         } => tail(&url, &table, snapshot).await,
+        Command::Bench(args) => run_bench(args).await,
     }
 }
 
@@ -220,6 +262,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!(pgrelay::error::chain(&err));
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let config = bench::BenchConfig {
+        database_url: args.db.database_url,
+        relay_url: args.relay_url,
+        scenario: args.scenario,
+        subscribers: args.subscribers,
+        rows: args.rows,
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration),
+        payload_bytes: args.payload,
+        writers: args.writers,
+    };
+    let mut reports = Vec::new();
+    for run in 1..=args.runs.max(1) {
+        let report = bench::run(&config).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("run {run}:\n{}", bench::render(&report));
+        }
+        reports.push(report);
+    }
+    if reports.len() > 1 && !args.json {
+        println!(
+            "median of {} runs:\n{}",
+            reports.len(),
+            bench::render(&bench::median(&reports))
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,605 @@
+//! `pgrelay bench`: drives writes through a real relay to real WebSocket subscribers and
+//! reports delivery rate, latency percentiles, loss and duplication, and CPU/RSS.
+//!
+//! The bench owns a table, `pgrelay_bench` (dropped and recreated, capture installed), and
+//! by default starts its own relay as a child process (this same binary, `serve`), so the
+//! relay's CPU time and peak RSS can be read from `/proc`. Subscribers are plain
+//! tokio-tungstenite clients; they do not parse frames as JSON, only find the row id (and,
+//! for latency, the capture time) in the text, so the load generator stays cheap.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Name of the bench's own table.
+pub const TABLE: &str = "pgrelay_bench";
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// One `rows`-row INSERT statement; time until every subscriber has every row.
+    Burst,
+    /// Single-row transactions at `rate`/s for `duration`; latency percentiles.
+    Steady,
+    /// Writes as fast as they go for `duration`; frames delivered per second.
+    Fanout,
+    /// `subscribers` idle connections; relay memory per connection.
+    Idle,
+}
+
+/// Settings of one bench run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// PostgreSQL connection string.
+    pub database_url: String,
+    /// A running relay that exposes `pgrelay_bench` (`ws://host:port`); `None` starts one.
+    pub relay_url: Option<String>,
+    /// Scenario.
+    pub scenario: Scenario,
+    /// WebSocket subscribers.
+    pub subscribers: usize,
+    /// Rows of the burst statement.
+    pub rows: usize,
+    /// Transactions per second for `steady` (0: as fast as one connection goes).
+    pub rate: u32,
+    /// How long `steady` and `fanout` write.
+    pub duration: Duration,
+    /// Bytes of text per row.
+    pub payload_bytes: usize,
+    /// Writer connections for `fanout`.
+    pub writers: usize,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Subscribers connected.
+    pub subscribers: usize,
+    /// Rows written.
+    pub rows_written: u64,
+    /// Frames received, all subscribers together.
+    pub frames_received: u64,
+    /// Frames received per second, all subscribers together.
+    pub frames_per_sec: f64,
+    /// Seconds from the first write to the last frame at the last subscriber.
+    pub elapsed_secs: f64,
+    /// Seconds the writes took (burst: the statement, commit included).
+    pub write_secs: f64,
+    /// Seconds from the end of the writes (the commit) to the last frame at the last subscriber.
+    pub after_commit_secs: f64,
+    /// Latency percentiles in milliseconds (steady: capture time to receipt; burst: statement
+    /// start to each subscriber's last row).
+    pub latency_ms: Option<Percentiles>,
+    /// Rows some subscriber never received.
+    pub lost: u64,
+    /// Rows some subscriber received more than once.
+    pub duplicated: u64,
+    /// Relay CPU seconds during the run (local relay only).
+    pub relay_cpu_secs: Option<f64>,
+    /// Relay peak RSS in MiB (local relay only).
+    pub relay_peak_rss_mib: Option<f64>,
+    /// Relay RSS per idle connection in KiB (idle scenario).
+    pub rss_per_connection_kib: Option<f64>,
+    /// CPU seconds the bench itself used during the run.
+    pub bench_cpu_secs: f64,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(mut samples: Vec<f64>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Some(Percentiles {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: samples[samples.len() - 1],
+        })
+    }
+}
+
+/// A relay the bench started; killed on drop.
+struct LocalRelay {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl LocalRelay {
+    async fn start(database_url: &str) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--tables", TABLE, "--listen", &addr.to_string()])
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the relay")?;
+        let relay = LocalRelay { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_status(addr, "/readyz").await != Some(200) {
+            if Instant::now() > deadline {
+                bail!("the relay did not become ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(relay)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+/// A memory figure from `/proc/<pid>/status` (e.g. `VmRSS`, `VmHWM`), in KiB.
+fn status_kib(pid: &str, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The row id in a change frame: the first `"id":` number.
+fn frame_id(text: &str) -> Option<usize> {
+    let start = text.find("\"id\":")? + 5;
+    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+    text[start..start + digits].parse().ok()
+}
+
+/// The capture time in a change frame (`"ts":"…"`), as a system time.
+fn frame_ts(text: &str) -> Option<SystemTime> {
+    let start = text.rfind("\"ts\":\"")? + 6;
+    let end = start + text[start..].find('"')?;
+    let at = chrono::DateTime::parse_from_rfc3339(&text[start..end]).ok()?;
+    let nanos = u64::try_from(at.timestamp_nanos_opt()?).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct Seen {
+    /// Times each row id arrived (index = id).
+    counts: Vec<u8>,
+    frames: u64,
+    /// When the subscriber had every expected row.
+    complete_at: Option<Instant>,
+    /// Capture-to-receive latencies, milliseconds (steady only).
+    latencies: Vec<f64>,
+}
+
+async fn subscribe(
+    url: &str,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    let (socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(socket)
+}
+
+/// Reads until `expected` distinct rows arrived (or `stop` fires), recording what came.
+async fn receive(
+    mut socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    expected: Arc<AtomicU64>,
+    capacity: usize,
+    measure_latency: bool,
+    stop: tokio_util::sync::CancellationToken,
+) -> Seen {
+    let mut seen = Seen {
+        counts: vec![0; capacity + 1],
+        ..Seen::default()
+    };
+    let mut distinct = 0u64;
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => break,
+            message = socket.next() => message,
+        };
+        let Some(Ok(message)) = message else { break };
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let text = text.as_str();
+        if !text.starts_with("{\"type\":\"create\"") {
+            continue;
+        }
+        seen.frames += 1;
+        if measure_latency && let Some(ts) = frame_ts(text) {
+            let latency = SystemTime::now().duration_since(ts).unwrap_or_default();
+            seen.latencies.push(latency.as_secs_f64() * 1000.0);
+        }
+        if let Some(id) = frame_id(text) {
+            if id >= seen.counts.len() {
+                seen.counts.resize(id + 1, 0);
+            }
+            seen.counts[id] = seen.counts[id].saturating_add(1);
+            if seen.counts[id] == 1 {
+                distinct += 1;
+            }
+        }
+        let want = expected.load(Ordering::Acquire);
+        if want > 0 && distinct >= want {
+            seen.complete_at = Some(Instant::now());
+            break;
+        }
+    }
+    seen
+}
+
+/// Runs one scenario and returns what it measured.
+pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
+    let (client, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
+        .await
+        .context("connecting to the database")?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "drop table if exists {TABLE}; create table {TABLE}(id bigint primary key, payload text not null)"
+        ))
+        .await?;
+    let mut setup = pgrelay::sql::connect(&config.database_url).await?;
+    pgrelay::sql::install(&mut setup, &[pgrelay::TableName::parse(TABLE)?]).await?;
+
+    let local = match &config.relay_url {
+        Some(_) => None,
+        None => Some(LocalRelay::start(&config.database_url).await?),
+    };
+    let base_url = match (&config.relay_url, &local) {
+        (Some(url), _) => url.trim_end_matches('/').to_owned(),
+        (None, Some(relay)) => format!("ws://{}", relay.addr),
+        (None, None) => unreachable!("a local relay is started when no URL is given"),
+    };
+    let relay_pid = local
+        .as_ref()
+        .and_then(LocalRelay::pid)
+        .map(|p| p.to_string());
+    let url = format!("{base_url}/ws/{TABLE}");
+
+    if config.scenario == Scenario::Idle {
+        return idle(config, &url, relay_pid.as_deref()).await;
+    }
+
+    let mut sockets = Vec::with_capacity(config.subscribers);
+    for _ in 0..config.subscribers {
+        sockets.push(subscribe(&url).await?);
+    }
+    let expected = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let capacity = match config.scenario {
+        Scenario::Burst => config.rows,
+        _ => 1 << 16,
+    };
+    let measure_latency = config.scenario == Scenario::Steady;
+    let receivers: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| {
+            tokio::spawn(receive(
+                socket,
+                Arc::clone(&expected),
+                capacity,
+                measure_latency,
+                stop.clone(),
+            ))
+        })
+        .collect();
+
+    let relay_cpu_before = relay_pid.as_deref().and_then(cpu_secs);
+    let bench_cpu_before = cpu_secs("self").unwrap_or(0.0);
+    let payload = "x".repeat(config.payload_bytes);
+    let started = Instant::now();
+    let rows_written = match config.scenario {
+        Scenario::Burst => {
+            client
+                .execute(
+                    &format!("insert into {TABLE}(id, payload) select g, $1 from generate_series(1, $2::int8) g"),
+                    &[&payload, &(config.rows as i64)],
+                )
+                .await?;
+            config.rows as u64
+        }
+        Scenario::Steady => steady(&client, config, &payload).await?,
+        Scenario::Fanout => fanout(config, &payload).await?,
+        Scenario::Idle => unreachable!("handled above"),
+    };
+    let committed = Instant::now();
+    expected.store(rows_written, Ordering::Release);
+    // Subscribers finish when they have every row; a lost row would keep them waiting, so
+    // give them a generous deadline and count what is missing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60) + config.duration;
+    let mut seen = Vec::with_capacity(receivers.len());
+    let mut pending = receivers;
+    for handle in pending.drain(..) {
+        match tokio::time::timeout_at(deadline, handle).await {
+            Ok(Ok(s)) => seen.push(s),
+            Ok(Err(err)) => bail!("a subscriber task failed: {err}"),
+            Err(_) => {
+                stop.cancel();
+            }
+        }
+    }
+    stop.cancel();
+    let finished = Instant::now();
+    let relay_cpu_secs = match (relay_pid.as_deref().and_then(cpu_secs), relay_cpu_before) {
+        (Some(after), Some(before)) => Some(after - before),
+        _ => None,
+    };
+    let bench_cpu_secs = cpu_secs("self").unwrap_or(0.0) - bench_cpu_before;
+
+    let mut report = Report {
+        scenario: format!("{:?}", config.scenario).to_lowercase(),
+        subscribers: config.subscribers,
+        rows_written,
+        relay_cpu_secs,
+        relay_peak_rss_mib: relay_pid
+            .as_deref()
+            .and_then(|p| status_kib(p, "VmHWM:"))
+            .map(|k| k / 1024.0),
+        bench_cpu_secs,
+        ..Report::default()
+    };
+    let mut last = started;
+    let mut completion_ms = Vec::new();
+    let mut latencies = Vec::new();
+    for s in &seen {
+        report.frames_received += s.frames;
+        let mut missing = 0;
+        for id in 1..=rows_written as usize {
+            match s.counts.get(id).copied().unwrap_or(0) {
+                0 => missing += 1,
+                1 => {}
+                _ => report.duplicated += 1,
+            }
+        }
+        report.lost += missing;
+        let done = s.complete_at.unwrap_or(finished);
+        last = last.max(done);
+        completion_ms.push(done.duration_since(started).as_secs_f64() * 1000.0);
+        latencies.extend_from_slice(&s.latencies);
+    }
+    report.lost += (config.subscribers - seen.len()) as u64 * rows_written;
+    report.elapsed_secs = last.duration_since(started).as_secs_f64();
+    report.write_secs = committed.duration_since(started).as_secs_f64();
+    report.after_commit_secs = last.saturating_duration_since(committed).as_secs_f64();
+    report.frames_per_sec = report.frames_received as f64 / report.elapsed_secs.max(1e-9);
+    report.latency_ms = match config.scenario {
+        Scenario::Burst => Percentiles::of(completion_ms),
+        _ => Percentiles::of(latencies),
+    };
+    drop(local);
+    client
+        .batch_execute(&format!("drop table if exists {TABLE}"))
+        .await?;
+    Ok(report)
+}
+
+/// Single-row transactions at `config.rate` per second for `config.duration`.
+async fn steady(
+    client: &tokio_postgres::Client,
+    config: &BenchConfig,
+    payload: &str,
+) -> anyhow::Result<u64> {
+    let statement = client
+        .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
+        .await?;
+    let end = Instant::now() + config.duration;
+    let mut ticker = (config.rate > 0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(config.rate)));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let mut id = 0i64;
+    while Instant::now() < end {
+        if let Some(t) = ticker.as_mut() {
+            t.tick().await;
+        }
+        id += 1;
+        client.execute(&statement, &[&id, &payload]).await?;
+    }
+    Ok(id as u64)
+}
+
+/// `config.writers` connections inserting single rows as fast as they go.
+async fn fanout(config: &BenchConfig, payload: &str) -> anyhow::Result<u64> {
+    let next = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + config.duration;
+    let mut writers = Vec::new();
+    for _ in 0..config.writers.max(1) {
+        let (client, connection) =
+            tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let next = Arc::clone(&next);
+        let payload = payload.to_owned();
+        writers.push(tokio::spawn(async move {
+            let statement = client
+                .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
+                .await?;
+            while Instant::now() < end {
+                let id = next.fetch_add(1, Ordering::AcqRel) as i64 + 1;
+                client.execute(&statement, &[&id, &payload]).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for writer in writers {
+        writer.await??;
+    }
+    Ok(next.load(Ordering::Acquire))
+}
+
+/// Idle subscribers: relay RSS per connection.
+async fn idle(config: &BenchConfig, url: &str, relay_pid: Option<&str>) -> anyhow::Result<Report> {
+    let Some(pid) = relay_pid else {
+        bail!("the idle scenario measures the relay's memory: run it without --relay-url");
+    };
+    let before = status_kib(pid, "VmRSS:").unwrap_or(0.0);
+    let mut sockets = Vec::with_capacity(config.subscribers);
+    let mut failures: HashMap<String, usize> = HashMap::new();
+    for _ in 0..config.subscribers {
+        match subscribe(url).await {
+            Ok(socket) => sockets.push(socket),
+            Err(err) => *failures.entry(format!("{err:#}")).or_default() += 1,
+        }
+    }
+    if let Some((err, n)) = failures.iter().next() {
+        bail!("{n} connections failed ({err}); raise the open-file limit (ulimit -n)");
+    }
+    // Let the relay settle (every connection's task has started and parked).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = status_kib(pid, "VmRSS:").unwrap_or(0.0);
+    let per = (after - before) / config.subscribers.max(1) as f64;
+    drop(sockets);
+    Ok(Report {
+        scenario: "idle".into(),
+        subscribers: config.subscribers,
+        relay_peak_rss_mib: status_kib(pid, "VmHWM:").map(|k| k / 1024.0),
+        rss_per_connection_kib: Some(per),
+        ..Report::default()
+    })
+}
+
+/// The report as a small table for people.
+pub fn render(report: &Report) -> String {
+    let mut rows: Vec<(String, String)> = vec![
+        ("scenario".into(), report.scenario.clone()),
+        ("subscribers".into(), report.subscribers.to_string()),
+    ];
+    if report.scenario != "idle" {
+        rows.push(("rows written".into(), report.rows_written.to_string()));
+        rows.push(("frames received".into(), report.frames_received.to_string()));
+        rows.push((
+            "frames/s (all subscribers)".into(),
+            format!("{:.0}", report.frames_per_sec),
+        ));
+        rows.push(("elapsed (s)".into(), format!("{:.3}", report.elapsed_secs)));
+        rows.push((
+            "writes took (s)".into(),
+            format!("{:.3}", report.write_secs),
+        ));
+        rows.push((
+            "last frame after the writes (s)".into(),
+            format!("{:.3}", report.after_commit_secs),
+        ));
+        if let Some(p) = &report.latency_ms {
+            let what = if report.scenario == "burst" {
+                "time to last row per subscriber"
+            } else {
+                "capture-to-receive latency"
+            };
+            rows.push((
+                format!("{what} p50/p90/p99/max (ms)"),
+                format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
+            ));
+        }
+        rows.push((
+            "lost / duplicated".into(),
+            format!("{} / {}", report.lost, report.duplicated),
+        ));
+        if let Some(cpu) = report.relay_cpu_secs {
+            rows.push(("relay CPU (s)".into(), format!("{cpu:.2}")));
+        }
+        rows.push((
+            "bench CPU (s)".into(),
+            format!("{:.2}", report.bench_cpu_secs),
+        ));
+    }
+    if let Some(rss) = report.relay_peak_rss_mib {
+        rows.push(("relay peak RSS (MiB)".into(), format!("{rss:.1}")));
+    }
+    if let Some(per) = report.rss_per_connection_kib {
+        rows.push((
+            "relay RSS per idle connection (KiB)".into(),
+            format!("{per:.1}"),
+        ));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect()
+}
+
+/// The run with the median elapsed time (its other figures stay consistent with it).
+pub fn median(reports: &[Report]) -> Report {
+    let mut sorted: Vec<&Report> = reports.iter().collect();
+    sorted.sort_by(|a, b| {
+        let key = |r: &Report| match r.scenario.as_str() {
+            "idle" => r.rss_per_connection_kib.unwrap_or(0.0),
+            "steady" => r.latency_ms.as_ref().map_or(0.0, |p| p.p99),
+            _ => r.elapsed_secs,
+        };
+        key(a).total_cmp(&key(b))
+    });
+    sorted[sorted.len() / 2].clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_yield_their_id_and_capture_time() {
+        let frame = r#"{"type":"create","resource":"pgrelay_bench","id":4217,"data":{"id":4217,"payload":"x"},"seq":9,"ts":"2026-11-27T06:26:31.41497+00:00"}"#;
+        assert_eq!(frame_id(frame), Some(4217));
+        let ts = frame_ts(frame).unwrap();
+        let secs = ts.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs, 1_795_760_791);
+    }
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect()).unwrap();
+        assert_eq!((p.p50, p.p99, p.max), (51.0, 99.0, 100.0));
+        assert!(Percentiles::of(vec![]).is_none());
+    }
+}
