@@ -54,7 +54,13 @@ fn assert_error(response: &crate::support::Response, status: u16, code: &str) {
     );
     let message = response.json["error"]["message"].as_str().unwrap_or("");
     assert!(!message.is_empty(), "error without a message");
-    for internal in ["to_jsonb", "insert into", "returning", "jsonb_populate", "$1"] {
+    for internal in [
+        "to_jsonb",
+        "insert into",
+        "returning",
+        "jsonb_populate",
+        "$1",
+    ] {
         assert!(
             !message.contains(internal),
             "the message leaks SQL: {message}"
