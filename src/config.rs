@@ -65,6 +65,13 @@ pub struct Config {
     pub snapshot_batch_rows: usize,
     /// Size of the query pool (snapshots, REST).
     pub pool_size: usize,
+    /// How long a request waits for a free pooled connection before it gets a 503.
+    pub pool_wait_timeout: Duration,
+    /// How long opening (or checking) a pooled connection may take before the request gets a
+    /// 503: a database that is down answers quickly instead of hanging.
+    pub pool_connect_timeout: Duration,
+    /// Largest REST request body, in bytes (413 past it).
+    pub max_body_bytes: u64,
     /// How often capture moves its catch-up horizon forward.
     pub horizon_interval: Duration,
     /// Longest wait between reconnect attempts.
@@ -90,6 +97,9 @@ impl Config {
             history_bytes: 64 * 1024 * 1024,
             snapshot_batch_rows: 1000,
             pool_size: 16,
+            pool_wait_timeout: Duration::from_secs(5),
+            pool_connect_timeout: Duration::from_secs(5),
+            max_body_bytes: 1024 * 1024,
             horizon_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
@@ -117,6 +127,14 @@ impl Config {
         if self.snapshot_batch_rows == 0 || self.pool_size == 0 || self.history_events == 0 {
             return Err(ConfigError::Invalid(
                 "snapshot batch rows, pool size and history events must be positive",
+            ));
+        }
+        if self.max_body_bytes == 0
+            || self.pool_wait_timeout.is_zero()
+            || self.pool_connect_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "the body limit and the pool timeouts must be positive",
             ));
         }
         Ok(())
@@ -181,6 +199,14 @@ mod tests {
         assert!(
             Config {
                 ping_timeout: ok.ping_interval,
+                ..ok.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Config {
+                max_body_bytes: 0,
                 ..ok
             }
             .validate()

@@ -9,13 +9,14 @@
 //!   capture  (one dedicated LISTEN connection: decode, read pointers, catch up)
 //!   -> hub   (per-table ring of frames encoded once; cursors; slow consumers -> 4008)
 //!   -> http  (warp: /ws/{table}, /healthz, /readyz, /metrics)
+//! REST (/api/{table}, pooled connections) writes like any other writer: through the triggers.
 //! ```
 //!
 //! - [`event`] — the change event and its wire format.
 //! - [`capture`] — the LISTEN task, reconnect and catch-up.
 //! - [`hub`] — fan-out.
 //! - [`snapshot`] — initial data and the snapshot handoff.
-//! - [`http`] — routes and the per-socket task.
+//! - [`http`] — routes, the per-socket task and the REST API.
 //! - [`sql`] — install/uninstall, catalog, pool, identifier quoting.
 //! - [`retention`] — pruning the change log.
 //! - [`config`], [`error`], [`metrics`].
@@ -65,7 +66,12 @@ pub async fn run(
     let infos = sql::describe(&client, &config.tables).await?;
     drop(client);
 
-    let pool = sql::pool(&config.database_url, config.pool_size)?;
+    let pool = sql::pool(
+        &config.database_url,
+        config.pool_size,
+        config.pool_wait_timeout,
+        config.pool_connect_timeout,
+    )?;
     let names: Vec<(String, String)> = infos
         .iter()
         .map(|t| (t.name.schema.clone(), t.name.table.clone()))
@@ -112,7 +118,9 @@ pub async fn run(
     let shutdown_timeout = config.shutdown_timeout;
     let state = Arc::new(http::AppState {
         config,
-        tables: infos.into_iter().map(|t| (t.resource.clone(), t)).collect(),
+        tables: std::sync::RwLock::new(
+            infos.into_iter().map(|t| (t.resource.clone(), t)).collect(),
+        ),
         hub,
         pool,
         capture: capture_state,

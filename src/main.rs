@@ -33,7 +33,7 @@ struct Database {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the WebSocket routes for the exposed tables.
+    /// Serve the WebSocket and REST routes for the exposed tables.
     Serve(ServeArgs),
     /// Install capture (schema, log, triggers) on tables. Idempotent.
     Install {
@@ -139,9 +139,18 @@ struct ServeArgs {
     /// Bytes kept per table for catching up.
     #[arg(long, env = "PGRELAY_HISTORY_BYTES", default_value_t = 64 * 1024 * 1024)]
     history_bytes: usize,
-    /// Query pool size.
+    /// Query pool size (initial data, REST).
     #[arg(long, env = "PGRELAY_POOL_SIZE", default_value_t = 16)]
     pool_size: usize,
+    /// Seconds a request waits for a free pooled connection before answering 503.
+    #[arg(long, env = "PGRELAY_POOL_WAIT_TIMEOUT", default_value_t = 5)]
+    pool_wait_timeout: u64,
+    /// Seconds opening a pooled connection may take before the request answers 503.
+    #[arg(long, env = "PGRELAY_POOL_CONNECT_TIMEOUT", default_value_t = 5)]
+    pool_connect_timeout: u64,
+    /// Largest REST request body, in bytes (larger gets 413).
+    #[arg(long, env = "PGRELAY_MAX_BODY", default_value_t = 1024 * 1024)]
+    max_body: u64,
     /// Prune log events older than this many seconds (0: never by age).
     #[arg(long, env = "PGRELAY_RETENTION_SECS", default_value_t = 86_400)]
     retention_secs: u64,
@@ -251,6 +260,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.history_events = args.history_events;
     config.history_bytes = args.history_bytes;
     config.pool_size = args.pool_size;
+    config.pool_wait_timeout = Duration::from_secs(args.pool_wait_timeout);
+    config.pool_connect_timeout = Duration::from_secs(args.pool_connect_timeout);
+    config.max_body_bytes = args.max_body;
     config.retention.max_age =
         (args.retention_secs > 0).then(|| Duration::from_secs(args.retention_secs));
     config.retention.max_rows = args.retention_rows;

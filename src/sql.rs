@@ -3,6 +3,8 @@
 //! Values are always bound as `$n`; identifiers go through [`quote_ident`] and come from the
 //! catalog, never from a request.
 
+use std::time::Duration;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
@@ -135,8 +137,14 @@ pub async fn connect(database_url: &str) -> Result<Client, SqlError> {
     Ok(client)
 }
 
-/// Builds the query pool (snapshots, REST).
-pub fn pool(database_url: &str, size: usize) -> Result<Pool, SqlError> {
+/// Builds the query pool (snapshots, REST). `wait` bounds the wait for a free connection,
+/// `connect` the opening or check of one, so a database that is down fails requests quickly.
+pub fn pool(
+    database_url: &str,
+    size: usize,
+    wait: Duration,
+    connect: Duration,
+) -> Result<Pool, SqlError> {
     let manager = Manager::from_config(
         pg_config(database_url, "pgrelay")?,
         NoTls,
@@ -144,13 +152,12 @@ pub fn pool(database_url: &str, size: usize) -> Result<Pool, SqlError> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    let timeout = Some(std::time::Duration::from_secs(5));
     Ok(Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
-        .wait_timeout(timeout)
-        .create_timeout(timeout)
-        .recycle_timeout(timeout)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(connect))
+        .recycle_timeout(Some(connect))
         .build()?)
 }
 

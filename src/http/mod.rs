@@ -1,10 +1,11 @@
 //! HTTP surface: routes, shared state, and the one `recover` that renders every rejection.
 
+pub mod rest;
 pub mod ws;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use deadpool_postgres::Pool;
 use serde_json::json;
@@ -17,14 +18,15 @@ use crate::capture::CaptureState;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::sql::TableInfo;
+use crate::sql::{SqlError, TableInfo};
 
 /// What every request handler and socket task shares.
 pub struct AppState {
     /// Validated configuration.
     pub config: Config,
-    /// Exposed tables by resource name (the catalog's view at start).
-    pub tables: HashMap<String, TableInfo>,
+    /// Exposed tables by resource name: the catalog's view at start, with columns re-read when
+    /// a request names one it does not know ([`AppState::refresh_columns`]).
+    pub tables: RwLock<HashMap<String, TableInfo>>,
     /// Fan-out of captured events.
     pub hub: Arc<Hub>,
     /// Query pool (snapshots).
@@ -37,6 +39,32 @@ pub struct AppState {
     pub token: CancellationToken,
     /// Every socket task holds a token of it, so shutdown can wait for them.
     pub tracker: TaskTracker,
+}
+
+impl AppState {
+    /// The exposed table named `resource` (`items`, `shop.orders`), as last read.
+    pub fn table(&self, resource: &str) -> Option<TableInfo> {
+        // A panic while holding the lock leaves the map itself intact: keep using it.
+        let tables = self.tables.read().unwrap_or_else(PoisonError::into_inner);
+        tables.get(resource).cloned()
+    }
+
+    /// Re-reads a table's columns from the catalog (a column was added or renamed since the
+    /// relay started) and returns the table as it is now.
+    pub async fn refresh_columns(
+        &self,
+        client: &tokio_postgres::Client,
+        table: &TableInfo,
+    ) -> Result<TableInfo, SqlError> {
+        let columns = crate::sql::describe_columns(client, &table.name).await?;
+        tracing::info!(table = %table.name, "re-read the table's columns");
+        let mut tables = self.tables.write().unwrap_or_else(PoisonError::into_inner);
+        let entry = tables
+            .entry(table.resource.clone())
+            .or_insert_with(|| table.clone());
+        entry.columns = columns;
+        Ok(entry.clone())
+    }
 }
 
 /// A request error with its status, rendered as `{"error":{"code","message"}}`.
@@ -59,6 +87,33 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request",
             message: message.into(),
+        }
+    }
+
+    /// Any status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 503 with code `unavailable`: the database cannot be reached; the caller may retry.
+    pub fn unavailable() -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            message: "The database is unavailable; try again".into(),
+        }
+    }
+
+    /// 500 with code `internal`; the details are in the relay's log.
+    pub fn internal() -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: "Internal error; the relay's log has the details".into(),
         }
     }
 
@@ -86,7 +141,8 @@ pub fn routes(
         .or(ready(Arc::clone(&state)))
         .or(metrics(Arc::clone(&state)))
         .or(ws::table_route(Arc::clone(&state)))
-        .or(ws::multiplexed_route(state))
+        .or(ws::multiplexed_route(Arc::clone(&state)))
+        .or(rest::routes(state))
         .recover(recover)
 }
 

@@ -14,7 +14,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
-use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket, Ws};
 use warp::{Filter, Rejection, Reply};
 
@@ -92,7 +91,7 @@ async fn compile_shape(
 }
 
 fn lookup(state: &AppState, resource: &str) -> Option<TableInfo> {
-    state.tables.get(resource).cloned()
+    state.table(resource)
 }
 
 /// GET /ws/{table}?snapshot=true&since=41&select=id,name&events=create&price=gt.10
@@ -116,11 +115,7 @@ pub fn table_route(
                     .await
                     .map_err(|e| match e {
                         SetupError::Bad(m) => warp::reject::custom(ApiError::bad_request(m)),
-                        SetupError::Unavailable => warp::reject::custom(ApiError {
-                            status: StatusCode::SERVICE_UNAVAILABLE,
-                            code: "unavailable",
-                            message: "The database is unavailable; try again".into(),
-                        }),
+                        SetupError::Unavailable => warp::reject::custom(ApiError::unavailable()),
                     })?;
                 Ok::<_, Rejection>((state, table, params, shape))
             },

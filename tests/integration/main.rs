@@ -8,6 +8,7 @@ mod filters;
 mod install;
 mod protocol;
 mod recovery;
+mod rest;
 mod resume;
 mod shutdown;
 mod slow;

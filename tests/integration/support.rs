@@ -577,3 +577,101 @@ pub async fn terminate_relay_connections(db: &TestDb) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// An HTTP response: status and body (parsed as JSON when it is JSON, else `Value::Null`).
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub text: String,
+    pub json: Value,
+}
+
+/// Sends one HTTP/1.1 request (`head` without the final blank line) and reads the response.
+/// The body is written while the response is read, so a server that answers early (413)
+/// and closes is seen answering, not as a broken pipe.
+pub async fn http_raw(addr: SocketAddr, head: String, body: Vec<u8>) -> std::io::Result<Response> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        write.write_all(b"\r\n").await?;
+        write.write_all(&body).await?;
+        write.flush().await?;
+        Ok::<_, std::io::Error>(write)
+    });
+    let mut response = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match read.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            // The server may reset a connection whose body it did not read; what it sent
+            // before is the answer.
+            Err(_) if !response.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+        if complete(&response) {
+            break;
+        }
+    }
+    writer.abort();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+    Ok(Response {
+        status,
+        text: body,
+        json,
+    })
+}
+
+/// Whether `response` holds the whole head and a body of its `content-length`.
+fn complete(response: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    head.lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .is_some_and(|length| body.len() >= length)
+}
+
+/// One request with an optional JSON body; fails the test after [`STEP`].
+#[track_caller]
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> impl Future<Output = Response> {
+    let caller = Location::caller();
+    let body = body.map(|b| b.to_string().into_bytes());
+    let method = method.to_owned();
+    let path = path.to_owned();
+    async move {
+        let body = body.unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        match tokio::time::timeout(STEP, http_raw(addr, head, body)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => panic!("{method} {path}: {e} at {caller}"),
+            Err(_) => panic!("{method} {path}: timed out at {caller}"),
+        }
+    }
+}
