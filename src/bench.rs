@@ -81,6 +81,8 @@ pub struct Report {
     /// Latency percentiles in milliseconds (steady: capture time to receipt; burst: statement
     /// start to each subscriber's last row).
     pub latency_ms: Option<Percentiles>,
+    /// Steady: capture time (the event's `ts`, before the commit) to receipt, milliseconds.
+    pub capture_latency_ms: Option<Percentiles>,
     /// Rows some subscriber never received.
     pub lost: u64,
     /// Rows some subscriber received more than once.
@@ -214,6 +216,8 @@ struct Seen {
     complete_at: Option<Instant>,
     /// Capture-to-receive latencies, milliseconds (steady only).
     latencies: Vec<f64>,
+    /// (row id, when it arrived) for commit-to-receive latency (steady only).
+    arrivals: Vec<(usize, Instant)>,
 }
 
 async fn subscribe(
@@ -261,6 +265,9 @@ async fn receive(
             seen.latencies.push(latency.as_secs_f64() * 1000.0);
         }
         if let Some(id) = frame_id(text) {
+            if measure_latency {
+                seen.arrivals.push((id, Instant::now()));
+            }
             if id >= seen.counts.len() {
                 seen.counts.resize(id + 1, 0);
             }
@@ -338,6 +345,8 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     let relay_cpu_before = relay_pid.as_deref().and_then(cpu_secs);
     let bench_cpu_before = cpu_secs("self").unwrap_or(0.0);
     let payload = "x".repeat(config.payload_bytes);
+    // When each steady row's commit was acknowledged to the writer (index = id).
+    let mut commits: Vec<Instant> = Vec::new();
     let started = Instant::now();
     let rows_written = match config.scenario {
         Scenario::Burst => {
@@ -349,7 +358,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
                 .await?;
             config.rows as u64
         }
-        Scenario::Steady => steady(&client, config, &payload).await?,
+        Scenario::Steady => steady(&client, config, &payload, &mut commits).await?,
         Scenario::Fanout => fanout(config, &payload).await?,
         Scenario::Idle => unreachable!("handled above"),
     };
@@ -392,6 +401,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     let mut last = started;
     let mut completion_ms = Vec::new();
     let mut latencies = Vec::new();
+    let mut commit_latencies = Vec::new();
     for s in &seen {
         report.frames_received += s.frames;
         let mut missing = 0;
@@ -407,6 +417,12 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         last = last.max(done);
         completion_ms.push(done.duration_since(started).as_secs_f64() * 1000.0);
         latencies.extend_from_slice(&s.latencies);
+        for (id, at) in &s.arrivals {
+            if let Some(commit) = id.checked_sub(1).and_then(|i| commits.get(i)) {
+                // The notification can beat the commit's acknowledgement to the writer: 0.
+                commit_latencies.push(at.saturating_duration_since(*commit).as_secs_f64() * 1000.0);
+            }
+        }
     }
     report.lost += (config.subscribers - seen.len()) as u64 * rows_written;
     report.elapsed_secs = last.duration_since(started).as_secs_f64();
@@ -415,8 +431,9 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     report.frames_per_sec = report.frames_received as f64 / report.elapsed_secs.max(1e-9);
     report.latency_ms = match config.scenario {
         Scenario::Burst => Percentiles::of(completion_ms),
-        _ => Percentiles::of(latencies),
+        _ => Percentiles::of(commit_latencies),
     };
+    report.capture_latency_ms = Percentiles::of(latencies);
     drop(local);
     client
         .batch_execute(&format!("drop table if exists {TABLE}"))
@@ -429,6 +446,7 @@ async fn steady(
     client: &tokio_postgres::Client,
     config: &BenchConfig,
     payload: &str,
+    commits: &mut Vec<Instant>,
 ) -> anyhow::Result<u64> {
     let statement = client
         .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
@@ -446,6 +464,7 @@ async fn steady(
         }
         id += 1;
         client.execute(&statement, &[&id, &payload]).await?;
+        commits.push(Instant::now()); // index id - 1
     }
     Ok(id as u64)
 }
@@ -535,10 +554,16 @@ pub fn render(report: &Report) -> String {
             let what = if report.scenario == "burst" {
                 "time to last row per subscriber"
             } else {
-                "capture-to-receive latency"
+                "commit-to-receive latency"
             };
             rows.push((
                 format!("{what} p50/p90/p99/max (ms)"),
+                format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
+            ));
+        }
+        if let Some(p) = &report.capture_latency_ms {
+            rows.push((
+                "capture-to-receive latency p50/p90/p99/max (ms)".into(),
                 format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
             ));
         }
