@@ -57,6 +57,8 @@ pub struct BenchConfig {
     pub payload_bytes: usize,
     /// Writer connections for `fanout`.
     pub writers: usize,
+    /// Rows per INSERT statement for `fanout`.
+    pub statement_rows: usize,
 }
 
 /// What one run measured.
@@ -236,7 +238,7 @@ async fn receive(
     mut socket: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
-    expected: Arc<AtomicU64>,
+    mut expected: tokio::sync::watch::Receiver<u64>,
     capacity: usize,
     measure_latency: bool,
     stop: tokio_util::sync::CancellationToken,
@@ -249,6 +251,15 @@ async fn receive(
     loop {
         let message = tokio::select! {
             _ = stop.cancelled() => break,
+            // The writes ended: the subscriber may already hold every row.
+            _ = expected.changed() => {
+                let want = *expected.borrow_and_update();
+                if want > 0 && distinct >= want {
+                    seen.complete_at = Some(Instant::now());
+                    break;
+                }
+                continue;
+            }
             message = socket.next() => message,
         };
         let Some(Ok(message)) = message else { break };
@@ -276,7 +287,7 @@ async fn receive(
                 distinct += 1;
             }
         }
-        let want = expected.load(Ordering::Acquire);
+        let want = *expected.borrow();
         if want > 0 && distinct >= want {
             seen.complete_at = Some(Instant::now());
             break;
@@ -322,7 +333,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     for _ in 0..config.subscribers {
         sockets.push(subscribe(&url).await?);
     }
-    let expected = Arc::new(AtomicU64::new(0));
+    let (expected_tx, expected) = tokio::sync::watch::channel(0u64);
     let stop = tokio_util::sync::CancellationToken::new();
     let capacity = match config.scenario {
         Scenario::Burst => config.rows,
@@ -334,7 +345,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         .map(|socket| {
             tokio::spawn(receive(
                 socket,
-                Arc::clone(&expected),
+                expected.clone(),
                 capacity,
                 measure_latency,
                 stop.clone(),
@@ -363,19 +374,24 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         Scenario::Idle => unreachable!("handled above"),
     };
     let committed = Instant::now();
-    expected.store(rows_written, Ordering::Release);
+    expected_tx.send_replace(rows_written);
     // Subscribers finish when they have every row; a lost row would keep them waiting, so
     // give them a generous deadline and count what is missing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60) + config.duration;
     let mut seen = Vec::with_capacity(receivers.len());
     let mut pending = receivers;
-    for handle in pending.drain(..) {
-        match tokio::time::timeout_at(deadline, handle).await {
-            Ok(Ok(s)) => seen.push(s),
-            Ok(Err(err)) => bail!("a subscriber task failed: {err}"),
+    for mut handle in pending.drain(..) {
+        let result = match tokio::time::timeout_at(deadline, &mut handle).await {
+            Ok(result) => result,
             Err(_) => {
+                // Out of time: stop everyone and keep what they have (the rest counts as lost).
                 stop.cancel();
+                handle.await
             }
+        };
+        match result {
+            Ok(s) => seen.push(s),
+            Err(err) => bail!("a subscriber task failed: {err}"),
         }
     }
     stop.cancel();
@@ -480,13 +496,17 @@ async fn fanout(config: &BenchConfig, payload: &str) -> anyhow::Result<u64> {
         tokio::spawn(connection);
         let next = Arc::clone(&next);
         let payload = payload.to_owned();
+        let rows = config.statement_rows.max(1) as u64;
         writers.push(tokio::spawn(async move {
             let statement = client
-                .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
+                .prepare(&format!(
+                    "insert into {TABLE}(id, payload) select g, $3 from generate_series($1::int8, $2::int8) g"
+                ))
                 .await?;
             while Instant::now() < end {
-                let id = next.fetch_add(1, Ordering::AcqRel) as i64 + 1;
-                client.execute(&statement, &[&id, &payload]).await?;
+                let first = next.fetch_add(rows, Ordering::AcqRel) as i64 + 1;
+                let last = first + rows as i64 - 1;
+                client.execute(&statement, &[&first, &last, &payload]).await?;
             }
             Ok::<_, tokio_postgres::Error>(())
         }));

@@ -100,6 +100,9 @@ struct BenchArgs {
     /// Writer connections for `fanout`.
     #[arg(long, default_value_t = 4)]
     writers: usize,
+    /// Rows per INSERT statement for `fanout`.
+    #[arg(long, default_value_t = 1)]
+    statement_rows: usize,
     /// Repeat the scenario this many times (each run is reported, then the median).
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -288,6 +291,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs(args.duration),
         payload_bytes: args.payload,
         writers: args.writers,
+        statement_rows: args.statement_rows,
     };
     let mut reports = Vec::new();
     for run in 1..=args.runs.max(1) {
