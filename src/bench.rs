@@ -85,6 +85,8 @@ pub struct Report {
     pub latency_ms: Option<Percentiles>,
     /// Steady: capture time (the event's `ts`, before the commit) to receipt, milliseconds.
     pub capture_latency_ms: Option<Percentiles>,
+    /// Subscribers the relay closed (e.g. 4008, slow consumer).
+    pub closed_by_relay: u64,
     /// Rows some subscriber never received.
     pub lost: u64,
     /// Rows some subscriber received more than once.
@@ -218,6 +220,8 @@ struct Seen {
     complete_at: Option<Instant>,
     /// Capture-to-receive latencies, milliseconds (steady only).
     latencies: Vec<f64>,
+    /// The relay sent a Close frame.
+    closed: bool,
     /// (row id, when it arrived) for commit-to-receive latency (steady only).
     arrivals: Vec<(usize, Instant)>,
 }
@@ -263,8 +267,20 @@ async fn receive(
             message = socket.next() => message,
         };
         let Some(Ok(message)) = message else { break };
-        let Message::Text(text) = message else {
-            continue;
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Close(frame) => {
+                seen.closed = true;
+                if let Some(frame) = frame {
+                    eprintln!(
+                        "the relay closed a subscriber: {} {}",
+                        u16::from(frame.code),
+                        frame.reason
+                    );
+                }
+                break;
+            }
+            _ => continue,
         };
         let text = text.as_str();
         if !text.starts_with("{\"type\":\"create\"") {
@@ -420,6 +436,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     let mut commit_latencies = Vec::new();
     for s in &seen {
         report.frames_received += s.frames;
+        report.closed_by_relay += u64::from(s.closed);
         let mut missing = 0;
         for id in 1..=rows_written as usize {
             match s.counts.get(id).copied().unwrap_or(0) {
@@ -588,6 +605,10 @@ pub fn render(report: &Report) -> String {
             ));
         }
         rows.push((
+            "subscribers closed by the relay".into(),
+            report.closed_by_relay.to_string(),
+        ));
+        rows.push((
             "lost / duplicated".into(),
             format!("{} / {}", report.lost, report.duplicated),
         ));
@@ -621,6 +642,7 @@ pub fn median(reports: &[Report]) -> Report {
         let key = |r: &Report| match r.scenario.as_str() {
             "idle" => r.rss_per_connection_kib.unwrap_or(0.0),
             "steady" => r.latency_ms.as_ref().map_or(0.0, |p| p.p99),
+            "fanout" => r.frames_per_sec,
             _ => r.elapsed_secs,
         };
         key(a).total_cmp(&key(b))

@@ -93,7 +93,7 @@ impl Config {
             ping_timeout: Duration::from_secs(45),
             max_client_frame: 64 * 1024,
             queue_bytes: 8 * 1024 * 1024,
-            history_events: 100_000,
+            history_events: 250_000,
             history_bytes: 64 * 1024 * 1024,
             snapshot_batch_rows: 1000,
             pool_size: 16,

@@ -137,7 +137,7 @@ struct ServeArgs {
     #[arg(long, env = "PGRELAY_QUEUE_BYTES", default_value_t = 8 * 1024 * 1024)]
     queue_bytes: u64,
     /// Events kept per table for catching up.
-    #[arg(long, env = "PGRELAY_HISTORY_EVENTS", default_value_t = 100_000)]
+    #[arg(long, env = "PGRELAY_HISTORY_EVENTS", default_value_t = 250_000)]
     history_events: usize,
     /// Bytes kept per table for catching up.
     #[arg(long, env = "PGRELAY_HISTORY_BYTES", default_value_t = 64 * 1024 * 1024)]
