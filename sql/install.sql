@@ -92,7 +92,7 @@ begin
             insert into pgrelay.changes as c (schema_name, table_name, op, id, data)
             select tg_table_schema, tg_table_name, 'create', case when single then n.r -> k1
                    else (select jsonb_object_agg(k, n.r -> k) from unnest(keys) as k) end, n.r
-            from (select to_jsonb(t) as r from pgrelay_new t) as n
+            from (select to_jsonb(t.*) as r from pgrelay_new t) as n
             returning c.seq, case when v_rows = 1
                              then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
         select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;
@@ -103,8 +103,8 @@ begin
             insert into pgrelay.changes as c (schema_name, table_name, op, id, data, old)
             select tg_table_schema, tg_table_name, 'update', case when single then n.r -> k1
                    else (select jsonb_object_agg(k, n.r -> k) from unnest(keys) as k) end, n.r, o.r
-            from (select row_number() over () as i, to_jsonb(t) as r from pgrelay_new t) as n
-            join (select row_number() over () as i, to_jsonb(t) as r from pgrelay_old t) as o
+            from (select row_number() over () as i, to_jsonb(t.*) as r from pgrelay_new t) as n
+            join (select row_number() over () as i, to_jsonb(t.*) as r from pgrelay_old t) as o
               using (i)
             returning c.seq, case when v_rows = 1
                              then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
@@ -114,7 +114,7 @@ begin
             insert into pgrelay.changes as c (schema_name, table_name, op, id, old)
             select tg_table_schema, tg_table_name, 'delete', case when single then o.r -> k1
                    else (select jsonb_object_agg(k, o.r -> k) from unnest(keys) as k) end, o.r
-            from (select to_jsonb(t) as r from pgrelay_old t) as o
+            from (select to_jsonb(t.*) as r from pgrelay_old t) as o
             returning c.seq, case when v_rows = 1
                              then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
         select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;

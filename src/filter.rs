@@ -27,8 +27,11 @@ use crate::sql::quote_ident;
 pub enum Kind {
     /// Integers, floats, numeric: exact decimal order; NaN above +Infinity, as in PostgreSQL.
     Number,
-    /// text, varchar, char, name: code point order.
+    /// text, varchar, name: code point order.
     Text,
+    /// char(n): like text, but trailing spaces do not count (PostgreSQL's bpchar semantics;
+    /// `to_jsonb` renders the padding).
+    PaddedText,
     /// boolean.
     Bool,
     /// timestamptz: compared as instants, whatever offset a writer's session rendered.
@@ -52,7 +55,8 @@ impl Kind {
     pub fn from_type_name(typname: &str, enum_type: bool) -> Kind {
         match typname {
             "int2" | "int4" | "int8" | "float4" | "float8" | "numeric" | "oid" => Kind::Number,
-            "text" | "varchar" | "bpchar" | "name" => Kind::Text,
+            "text" | "varchar" | "name" => Kind::Text,
+            "bpchar" => Kind::PaddedText,
             "bool" => Kind::Bool,
             "timestamptz" => Kind::TimestampTz,
             "timestamp" => Kind::Timestamp,
@@ -128,7 +132,7 @@ impl Operator {
         match self {
             IsNull => true,
             IsTrue | IsFalse => kind == Kind::Bool,
-            Like | Ilike => kind == Kind::Text,
+            Like | Ilike => matches!(kind, Kind::Text | Kind::PaddedText),
             Eq | Neq | In => kind != Kind::Other,
             Lt | Lte | Gt | Gte => !matches!(kind, Kind::Other | Kind::EqualityOnly | Kind::Bool),
         }
@@ -312,6 +316,7 @@ fn key_of(kind: Kind, value: &Value) -> Option<Key> {
                 .map(|d| Key::Number(NumberKey::Finite(d))),
         },
         (Kind::Bool, Value::Bool(b)) => Some(Key::Bool(*b)),
+        (Kind::PaddedText, Value::String(s)) => Some(Key::Text(s.trim_end_matches(' ').to_owned())),
         (Kind::Text | Kind::Uuid | Kind::EqualityOnly, Value::String(s)) => {
             Some(Key::Text(s.clone()))
         }
@@ -416,6 +421,12 @@ impl Condition {
             Operator::IsTrue => value == &Value::Bool(true),
             Operator::IsFalse => value == &Value::Bool(false),
             Operator::Like | Operator::Ilike => match value {
+                // `char(n)::text` drops the padding, as the SQL side does before matching.
+                Value::String(s) if self.column.kind == Kind::PaddedText => pattern_matches(
+                    &self.pattern,
+                    s.trim_end_matches(' '),
+                    self.op == Operator::Ilike,
+                ),
                 Value::String(s) => pattern_matches(&self.pattern, s, self.op == Operator::Ilike),
                 _ => false,
             },
@@ -440,17 +451,24 @@ impl Condition {
 
     fn to_sql(&self, params: &mut Vec<Box<dyn ToSql + Sync + Send>>) -> String {
         let column = quote_ident(&self.column.name);
-        let text = self.column.kind == Kind::Text;
+        let kind = self.column.kind;
+        let sql_type = &self.column.sql_type;
         let mut bind = |value: Box<dyn ToSql + Sync + Send>| {
             params.push(value);
             format!("${}", params.len())
         };
         let comparison = |op: &str, p: String| {
-            if text {
-                // Code point order, as in Rust.
-                format!("{column} collate \"C\" {op} {p}::text")
-            } else {
-                format!("{column} {op} ({p}::text)::{}", self.column.sql_type)
+            let equality = matches!(op, "=" | "<>");
+            match (kind, equality) {
+                // Equality needs no collation (and can use the column's index).
+                (Kind::Text, true) => format!("{column} {op} {p}::text"),
+                // Ordering in code point order, as in Rust.
+                (Kind::Text, false) => format!("{column} collate \"C\" {op} {p}::text"),
+                (Kind::PaddedText, true) => format!("{column} {op} ({p}::text)::bpchar"),
+                (Kind::PaddedText, false) => {
+                    format!("rtrim({column}::text) collate \"C\" {op} rtrim({p}::text)")
+                }
+                _ => format!("{column} {op} ({p}::text)::{sql_type}"),
             }
         };
         match self.op {
@@ -467,10 +485,10 @@ impl Condition {
             ),
             Operator::In => {
                 let p = bind(Box::new(self.sql_values.clone()));
-                if text {
-                    format!("{column} = any({p}::text[])")
-                } else {
-                    format!("{column} = any(({p}::text[])::{}[])", self.column.sql_type)
+                match kind {
+                    Kind::Text => format!("{column} = any({p}::text[])"),
+                    Kind::PaddedText => format!("{column} = any(({p}::text[])::bpchar[])"),
+                    _ => format!("{column} = any(({p}::text[])::{sql_type}[])"),
                 }
             }
             op => {

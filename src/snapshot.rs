@@ -104,7 +104,7 @@ where
     let order: Vec<String> = table.key_columns.iter().map(|k| quote_ident(k)).collect();
     let mut params = Vec::new();
     let query = format!(
-        "select to_jsonb(t) from {} as t where {} order by {}",
+        "select to_jsonb(t.*) from {} as t where {} order by {}",
         quote_table(&table.name),
         shape.filter.to_sql(&mut params),
         order.join(", ")

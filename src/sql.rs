@@ -80,7 +80,7 @@ pub struct TableInfo {
 }
 
 const COLUMNS: &str = "
-    select a.attname::text, a.atttypid::regtype::text, base.typname::text, base.typtype = 'e'
+    select a.attname::text, format_type(a.atttypid, -1), base.typname::text, base.typtype = 'e'
       from pg_attribute a
       join pg_type t on t.oid = a.atttypid
       join pg_type base on base.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end

@@ -225,7 +225,7 @@ async fn list_rows(
     params.push(Box::new(request.offset));
     let offset = params.len();
     let sql = format!(
-        "select to_jsonb(t) from {} as t where {condition} order by {} limit ${limit} offset ${offset}",
+        "select to_jsonb(t.*) from {} as t where {condition} order by {} limit ${limit} offset ${offset}",
         quote_table(&table.name),
         order.join(", "),
     );
@@ -263,7 +263,7 @@ async fn read_row(
     let table = known_columns(&state, &client, table, select.iter().flatten()).await?;
     let mut params: Params = Vec::new();
     let sql = format!(
-        "select to_jsonb(t) from {} as t where {}",
+        "select to_jsonb(t.*) from {} as t where {}",
         quote_table(&table.name),
         key_condition(&table, &key, &mut params)?
     );
@@ -353,7 +353,7 @@ async fn delete_row(
     let client = connection(&state).await?;
     let mut params: Params = Vec::new();
     let sql = format!(
-        "delete from {} as t where {} returning to_jsonb(t)",
+        "delete from {} as t where {} returning to_jsonb(t.*)",
         quote_table(&table.name),
         key_condition(&table, &key, &mut params)?
     );
@@ -669,11 +669,11 @@ fn named_columns(table: &TableInfo, row: &Row) -> Vec<String> {
 fn insert_one_sql(table: &TableInfo, columns: &[String]) -> String {
     let target = quote_table(&table.name);
     if columns.is_empty() {
-        return format!("insert into {target} as t default values returning to_jsonb(t)");
+        return format!("insert into {target} as t default values returning to_jsonb(t.*)");
     }
     let from_r: Vec<String> = columns.iter().map(|c| format!("r.{c}")).collect();
     format!(
-        "insert into {target} as t ({}) select {} from jsonb_populate_record(null::{target}, $1::jsonb) as r returning to_jsonb(t)",
+        "insert into {target} as t ({}) select {} from jsonb_populate_record(null::{target}, $1::jsonb) as r returning to_jsonb(t.*)",
         columns.join(", "),
         from_r.join(", "),
     )
@@ -685,7 +685,7 @@ fn insert_many_sql(table: &TableInfo, columns: &[String]) -> String {
     let from_r: Vec<String> = columns.iter().map(|c| format!("r.{c}")).collect();
     format!(
         "insert into {target} as t ({}) select {} from jsonb_array_elements($1::jsonb) with ordinality as e(item, n) \
-         cross join lateral jsonb_populate_record(null::{target}, e.item) as r order by e.n returning to_jsonb(t)",
+         cross join lateral jsonb_populate_record(null::{target}, e.item) as r order by e.n returning to_jsonb(t.*)",
         columns.join(", "),
         from_r.join(", "),
     )
@@ -732,7 +732,7 @@ async fn insert(
     Ok(out)
 }
 
-/// `update … set … from jsonb_populate_record(…) as r where <key> returning to_jsonb(t)`, with
+/// `update … set … from jsonb_populate_record(…) as r where <key> returning to_jsonb(t.*)`, with
 /// the body bound as `$1`.
 fn update_sql(
     table: &TableInfo,
@@ -757,7 +757,7 @@ fn update_sql(
         sets.push(format!("{name} = t.{name}"));
     }
     Ok(format!(
-        "update {target} as t set {} from jsonb_populate_record(null::{target}, $1::jsonb) as r where {} returning to_jsonb(t)",
+        "update {target} as t set {} from jsonb_populate_record(null::{target}, $1::jsonb) as r where {} returning to_jsonb(t.*)",
         sets.join(", "),
         key_condition(table, key, params)?
     ))

@@ -92,8 +92,10 @@ async fn compile_shape(
     Shape::new(table, params, filter).map_err(|e: ShapeError| SetupError::Bad(e.to_string()))
 }
 
+/// The exposed table a path segment or message names (path segments arrive percent-encoded;
+/// decoding a plain name changes nothing).
 fn lookup(state: &AppState, resource: &str) -> Option<TableInfo> {
-    state.table(resource)
+    state.table(&percent_encoding::percent_decode_str(resource).decode_utf8_lossy())
 }
 
 /// GET /ws/{table}?snapshot=true&since=41&select=id,name&events=create&price=gt.10
@@ -422,21 +424,33 @@ impl Session {
                 self.send_initial(index).await
             }
         } else {
-            let topic = self
-                .state
-                .hub
-                .topic(&resource)
-                .expect("every exposed table has a topic");
-            let (cursor, reset) = open_cursor(topic, params.since);
-            let sub = Subscription::new(table, cursor, params.clone(), shape);
-            let index = match existing {
-                Some(index) => {
-                    self.subs[index] = sub;
-                    index
+            let (index, reset) = match existing {
+                // Subscribing again replaces the keys; without `since` the position stays, so
+                // nothing already published (but not yet sent) is skipped.
+                Some(index) if params.since.is_none() => {
+                    let sub = &mut self.subs[index];
+                    sub.shape = shape;
+                    sub.params = params.clone();
+                    (index, false)
                 }
-                None => {
-                    self.subs.push(sub);
-                    self.subs.len() - 1
+                existing => {
+                    let topic = self
+                        .state
+                        .hub
+                        .topic(&resource)
+                        .expect("every exposed table has a topic");
+                    let (cursor, reset) = open_cursor(topic, params.since);
+                    let sub = Subscription::new(table, cursor, params.clone(), shape);
+                    match existing {
+                        Some(index) => {
+                            self.subs[index] = sub;
+                            (index, reset)
+                        }
+                        None => {
+                            self.subs.push(sub);
+                            (self.subs.len() - 1, reset)
+                        }
+                    }
                 }
             };
             self.send_text(control::subscribed(&resource)).await?;

@@ -12,7 +12,7 @@ use crate::support::TestDb;
 
 const PROPERTY_TABLE: &str = "create table p(
     id serial primary key, n int, x numeric, f float8, s text, v varchar(20),
-    t timestamptz, ts timestamp, d date, b boolean, u uuid)";
+    t timestamptz, ts timestamp, d date, b boolean, u uuid, c char(4))";
 
 /// Values per column: rows and filters draw from the same pools, so equalities happen.
 fn pool(column: &str) -> &'static [&'static str] {
@@ -31,7 +31,7 @@ fn pool(column: &str) -> &'static [&'static str] {
             "12345678901234567890.1",
         ],
         "f" => &["0.1", "1e300", "-1e-300", "NaN", "Infinity", "3", "-0.5"],
-        "s" | "v" => &[
+        "s" | "v" | "c" => &[
             "a", "B", "it's", "\"q\"", "é", "É", "日本", "a%b", "", "zz", "ab", "Ab", "a_b", "a,b",
             "(x)",
         ],
@@ -102,11 +102,11 @@ async fn sql_and_rust_agree_on_random_filters_over_random_rows() {
     let db = TestDb::new().await;
     db.exec(PROPERTY_TABLE).await;
     let client = db.client().await;
-    let names = ["n", "x", "f", "s", "v", "t", "ts", "d", "b", "u"];
+    let names = ["n", "x", "f", "s", "v", "t", "ts", "d", "b", "u", "c"];
     let insert =
-        "insert into p(n, x, f, s, v, t, ts, d, b, u) values ($1::text::int, $2::text::numeric,
+        "insert into p(n, x, f, s, v, t, ts, d, b, u, c) values ($1::text::int, $2::text::numeric,
         $3::text::float8, $4, $5, $6::text::timestamptz, $7::text::timestamp, $8::text::date,
-        $9::text::boolean, $10::text::uuid)";
+        $9::text::boolean, $10::text::uuid, $11::text::char(4))";
     for _ in 0..300 {
         let values: Vec<Option<String>> = names
             .iter()

@@ -824,3 +824,41 @@ async fn a_database_that_is_down_gives_503_quickly() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn char_keys_and_a_column_named_t_are_handled_exactly() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table countries(code char(2) primary key, name text);
+             create table events(id int primary key, t timestamptz);
+             create table \"Order Items\"(id int primary key)",
+            &["countries", "events", "Order Items"],
+        )
+        .await;
+    db.exec(
+        "insert into countries values ('U', 'one letter'), ('US', 'two letters');
+         insert into events values (1, '2026-01-01T00:00:00Z')",
+    )
+    .await;
+    let relay = Relay::start(&db, &["countries", "events", "Order Items"]).await;
+    let a = relay.addr;
+
+    // A char(2) key is compared as char(2), not cut to its first letter.
+    let deleted = http(a, "DELETE", "/api/countries/US", None).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    assert_eq!(deleted.json["name"], "two letters");
+    let left = http(a, "GET", "/api/countries?code=eq.U", None).await;
+    assert_eq!(left.json, json!([{"code": "U ", "name": "one letter"}]));
+
+    // A column named like the table alias does not replace the row.
+    let event = http(a, "GET", "/api/events/1", None).await;
+    assert_eq!(event.json["id"], 1, "{}", event.text);
+    let mut ws = relay.ws("/ws/events?snapshot=true").await;
+    assert_eq!(ws.initial_rows().await[0]["id"], 1);
+
+    // A table name that needs percent-encoding in the path.
+    let mut ws = relay.ws("/ws/Order%20Items").await;
+    db.exec("insert into \"Order Items\" values (5)").await;
+    assert_eq!(ws.next_json().await["resource"], "Order Items");
+}

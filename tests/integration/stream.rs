@@ -376,3 +376,29 @@ async fn serializable_writers_of_different_tables_never_fail_because_of_capture(
             .expect("capture made a serializable writer fail");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_named_like_the_triggers_aliases_are_captured_whole() {
+    // t, n, o, r, i, k, c, p, keys, single are names the capture SQL uses internally.
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table odd(t int, n int, o int, r int, i int, k int, c int, p int,
+                              keys int, single int, primary key (t, k))",
+            &["odd"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["odd"]).await;
+    let mut ws = relay.ws("/ws/odd").await;
+    db.exec("insert into odd values (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)")
+        .await;
+    db.exec("update odd set n = 20").await;
+    db.exec("delete from odd").await;
+    let events = ws.events(3).await;
+    let row = json!({"t": 1, "n": 2, "o": 3, "r": 4, "i": 5, "k": 6, "c": 7, "p": 8, "keys": 9, "single": 10});
+    assert_eq!(events[0]["data"], row);
+    assert_eq!(events[0]["id"], json!({"t": 1, "k": 6}));
+    assert_eq!(events[1]["old"], row);
+    assert_eq!(events[1]["data"]["n"], 20);
+    assert_eq!(events[2]["type"], "delete");
+}
