@@ -702,6 +702,45 @@ mod tests {
         }
     }
 
+    fn condition(name: &str, kind: Kind, op: Operator, value: Value) -> Condition {
+        Condition {
+            column: column(name, kind),
+            op,
+            sql_values: vec![value.to_string()],
+            keys: vec![key_of(kind, &value).unwrap()],
+            pattern: vec![],
+        }
+    }
+
+    #[test]
+    fn filters_compose_with_and_in_rust_and_in_sql() {
+        // How a caller-bound filter (e.g. tenant_id from a token) joins a subscription's own.
+        let own = Filter {
+            conditions: vec![condition("price", Kind::Number, Operator::Gt, json!(10))],
+        };
+        let bound = Filter {
+            conditions: vec![condition("tenant", Kind::Number, Operator::Eq, json!(42))],
+        };
+        let both = own.and(bound);
+        assert!(both.matches(&json!({"price": 11, "tenant": 42})));
+        assert!(!both.matches(&json!({"price": 11, "tenant": 7})));
+        assert!(!both.matches(&json!({"price": 9, "tenant": 42})));
+        let mut params = Vec::new();
+        assert_eq!(
+            both.to_sql(&mut params),
+            r#"("price" > ($1::text)::x) and ("tenant" = ($2::text)::x)"#
+        );
+        assert_eq!(params.len(), 2);
+        assert_eq!(Filter::default().to_sql(&mut Vec::new()), "true");
+    }
+
+    #[test]
+    fn char_columns_ignore_padding_like_postgres() {
+        let c = condition("code", Kind::PaddedText, Operator::Eq, json!("US"));
+        assert!(c.matches(&json!({"code": "US  "})));
+        assert!(!c.matches(&json!({"code": "U   "})));
+    }
+
     #[test]
     fn null_matches_no_comparison_and_operators_respect_types() {
         let c = Condition {
