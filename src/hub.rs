@@ -22,6 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::event::{ChangeEvent, Op};
 
@@ -41,12 +42,12 @@ pub struct HubLimits {
 pub struct Entry {
     /// The decoded event (for filters and snapshot visibility).
     pub event: ChangeEvent,
-    /// The JSON text frame, encoded once.
-    pub frame: Arc<str>,
+    /// The JSON text frame, encoded once; cloning it shares the bytes.
+    pub frame: Utf8Bytes,
     /// The table's subscriber-facing name.
     pub resource: Arc<str>,
     /// Frames for other shapes (type as sent, projection key), encoded on first use.
-    shaped: Mutex<Vec<(Op, u64, Arc<str>)>>,
+    shaped: Mutex<Vec<(Op, u64, Utf8Bytes)>>,
     /// Bytes published on this table up to and including this entry.
     end_offset: u64,
 }
@@ -59,17 +60,17 @@ impl Entry {
         sent: Op,
         select_key: u64,
         encode: impl FnOnce() -> String,
-    ) -> Arc<str> {
+    ) -> Utf8Bytes {
         // Poisoning leaves the cache consistent (a push either happened or not).
         let mut shaped = self.shaped.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, _, frame)) = shaped
             .iter()
             .find(|(op, key, _)| *op == sent && *key == select_key)
         {
-            return Arc::clone(frame);
+            return frame.clone();
         }
-        let frame: Arc<str> = encode().into();
-        shaped.push((sent, select_key, Arc::clone(&frame)));
+        let frame = Utf8Bytes::from(encode());
+        shaped.push((sent, select_key, frame.clone()));
         frame
     }
 }
@@ -128,7 +129,7 @@ impl Topic {
     }
 
     fn publish(&self, event: ChangeEvent) {
-        let frame: Arc<str> = event.to_frame(&self.resource).into();
+        let frame = Utf8Bytes::from(event.to_frame(&self.resource));
         let mut ring = self.lock();
         ring.published_bytes += frame.len() as u64;
         ring.held_bytes += frame.len();

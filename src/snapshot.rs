@@ -7,7 +7,7 @@ use deadpool_postgres::Pool;
 use futures_util::{Sink, SinkExt};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
-use warp::ws::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::event::control;
 use crate::sql::{SqlError, TableInfo, quote_ident, quote_table};
@@ -59,7 +59,7 @@ pub enum SnapshotError {
     Sql(#[from] SqlError),
     /// The client went away.
     #[error("Socket closed while sending initial data")]
-    Socket(#[source] warp::Error),
+    Socket(#[source] WsError),
     /// The client stopped reading.
     #[error("The client stopped reading the initial data")]
     Stalled,
@@ -86,7 +86,7 @@ pub async fn send_initial<S>(
     sink: &mut S,
 ) -> Result<Snapshot, SnapshotError>
 where
-    S: Sink<Message, Error = warp::Error> + Unpin,
+    S: Sink<Message, Error = WsError> + Unpin,
 {
     let mut client = pool.get().await.map_err(SqlError::from)?;
     let tx = client
@@ -147,7 +147,7 @@ where
 /// client must not keep the snapshot's transaction, and its pooled connection, open).
 async fn send<S>(sink: &mut S, message: String, limit: Duration) -> Result<(), SnapshotError>
 where
-    S: Sink<Message, Error = warp::Error> + Unpin,
+    S: Sink<Message, Error = WsError> + Unpin,
 {
     match tokio::time::timeout(limit, sink.send(Message::text(message))).await {
         Ok(result) => result.map_err(SnapshotError::Socket),

@@ -12,6 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::event::{ChangeEvent, Op, changed_columns};
 use crate::filter::{self, Filter, FilterError, RawCondition};
@@ -209,7 +210,7 @@ impl Shape {
     }
 
     /// The frame this subscriber gets for `entry`, or `None` when it gets nothing.
-    pub fn frame(&self, entry: &Entry) -> Option<Arc<str>> {
+    pub fn frame(&self, entry: &Entry) -> Option<Utf8Bytes> {
         let event = &entry.event;
         let sent = if self.filter.is_empty() {
             Some(event.op)
@@ -231,7 +232,7 @@ impl Shape {
             return None;
         }
         if sent == event.op && self.select.is_none() {
-            return Some(Arc::clone(&entry.frame));
+            return Some(entry.frame.clone());
         }
         Some(entry.shaped_frame(sent, self.select_key, || {
             self.encode(event, sent, &entry.resource)
