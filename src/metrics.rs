@@ -20,6 +20,8 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Log rows deleted by retention.
     pub pruned_rows: AtomicU64,
+    /// Rows a pointer announced that were no longer in the log when read.
+    pub missing_log_rows: AtomicU64,
 }
 
 impl Metrics {
@@ -41,7 +43,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self, listening: bool) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, u64); 8] = [
+        let rows: [(&str, &str, &str, u64); 9] = [
             (
                 "pgrelay_events_captured_total",
                 "counter",
@@ -83,6 +85,12 @@ impl Metrics {
                 "counter",
                 "Log rows deleted by retention.",
                 self.pruned_rows.load(Ordering::Relaxed),
+            ),
+            (
+                "pgrelay_missing_log_rows_total",
+                "counter",
+                "Announced log rows gone before capture read them.",
+                self.missing_log_rows.load(Ordering::Relaxed),
             ),
             (
                 "pgrelay_capture_listening",

@@ -279,18 +279,34 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         match decode(payload) {
             Ok(Payload::Event(event)) => self.publish(progress, *event),
-            Ok(Payload::Pointer { xid, from, to, .. }) => {
-                let xid_text = xid.to_string();
-                let mut next = from;
-                while next <= to {
-                    let end = to.min(next.saturating_add(FETCH_BATCH - 1));
-                    let rows = client
-                        .query(FETCH_POINTER, &[&next, &end, &xid_text])
-                        .await?;
+            Ok(Payload::Pointer {
+                xid,
+                from,
+                to,
+                rows: expected,
+            }) => {
+                let mut reads = windows(client, FETCH_POINTER, from, to, xid.to_string());
+                let mut found = 0i64;
+                while let Some(rows) = reads.next().await {
+                    let rows = rows?;
+                    found += rows.len() as i64;
                     for row in &rows {
                         self.publish(progress, decode_row(row)?);
                     }
-                    next = end.saturating_add(1);
+                }
+                if found < expected {
+                    // Rows pruned before the relay read them (a retention shorter than the
+                    // relay's lag): never silent.
+                    self.metrics
+                        .add(&self.metrics.missing_log_rows, (expected - found) as u64);
+                    tracing::error!(
+                        xid,
+                        from,
+                        to,
+                        expected,
+                        found,
+                        "log rows of a statement are missing"
+                    );
                 }
             }
             Ok(Payload::Marker(id)) => {
