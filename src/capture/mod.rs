@@ -230,7 +230,13 @@ impl Capture {
             });
         }
         let progress = progress.as_mut().expect("progress was set above");
-        listener.client().batch_execute("listen pgrelay").await?;
+        // The only writes on this connection are the progress row for `pgrelay status`
+        // (observability; losing the last one in a crash is harmless). Without this, each
+        // one waits for a WAL flush, and notifications queue behind it.
+        listener
+            .client()
+            .batch_execute("set synchronous_commit = off; listen pgrelay")
+            .await?;
         if reconnect {
             self.catch_up(listener.client(), progress).await?;
         }
