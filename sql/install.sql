@@ -5,7 +5,8 @@
 -- Payload contract (NOTIFY channel 'pgrelay', JSON text, always well under 8000 bytes):
 --   inline event  {"k":"e", <the object pgrelay.event_json renders>}
 --       sent when a statement changed exactly one row and the event fits in 7000 bytes;
---   pointer       {"k":"p","xid":"<xid8>","from":<seq>,"to":<seq>,"n":<rows>}
+--   pointer       {"k":"p","xid":"<xid8>","from":<seq>,"to":<seq>,"n":<rows>,
+--                  "schema":…,"table":…}
 --       everything else: the relay reads the rows with that xid and seq in [from, to]
 --       from pgrelay.changes. Concurrent statements interleave their seqs, so the xid is
 --       what picks out exactly this statement's rows.
@@ -125,7 +126,8 @@ begin
     else
         perform pg_notify('pgrelay', json_build_object(
             'k', 'p', 'xid', pg_current_xact_id()::text,
-            'from', v_first, 'to', v_last, 'n', v_rows)::text);
+            'from', v_first, 'to', v_last, 'n', v_rows,
+            'schema', tg_table_schema, 'table', tg_table_name)::text);
     end if;
     return null;
 end

@@ -40,8 +40,11 @@ pub struct HubLimits {
 /// One published event and its encoded frame, shared by every subscriber of the table.
 #[derive(Debug)]
 pub struct Entry {
-    /// The decoded event (for filters and snapshot visibility).
+    /// The decoded event (for filters and snapshot visibility); a placeholder for a gap.
     pub event: ChangeEvent,
+    /// Events of this table were lost here (log rows gone before capture read them): every
+    /// subscriber gets `frame`, a `reset` message, whatever its filter or snapshot.
+    pub gap: bool,
     /// The JSON text frame, encoded once; cloning it shares the bytes.
     pub frame: Utf8Bytes,
     /// The table's subscriber-facing name.
@@ -130,12 +133,41 @@ impl Topic {
 
     fn publish(&self, event: ChangeEvent) {
         let frame = Utf8Bytes::from(event.to_frame(&self.resource));
+        self.push(event, frame, false);
+    }
+
+    /// Records that events of this table were lost (see [`Entry::gap`]).
+    fn publish_gap(&self) {
+        let (schema, table) = match self.resource.split_once('.') {
+            Some((schema, table)) => (schema.to_owned(), table.to_owned()),
+            None => ("public".to_owned(), self.resource.to_string()),
+        };
+        let placeholder = ChangeEvent {
+            seq: 0,
+            xid: 0,
+            ts: String::new(),
+            schema,
+            table,
+            op: Op::Create,
+            id: serde_json::Value::Null,
+            data: None,
+            old: None,
+        };
+        let frame = Utf8Bytes::from(crate::event::control::reset(
+            &self.resource,
+            "events_missing",
+        ));
+        self.push(placeholder, frame, true);
+    }
+
+    fn push(&self, event: ChangeEvent, frame: Utf8Bytes, gap: bool) {
         let mut ring = self.lock();
         ring.published_bytes += frame.len() as u64;
         ring.held_bytes += frame.len();
         let end_offset = ring.published_bytes;
         ring.entries.push_back(Arc::new(Entry {
             event,
+            gap,
             frame,
             resource: Arc::clone(&self.resource),
             shaped: Mutex::new(Vec::new()),
@@ -173,7 +205,10 @@ impl Topic {
     /// longer (or never) held it.
     pub fn subscribe_after_seq(self: &Arc<Self>, seq: i64) -> Option<Cursor> {
         let ring = self.lock();
-        let index = ring.entries.iter().rposition(|e| e.event.seq == seq)?;
+        let index = ring
+            .entries
+            .iter()
+            .rposition(|e| !e.gap && e.event.seq == seq)?;
         let entry = &ring.entries[index];
         let (pos, offset, base) = (
             ring.first + index as u64 + 1,
@@ -316,6 +351,22 @@ impl Hub {
     /// The topic of an exposed table, by its resource name.
     pub fn topic(&self, resource: &str) -> Option<&Arc<Topic>> {
         self.by_resource.get(resource)
+    }
+
+    /// Tells the subscribers of a table (or, with `None`, of every table) that events were
+    /// lost: they get a `reset` in stream order.
+    pub fn publish_gap(&self, table: Option<(&str, &str)>) {
+        match table {
+            Some((schema, table)) => {
+                if let Some(topic) = self.topics.get(schema).and_then(|t| t.get(table)) {
+                    topic.publish_gap();
+                }
+            }
+            None => self
+                .by_resource
+                .values()
+                .for_each(|topic| topic.publish_gap()),
+        }
     }
 
     /// Publishes an event to its table's subscribers. Returns false when the table is not

@@ -22,6 +22,8 @@ pub enum Payload {
         to: i64,
         /// How many rows the statement logged.
         rows: i64,
+        /// The statement's table, `(schema, table)` (absent from payloads of older triggers).
+        table: Option<(String, String)>,
     },
     /// A marker the relay sent itself (the catch-up horizon, DESIGN.md guarantee 2).
     Marker(String),
@@ -54,6 +56,10 @@ enum Raw {
         from: i64,
         to: i64,
         n: i64,
+        #[serde(default)]
+        schema: Option<String>,
+        #[serde(default)]
+        table: Option<String>,
     },
     #[serde(rename = "m")]
     Marker { id: String },
@@ -63,7 +69,14 @@ enum Raw {
 pub fn decode(payload: &str) -> Result<Payload, DecodeError> {
     match serde_json::from_str::<Raw>(payload)? {
         Raw::Event(event) => Ok(Payload::Event(event)),
-        Raw::Pointer { xid, from, to, n } => {
+        Raw::Pointer {
+            xid,
+            from,
+            to,
+            n,
+            schema,
+            table,
+        } => {
             let xid = xid
                 .parse()
                 .map_err(|_| serde::de::Error::custom(format!("xid {xid:?} is not a number")))
@@ -76,6 +89,7 @@ pub fn decode(payload: &str) -> Result<Payload, DecodeError> {
                 from,
                 to,
                 rows: n,
+                table: schema.zip(table),
             })
         }
         Raw::Marker { id } => Ok(Payload::Marker(id)),
@@ -102,16 +116,23 @@ mod tests {
         );
         assert_eq!(e.old, None);
 
-        let pointer = r#"{"k" : "p", "xid" : "759", "from" : 2, "to" : 4, "n" : 3}"#;
+        let pointer = r#"{"k" : "p", "xid" : "759", "from" : 2, "to" : 4, "n" : 3, "schema" : "public", "table" : "items"}"#;
         assert_eq!(
             decode(pointer).unwrap(),
             Payload::Pointer {
                 xid: 759,
                 from: 2,
                 to: 4,
-                rows: 3
+                rows: 3,
+                table: Some(("public".into(), "items".into())),
             }
         );
+        // Payloads of triggers installed by an earlier version name no table.
+        let old = r#"{"k":"p","xid":"1","from":2,"to":4,"n":3}"#;
+        assert!(matches!(
+            decode(old).unwrap(),
+            Payload::Pointer { table: None, .. }
+        ));
         assert_eq!(
             decode(r#"{"k":"m","id":"7"}"#).unwrap(),
             Payload::Marker("7".into())

@@ -290,6 +290,7 @@ impl Capture {
                 from,
                 to,
                 rows: expected,
+                table,
             }) => {
                 let mut reads = windows(client, FETCH_POINTER, from, to, xid.to_string());
                 let mut found = 0i64;
@@ -313,6 +314,8 @@ impl Capture {
                         found,
                         "log rows of a statement are missing"
                     );
+                    let table = table.as_ref().map(|(s, t)| (s.as_str(), t.as_str()));
+                    self.hub.publish_gap(table);
                 }
             }
             Ok(Payload::Marker(id)) => {

@@ -697,6 +697,11 @@ async fn write_events(
     let write = async {
         let mut sent = 0u64;
         for entry in batch.iter() {
+            if entry.gap {
+                sink.feed(Message::Text(entry.frame.clone())).await?;
+                sent += 1;
+                continue;
+            }
             if seen_in
                 .as_ref()
                 .is_some_and(|s| s.contains(entry.event.xid))

@@ -404,9 +404,10 @@ async fn columns_named_like_the_triggers_aliases_are_captured_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn log_rows_gone_before_capture_reads_them_are_counted_not_silent() {
+async fn log_rows_gone_before_capture_reads_them_reset_subscribers_not_silently() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
     // Hold capture back (a session queues for an exclusive lock on the log behind the writer),
     // then delete the statement's log rows, as a too-short retention would.
     let writer = db.client().await;
@@ -467,4 +468,11 @@ async fn log_rows_gone_before_capture_reads_them_are_counted_not_silent() {
         }
     })
     .await;
+    // The subscriber is told its copy has a hole, in stream order, then the stream goes on.
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "reset", "resource": "items", "reason": "events_missing"})
+    );
+    db.exec("insert into items(name) values ('after')").await;
+    assert_eq!(ws.next_json().await["data"]["name"], "after");
 }
