@@ -8,7 +8,7 @@
 //! any writer -> table -> AFTER triggers (sql/install.sql) -> pgrelay.changes + NOTIFY
 //!   capture  (one dedicated LISTEN connection: decode, read pointers, catch up)
 //!   -> hub   (per-table ring of frames encoded once; cursors; slow consumers -> 4008)
-//!   -> http  (warp: /ws/{table}, /healthz, /readyz, /metrics)
+//!   -> http  (warp: /ws/{table}, /ws, /api/{table}, /healthz, /readyz, /metrics)
 //! REST (/api/{table}, pooled connections) writes like any other writer: through the triggers.
 //! ```
 //!
@@ -16,6 +16,7 @@
 //! - [`capture`] — the LISTEN task, reconnect and catch-up.
 //! - [`hub`] — fan-out.
 //! - [`snapshot`] — initial data and the snapshot handoff.
+//! - [`filter`], [`subscription`] — what a subscriber asks for and what it receives.
 //! - [`http`] — routes, the per-socket task and the REST API.
 //! - [`sql`] — install/uninstall, catalog, pool, identifier quoting.
 //! - [`retention`] — pruning the change log.
