@@ -4,7 +4,7 @@
 //! The socket task is a `select!` over shutdown, client frames, the heartbeat and the hub
 //! cursors of its subscriptions. A `/ws/{table}` cursor is created before the upgrade
 //! completes, so every event published after the client sees `101 Switching Protocols`
-//! reaches it. Writes are batched: up to [`WRITE_BATCH`] frames are fed, then flushed once.
+//! reaches it. Writes are batched: up to `WRITE_BATCH` frames are fed, then flushed once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -172,7 +172,7 @@ pub fn multiplexed_route(
 /// A WebSocket upgrade request (RFC 6455), checked.
 ///
 /// pgrelay answers the handshake itself instead of using `warp::ws()`, because warp 0.4 cannot
-/// size tungstenite's read buffer (see [`READ_BUFFER`]).
+/// size tungstenite's read buffer (see `READ_BUFFER`).
 pub struct Handshake {
     /// `Sec-WebSocket-Accept` for the reply.
     accept: String,
