@@ -247,7 +247,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).into_owned();
+    Ok(status_and_body(&response))
+}
+
+/// The status code and body of a raw HTTP/1.1 response.
+fn status_and_body(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response);
     let status = text
         .split_whitespace()
         .nth(1)
@@ -257,7 +262,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    Ok((status, body))
+    (status, body)
 }
 
 /// A WebSocket test client.
@@ -615,16 +620,7 @@ pub async fn http_raw(addr: SocketAddr, head: String, body: Vec<u8>) -> std::io:
         }
     }
     writer.abort();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (status, body) = status_and_body(&response);
     let json = serde_json::from_str(&body).unwrap_or(Value::Null);
     Ok(Response {
         status,
