@@ -37,17 +37,13 @@ async fn killing_the_relays_connections_mid_stream_loses_and_repeats_nothing() {
     let killed_at = Instant::now();
     let killed = terminate_relay_connections(&db).await;
     assert!(killed >= 1, "the capture connection was terminated");
-    within(crate::support::STEP, async {
-        loop {
-            let (_, metrics) = http_get(relay.addr, "/metrics").await.unwrap();
-            if metrics.contains("pgrelay_capture_reconnects_total 1")
-                && metrics.contains("pgrelay_capture_listening 1")
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
+    crate::support::wait_for_metrics(
+        relay.addr,
+        &[
+            "pgrelay_capture_reconnects_total 1",
+            "pgrelay_capture_listening 1",
+        ],
+    )
     .await;
     eprintln!(
         "recovery after pg_terminate_backend: listening again after {:?}",

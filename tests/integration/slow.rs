@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::support::{RelayProcess, TestDb, Ws, http_get, within};
+use crate::support::{
+    RelayProcess, TestDb, Ws, http_get, stalled_client, wait_for_metrics, within,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
@@ -17,12 +19,7 @@ async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
     let url = format!("ws://{}/ws/docs", relay.addr);
 
     // The stalled client: a tiny receive buffer, a completed handshake, then no reads.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(relay.addr).await.unwrap();
-    let (stalled, _) = tokio_tungstenite::client_async(url.as_str(), stream)
-        .await
-        .unwrap();
+    let stalled = stalled_client(relay.addr, "/ws/docs").await;
 
     let (healthy, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
@@ -50,17 +47,10 @@ async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
     within(Duration::from_secs(60), write).await.unwrap();
 
     // The stalled client was closed as a slow consumer; only the healthy one is left.
-    within(Duration::from_secs(20), async {
-        loop {
-            let (_, metrics) = http_get(relay.addr, "/metrics").await.unwrap();
-            if metrics.contains("pgrelay_slow_consumers_total 1")
-                && metrics.contains("pgrelay_ws_connections 1")
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
+    wait_for_metrics(
+        relay.addr,
+        &["pgrelay_slow_consumers_total 1", "pgrelay_ws_connections 1"],
+    )
     .await;
     let peak = relay.peak_rss();
     eprintln!(
@@ -73,33 +63,6 @@ async fn a_client_that_stops_reading_is_closed_and_the_others_get_everything() {
         peak >> 20
     );
     drop(stalled);
-}
-
-async fn stalled_client(
-    addr: std::net::SocketAddr,
-    path: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
-    let url = format!("ws://{addr}{path}");
-    tokio_tungstenite::client_async(url.as_str(), stream)
-        .await
-        .unwrap()
-        .0
-}
-
-async fn wait_for_metric(addr: std::net::SocketAddr, needle: &str) {
-    within(Duration::from_secs(20), async {
-        loop {
-            let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
-            if metrics.contains(needle) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +82,7 @@ async fn a_client_that_stops_reading_its_initial_data_is_closed_and_releases_the
     })
     .await;
     let _stalled = stalled_client(relay.addr, "/ws/docs?snapshot=true").await;
-    wait_for_metric(relay.addr, "pgrelay_slow_consumers_total 1").await;
+    wait_for_metrics(relay.addr, &["pgrelay_slow_consumers_total 1"]).await;
     let open_snapshots: i64 = db
         .client()
         .await

@@ -222,46 +222,11 @@ async fn a_snapshot_taken_while_the_relay_drains_a_big_insert_has_each_row_once(
     // Hold capture back deterministically: a session queues for an exclusive lock on the log
     // behind the writer, so it gets the lock the moment the writer commits, before capture
     // can read the 20,000 rows the notification points to.
-    let writer = db.client().await;
-    writer
-        .batch_execute(
-            "begin; insert into items(name) select 'n' || g from generate_series(1, 20000) g",
-        )
-        .await
-        .unwrap();
-    let locker = db.client().await;
-    let locker_pid: i32 = locker
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let lock = tokio::spawn(async move {
-        locker
-            .batch_execute("begin; lock table pgrelay.changes in access exclusive mode")
-            .await
-            .unwrap();
-        locker
-    });
-    let observer = db.client().await;
-    within(crate::support::STEP, async {
-        loop {
-            let waiting: i64 = observer
-                .query_one(
-                    "select count(*) from pg_locks where pid = $1 and not granted",
-                    &[&locker_pid],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
+    let locker = crate::support::commit_with_capture_held_back(
+        &db,
+        "insert into items(name) select 'n' || g from generate_series(1, 20000) g",
+    )
     .await;
-    writer.batch_execute("commit").await.unwrap();
-    let locker = within(crate::support::STEP, lock).await.unwrap();
 
     let mut ws = relay.ws("/ws/items?snapshot=true").await;
     let rows = ws.initial_rows().await;

@@ -410,64 +410,16 @@ async fn log_rows_gone_before_capture_reads_them_reset_subscribers_not_silently(
     let mut ws = relay.ws("/ws/items").await;
     // Hold capture back (a session queues for an exclusive lock on the log behind the writer),
     // then delete the statement's log rows, as a too-short retention would.
-    let writer = db.client().await;
-    writer
-        .batch_execute(
-            "begin; insert into items(name) select 'n' || g from generate_series(1, 10) g",
-        )
-        .await
-        .unwrap();
-    let locker = db.client().await;
-    let locker_pid: i32 = locker
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let lock = tokio::spawn(async move {
-        locker
-            .batch_execute("begin; lock table pgrelay.changes in access exclusive mode")
-            .await
-            .unwrap();
-        locker
-    });
-    let observer = db.client().await;
-    crate::support::within(crate::support::STEP, async {
-        loop {
-            let waiting: i64 = observer
-                .query_one(
-                    "select count(*) from pg_locks where pid = $1 and not granted",
-                    &[&locker_pid],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting > 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
+    let locker = crate::support::commit_with_capture_held_back(
+        &db,
+        "insert into items(name) select 'n' || g from generate_series(1, 10) g",
+    )
     .await;
-    writer.batch_execute("commit").await.unwrap();
-    let locker = crate::support::within(crate::support::STEP, lock)
-        .await
-        .unwrap();
     locker
         .batch_execute("delete from pgrelay.changes; commit")
         .await
         .unwrap();
-    crate::support::within(crate::support::STEP, async {
-        loop {
-            let (_, metrics) = crate::support::http_get(relay.addr, "/metrics")
-                .await
-                .unwrap();
-            if metrics.contains("pgrelay_missing_log_rows_total 10") {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    crate::support::wait_for_metrics(relay.addr, &["pgrelay_missing_log_rows_total 10"]).await;
     // The subscriber is told its copy has a hole, in stream order, then the stream goes on.
     assert_eq!(
         ws.next_json().await,

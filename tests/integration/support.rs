@@ -671,3 +671,78 @@ pub fn http(
         }
     }
 }
+
+/// Waits until `/metrics` contains every one of `needles` (e.g. `"pgrelay_slow_consumers_total 1"`).
+#[track_caller]
+pub fn wait_for_metrics<'a>(
+    addr: SocketAddr,
+    needles: &'a [&'a str],
+) -> impl Future<Output = ()> + 'a {
+    within(STEP, async move {
+        loop {
+            let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+            if needles.iter().all(|n| metrics.contains(n)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// Runs `statement` in a transaction and commits it while capture is held back: a session
+/// queues for an exclusive lock on the log behind the writer, so it gets the lock the moment
+/// the writer commits, before capture can read the rows the notification points to. Returns
+/// that session, inside its transaction; commit (or roll back) on it to let capture go on.
+pub async fn commit_with_capture_held_back(db: &TestDb, statement: &str) -> tokio_postgres::Client {
+    let writer = db.client().await;
+    writer
+        .batch_execute(&format!("begin; {statement}"))
+        .await
+        .unwrap();
+    let locker = db.client().await;
+    let locker_pid: i32 = locker
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lock = tokio::spawn(async move {
+        locker
+            .batch_execute("begin; lock table pgrelay.changes in access exclusive mode")
+            .await
+            .unwrap();
+        locker
+    });
+    let observer = db.client().await;
+    within(STEP, async {
+        loop {
+            let waiting: i64 = observer
+                .query_one(
+                    "select count(*) from pg_locks where pid = $1 and not granted",
+                    &[&locker_pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    writer.batch_execute("commit").await.unwrap();
+    within(STEP, lock).await.unwrap()
+}
+
+/// A client that completes the handshake with a tiny receive buffer (and then reads only if
+/// the test makes it).
+pub async fn stalled_client(addr: SocketAddr, path: &str) -> WebSocketStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let url = format!("ws://{addr}{path}");
+    tokio_tungstenite::client_async(url.as_str(), stream)
+        .await
+        .unwrap()
+        .0
+}
