@@ -382,7 +382,15 @@ impl Capture {
             return;
         }
         progress.record(&event);
-        progress.last = Some((event.seq, event.ts.clone()));
+        // Reuse the buffer: this runs for every event, the report once a second.
+        match &mut progress.last {
+            Some((seq, ts)) => {
+                *seq = event.seq;
+                ts.clear();
+                ts.push_str(&event.ts);
+            }
+            None => progress.last = Some((event.seq, event.ts.clone())),
+        }
         self.metrics.inc(&self.metrics.events_captured);
         self.hub.publish(event);
     }
