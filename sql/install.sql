@@ -1,44 +1,75 @@
--- pgrelay capture schema: the change log, the event renderer and the capture trigger.
+-- pgrelay capture schema: the change log and the capture triggers.
 --
 -- Idempotent: every statement can run again, and while writers run.
 --
--- Payload contract (NOTIFY channel 'pgrelay', JSON text, always well under 8000 bytes):
---   inline event  {"k":"e", <the object pgrelay.event_json renders>}
---       sent when a statement changed exactly one row and the event fits in 7000 bytes;
---   pointer       {"k":"p","xid":"<xid8>","from":<seq>,"to":<seq>,"n":<rows>,
---                  "schema":…,"table":…}
---       everything else: the relay reads the rows with that xid and seq in [from, to]
---       from pgrelay.changes. Concurrent statements interleave their seqs, so the xid is
---       what picks out exactly this statement's rows.
--- Every payload carries a seq, so PostgreSQL never folds two of them into one.
+-- The log is the only source of events. Each row of pgrelay.changes is one chunk of one
+-- statement's events (at most 1000 events or about 1 MiB of JSON), written by the statement's
+-- capture trigger in the writer's transaction:
+--   xid       the writer's transaction (xid8)
+--   seq       seq of the chunk's first event; last_seq of its last
+--   relid     the exposed table (the partitioned root for a partition's rows)
+--   n         events in the chunk
+--   body      a JSON array of events, each [seq, op, id, data, old]:
+--               op 'c' create, 'u' update, 'd' delete, 't' truncate,
+--               'p' a partition of relid was truncated (its rows are gone, unlisted);
+--             id is the primary key (the bare value, or an object for a composite key) as
+--             it was when the trigger fired; data / old are the new / old row (to_json,
+--             columns in table order), null where they do not apply.
+-- An update that changes the primary key is logged as a delete of the old key and a create
+-- of the new one, and a statement's deletes of old keys come before its other events, so a
+-- client that applies events by key stays exact.
+--
+-- Notifications carry nothing: a capture trigger in 'notify' mode calls
+-- pg_notify('pgrelay', ''), which PostgreSQL folds to one notification per transaction,
+-- delivered after commit. It only tells relays to read the log now; what they read, and in
+-- which order, comes from the log alone, so a forged or lost notification changes nothing.
+-- In 'poll' mode the triggers never NOTIFY (no commit-time lock) and relays poll.
+--
+-- Rendering: the capture functions pin the settings that shape to_json's text (TimeZone UTC,
+-- extra_float_digits, bytea_output, IntervalStyle), so events look the same whatever the
+-- writer's session settings, and the same as the relay's own reads.
 
 create schema if not exists pgrelay;
 
--- The durable log. seq is assigned at insert, not at commit; xid is the writer's transaction.
-create table if not exists pgrelay.changes (
-    seq         bigserial   primary key,
-    xid         xid8        not null default pg_current_xact_id(),
-    ts          timestamptz not null default clock_timestamp(),
-    schema_name text        not null,
-    table_name  text        not null,
-    op          text        not null check (op in ('create', 'update', 'delete')),
-    id          jsonb       not null,
-    data        jsonb,
-    old         jsonb
-);
-
--- Catch-up after a reconnect reads the rows at or above the relay's xid horizon.
--- (Created only when missing: CREATE INDEX IF NOT EXISTS would still lock the log table,
--- and a reinstall must not lock anything writers use.)
+-- An earlier layout (one row per event, keyed by table name) cannot be read by this version:
+-- its rows are dropped (relays answer resumes into that history with a reset).
 do $$
 begin
-    if to_regclass('pgrelay.changes_xid_idx') is null then
-        create index changes_xid_idx on pgrelay.changes (xid);
+    if to_regclass('pgrelay.changes') is not null and not exists (
+        select 1 from pg_attribute
+         where attrelid = to_regclass('pgrelay.changes') and attname = 'relid' and not attisdropped)
+    then
+        raise notice 'pgrelay: replacing the change log of an earlier version (its rows are dropped)';
+        drop table pgrelay.changes cascade;
     end if;
 end
 $$;
 
--- Each relay's progress, for `pgrelay status` (observability only: relays never read it).
+create sequence if not exists pgrelay.changes_seq as bigint;
+
+create table if not exists pgrelay.changes (
+    xid      xid8        not null default pg_current_xact_id(),
+    seq      bigint      not null,
+    last_seq bigint      not null,
+    relid    oid         not null,
+    ts       timestamptz not null default clock_timestamp(),
+    n        integer     not null,
+    body     json        not null
+);
+
+-- Relays read the log by transaction: the rows of transactions that committed since their
+-- last read, in seq order. (Created only when missing: CREATE INDEX IF NOT EXISTS would still
+-- lock the log, and a reinstall must not lock anything writers use.)
+do $$
+begin
+    if to_regclass('pgrelay.changes_xid_seq_idx') is null then
+        create index changes_xid_seq_idx on pgrelay.changes (xid, seq);
+    end if;
+end
+$$;
+
+-- Each relay's progress, for `pgrelay status` and retention (observability: relays never
+-- read each other's rows).
 create table if not exists pgrelay.relays (
     instance  text        primary key,
     horizon   xid8        not null,
@@ -46,149 +77,326 @@ create table if not exists pgrelay.relays (
     last_ts   timestamptz,
     seen_at   timestamptz not null default now()
 );
+alter table pgrelay.relays add column if not exists pid integer;
+alter table pgrelay.relays add column if not exists held_by integer;
+-- Every transaction visible in it has been read by the relay: retention may prune its rows.
+alter table pgrelay.relays add column if not exists snapshot pg_snapshot;
 
--- One log row as the JSON object the relay decodes (shared by the trigger and the relay).
-create or replace function pgrelay.event_json(c pgrelay.changes) returns jsonb
-language sql stable parallel safe as $$
-    select jsonb_build_object(
-        'seq', c.seq, 'xid', c.xid::text, 'ts', c.ts,
-        'schema', c.schema_name, 'table', c.table_name, 'op', c.op,
-        'id', c.id, 'data', c.data, 'old', c.old)
+-- The highest xid whose log rows retention deleted: a relay whose horizon is at or below it
+-- may have lost rows it had not read (it was away longer than retention waits for a relay),
+-- and tells its subscribers so (`reset`, events_missing) instead of skipping silently.
+create table if not exists pgrelay.pruned (
+    one boolean primary key default true check (one),
+    xid xid8    not null
+);
+
+-- Functions of earlier versions.
+drop function if exists pgrelay.key_of(jsonb, text[]);
+drop function if exists pgrelay.event_json(pgrelay.changes);
+
+-- The primary key columns of a table, in key order, as they are now (a renamed key column is
+-- picked up by the next statement).
+create or replace function pgrelay.key_columns(rel oid) returns text[]
+language sql stable as $$
+    select array_agg(a.attname::text order by k.ord)
+      from pg_catalog.pg_index i
+     cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
+      join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+     where i.indrelid = rel and i.indisprimary
 $$;
 
--- (Earlier versions computed keys in a SQL function, which PostgreSQL cannot inline and so
--- re-plans on every call; the trigger now computes them inline.)
-drop function if exists pgrelay.key_of(jsonb, text[]);
+-- The key of a row (rendered by to_json) given its key columns.
+create or replace function pgrelay.key_of(r json, keys text[]) returns json
+language sql immutable as $$
+    select case when cardinality(keys) = 1 then r -> keys[1]
+           else (select json_object_agg(k, r -> k order by o) from unnest(keys) with ordinality as u(k, o))
+           end
+$$;
 
--- Statement-level AFTER trigger for INSERT, UPDATE and DELETE. The trigger arguments are the
--- table's primary key columns, in key order. One INSERT ... SELECT writes the whole statement
--- to the log and one NOTIFY announces it.
+-- Statement-level AFTER trigger for INSERT, UPDATE, DELETE and TRUNCATE on a plain table.
+-- Arguments: the capture mode ('notify' or 'poll').
 --
 -- The trigger never reads pgrelay.changes: under SERIALIZABLE, a read of the log would take
 -- predicate locks that every other writer's insert conflicts with, and writes must never fail
--- because of pgrelay. The inline payload of a one-row statement comes from RETURNING instead
--- (computed only when the statement has one row; CASE does not evaluate it otherwise).
+-- because of pgrelay.
 create or replace function pgrelay.capture() returns trigger
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set extra_float_digits = 1 set bytea_output = 'hex' set intervalstyle = 'postgres'
+as $$
+#variable_conflict use_column
 declare
-    keys    text[] := tg_argv[0:tg_nargs - 1];  -- tg_argv is 0-based; this copy is 1-based
-    k1      text := tg_argv[0];                  -- the key column of a one-column key
-    single  boolean := tg_nargs = 1;
-    v_rows  bigint;
-    v_first bigint;
-    v_last  bigint;
-    payload text;
+    keys   text[];
+    logged bigint := 0;
 begin
-    if tg_op = 'DELETE' then
-        select count(*) into v_rows from pgrelay_old;
-    else
-        select count(*) into v_rows from pgrelay_new;
-    end if;
-    if v_rows = 0 then
+    if tg_op = 'TRUNCATE' then
+        insert into pgrelay.changes (seq, last_seq, relid, n, body)
+        select s, s, tg_relid, 1, json_build_array(json_build_array(s, 't', null, null, null))
+          from (select nextval('pgrelay.changes_seq') as s) as x;
+        if tg_argv[0] = 'notify' then
+            perform pg_notify('pgrelay', '');
+        end if;
         return null;
     end if;
 
+    keys := pgrelay.key_columns(tg_relid);
     if tg_op = 'INSERT' then
-        with ins as (
-            insert into pgrelay.changes as c (schema_name, table_name, op, id, data)
-            select tg_table_schema, tg_table_name, 'create', case when single then n.r -> k1
-                   else (select jsonb_object_agg(k, n.r -> k) from unnest(keys) as k) end, n.r
-            from (select to_jsonb(t.*) as r from pgrelay_new t) as n
-            returning c.seq, case when v_rows = 1
-                             then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
-        select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;
+        with ev as (
+            select nextval('pgrelay.changes_seq') as s, 'c' as op, pgrelay.key_of(r, keys) as id,
+                   r as data, null::json as old
+              from (select to_json(t.*) as r from pgrelay_new as t) as x
+        )
+        insert into pgrelay.changes (seq, last_seq, relid, n, body)
+        select min(s), max(s), tg_relid, count(*), json_agg(json_build_array(s, op, id, data, old) order by s)
+          from (select ev.*, row_number() over (order by s) as rn,
+                       sum(octet_length(data::text)) over (order by s) as bytes from ev) as e
+         group by (rn - 1) / 1000 + bytes / 1048576;
     elsif tg_op = 'UPDATE' then
         -- The old and new transition tables hold the rows in the same order: pair them by
         -- position, which stays right when an update changes the primary key.
-        with ins as (
-            insert into pgrelay.changes as c (schema_name, table_name, op, id, data, old)
-            select tg_table_schema, tg_table_name, 'update', case when single then n.r -> k1
-                   else (select jsonb_object_agg(k, n.r -> k) from unnest(keys) as k) end, n.r, o.r
-            from (select row_number() over () as i, to_jsonb(t.*) as r from pgrelay_new t) as n
-            join (select row_number() over () as i, to_jsonb(t.*) as r from pgrelay_old t) as o
-              using (i)
-            returning c.seq, case when v_rows = 1
-                             then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
-        select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;
+        with p as (
+            select n.i, o.r as old, n.r as new,
+                   pgrelay.key_of(o.r, keys) as ok, pgrelay.key_of(n.r, keys) as nk
+              from (select row_number() over () as i, to_json(t.*) as r from pgrelay_new as t) as n
+              join (select row_number() over () as i, to_json(t.*) as r from pgrelay_old as t) as o
+             using (i)
+        ), ordered as (
+            select 0 as part, i, 'd' as op, ok as id, null::json as data, old
+              from p where ok::text <> nk::text
+            union all
+            select 1, i, case when ok::text = nk::text then 'u' else 'c' end, nk, new,
+                   case when ok::text = nk::text then old end
+              from p
+             order by 1, 2
+        ), ev as (
+            select nextval('pgrelay.changes_seq') as s, op, id, data, old from ordered
+        )
+        insert into pgrelay.changes (seq, last_seq, relid, n, body)
+        select min(s), max(s), tg_relid, count(*), json_agg(json_build_array(s, op, id, data, old) order by s)
+          from (select ev.*, row_number() over (order by s) as rn,
+                       sum(coalesce(octet_length(data::text), 0) + coalesce(octet_length(old::text), 0))
+                           over (order by s) as bytes from ev) as e
+         group by (rn - 1) / 1000 + bytes / 1048576;
     else
-        with ins as (
-            insert into pgrelay.changes as c (schema_name, table_name, op, id, old)
-            select tg_table_schema, tg_table_name, 'delete', case when single then o.r -> k1
-                   else (select jsonb_object_agg(k, o.r -> k) from unnest(keys) as k) end, o.r
-            from (select to_jsonb(t.*) as r from pgrelay_old t) as o
-            returning c.seq, case when v_rows = 1
-                             then (jsonb_build_object('k', 'e') || pgrelay.event_json(c))::text end as p)
-        select min(seq), max(seq), max(p) into v_first, v_last, payload from ins;
+        with ev as (
+            select nextval('pgrelay.changes_seq') as s, 'd' as op, pgrelay.key_of(r, keys) as id,
+                   null::json as data, r as old
+              from (select to_json(t.*) as r from pgrelay_old as t) as x
+        )
+        insert into pgrelay.changes (seq, last_seq, relid, n, body)
+        select min(s), max(s), tg_relid, count(*), json_agg(json_build_array(s, op, id, data, old) order by s)
+          from (select ev.*, row_number() over (order by s) as rn,
+                       sum(octet_length(old::text)) over (order by s) as bytes from ev) as e
+         group by (rn - 1) / 1000 + bytes / 1048576;
     end if;
-
-    if payload is not null and octet_length(payload) <= 7000 then
-        perform pg_notify('pgrelay', payload);
-    else
-        perform pg_notify('pgrelay', json_build_object(
-            'k', 'p', 'xid', pg_current_xact_id()::text,
-            'from', v_first, 'to', v_last, 'n', v_rows,
-            'schema', tg_table_schema, 'table', tg_table_name)::text);
+    get diagnostics logged = row_count;
+    if logged > 0 and tg_argv[0] = 'notify' then
+        perform pg_notify('pgrelay', '');
     end if;
     return null;
 end
 $$;
 
--- Installs capture on one table: three statement-level triggers whose arguments are the
--- primary key columns. Raises a clear error for a missing table or one without a primary key.
-create or replace function pgrelay.install(p_schema text, p_table text) returns void
-language plpgsql as $$
+-- Row-level AFTER trigger for a partitioned table (defined on the root, cloned by PostgreSQL
+-- to every partition, present and future) and for an inheritance child. Statement-level
+-- triggers cannot serve them: a partition's own statement triggers do not fire for writes
+-- made through the root, and the root's do not fire for writes made straight into a
+-- partition. Arguments: the capture mode, and the oid of the exposed table.
+--
+-- Row triggers fire in the order the statement processed the rows; with a primary key that
+-- is not DEFERRABLE every step of that order is a valid table, so a key change logged as
+-- delete + create row by row stays exact.
+create or replace function pgrelay.capture_row() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+set timezone = 'UTC' set extra_float_digits = 1 set bytea_output = 'hex' set intervalstyle = 'postgres'
+as $$
 declare
-    rel  oid;
-    keys text[];
-    args text;
+    root   oid := tg_argv[1]::oid;
+    keys   text[] := pgrelay.key_columns(tg_relid);
+    r_new  json;
+    r_old  json;
+    k_new  json;
+    k_old  json;
+    s1     bigint;
+    s2     bigint;
 begin
-    select c.oid into rel
-    from pg_class c join pg_namespace n on n.oid = c.relnamespace
-    where n.nspname = p_schema and c.relname = p_table and c.relkind in ('r', 'p');
-    if rel is null then
-        raise exception 'table %.% does not exist', p_schema, p_table
-            using errcode = 'undefined_table';
+    if tg_op = 'INSERT' then
+        r_new := to_json(new);
+        s1 := nextval('pgrelay.changes_seq');
+        insert into pgrelay.changes (seq, last_seq, relid, n, body)
+        values (s1, s1, root, 1,
+                json_build_array(json_build_array(s1, 'c', pgrelay.key_of(r_new, keys), r_new, null)));
+    elsif tg_op = 'UPDATE' then
+        r_new := to_json(new);
+        r_old := to_json(old);
+        k_new := pgrelay.key_of(r_new, keys);
+        k_old := pgrelay.key_of(r_old, keys);
+        s1 := nextval('pgrelay.changes_seq');
+        if k_new::text = k_old::text then
+            insert into pgrelay.changes (seq, last_seq, relid, n, body)
+            values (s1, s1, root, 1, json_build_array(json_build_array(s1, 'u', k_new, r_new, r_old)));
+        else
+            s2 := nextval('pgrelay.changes_seq');
+            insert into pgrelay.changes (seq, last_seq, relid, n, body)
+            values (s1, s2, root, 2, json_build_array(json_build_array(s1, 'd', k_old, null, r_old),
+                                                       json_build_array(s2, 'c', k_new, r_new, null)));
+        end if;
+    else
+        r_old := to_json(old);
+        s1 := nextval('pgrelay.changes_seq');
+        insert into pgrelay.changes (seq, last_seq, relid, n, body)
+        values (s1, s1, root, 1,
+                json_build_array(json_build_array(s1, 'd', pgrelay.key_of(r_old, keys), null, r_old)));
     end if;
-    -- Statement-level triggers on a partitioned table do not fire for writes made directly
-    -- to its partitions, so capture there would silently miss changes.
-    if (select relkind from pg_class where oid = rel) = 'p' then
-        raise exception 'table %.% is partitioned; pgrelay cannot capture it yet (expose its partitions)',
-            p_schema, p_table using errcode = 'feature_not_supported';
+    if tg_argv[0] = 'notify' then
+        perform pg_notify('pgrelay', '');
     end if;
-
-    select array_agg(a.attname::text order by k.ord) into keys
-    from pg_index i
-    cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
-    join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-    where i.indrelid = rel and i.indisprimary;
-    if keys is null then
-        raise exception 'table %.% has no primary key; pgrelay needs one to identify rows',
-            p_schema, p_table using errcode = 'invalid_table_definition';
-    end if;
-
-    select string_agg(format('%L', k), ', ') into args from unnest(keys) as k;
-    execute format('create or replace trigger pgrelay_capture_insert after insert on %I.%I '
-                   'referencing new table as pgrelay_new '
-                   'for each statement execute function pgrelay.capture(%s)', p_schema, p_table, args);
-    execute format('create or replace trigger pgrelay_capture_update after update on %I.%I '
-                   'referencing old table as pgrelay_old new table as pgrelay_new '
-                   'for each statement execute function pgrelay.capture(%s)', p_schema, p_table, args);
-    execute format('create or replace trigger pgrelay_capture_delete after delete on %I.%I '
-                   'referencing old table as pgrelay_old '
-                   'for each statement execute function pgrelay.capture(%s)', p_schema, p_table, args);
+    return null;
 end
 $$;
 
--- Removes capture from one table (the log and its rows stay).
+-- Statement-level AFTER TRUNCATE trigger on each partition of an exposed partitioned table:
+-- the partition's rows are gone without a trace in the root's events, so subscribers are
+-- told to start over ('p'). Arguments: the capture mode, and the oid of the root. (Truncating
+-- the root fires the root's trigger, logged as a truncate, and then these, which relays skip.)
+create or replace function pgrelay.capture_partition_truncate() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    insert into pgrelay.changes (seq, last_seq, relid, n, body)
+    select s, s, tg_argv[1]::oid, 1, json_build_array(json_build_array(s, 'p', null, null, null))
+      from (select nextval('pgrelay.changes_seq') as s) as x;
+    if tg_argv[0] = 'notify' then
+        perform pg_notify('pgrelay', '');
+    end if;
+    return null;
+end
+$$;
+
+-- How pgrelay can capture a table: 'plain', 'partitioned', 'child' (inheritance child: row
+-- triggers, since statements on its parent reach its rows without firing its statement
+-- triggers), or an error naming the table and why not.
+create or replace function pgrelay.classify(rel oid, label text) returns text
+language plpgsql stable as $$
+declare
+    kind char;
+begin
+    select relkind into kind from pg_catalog.pg_class where oid = rel;
+    if kind is null or kind not in ('r', 'p') then
+        raise exception 'table % does not exist', label using errcode = 'undefined_table';
+    end if;
+    if pgrelay.key_columns(rel) is null then
+        raise exception 'table % has no primary key; pgrelay needs one to identify rows', label
+            using errcode = 'invalid_table_definition';
+    end if;
+    if exists (select 1 from pg_catalog.pg_class where oid = rel and relispartition) then
+        raise exception 'table % is a partition; expose its partitioned table (%) instead', label,
+            (select pg_catalog.pg_partition_root(rel)::regclass::text)
+            using errcode = 'feature_not_supported';
+    end if;
+    if kind = 'p' then
+        return 'partitioned';
+    end if;
+    if exists (select 1 from pg_catalog.pg_inherits where inhparent = rel) then
+        raise exception 'table % has inheritance children; pgrelay cannot capture writes to them through it (expose the children)', label
+            using errcode = 'feature_not_supported';
+    end if;
+    if exists (select 1 from pg_catalog.pg_inherits where inhrelid = rel) then
+        return 'child';
+    end if;
+    return 'plain';
+end
+$$;
+
+-- Installs capture on one table (mode 'notify' or 'poll'): its triggers, ENABLE ALWAYS so they
+-- also fire under session_replication_role = replica (logical-replication apply, restores).
+-- Raises a clear error for a table pgrelay cannot capture.
+create or replace function pgrelay.install(p_schema text, p_table text, p_mode text default 'notify')
+returns void language plpgsql as $$
+declare
+    rel   oid;
+    label text := format('%s.%s', p_schema, p_table);
+    kind  text;
+    part  oid;
+begin
+    if p_mode not in ('notify', 'poll') then
+        raise exception 'capture mode must be notify or poll, not %', p_mode;
+    end if;
+    select c.oid into rel
+      from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+     where n.nspname = p_schema and c.relname = p_table;
+    if rel is null then
+        raise exception 'table % does not exist', label using errcode = 'undefined_table';
+    end if;
+    kind := pgrelay.classify(rel, label);
+    perform pgrelay.uninstall(p_schema, p_table);
+    if kind = 'plain' then
+        execute format('create trigger pgrelay_capture_insert after insert on %I.%I '
+                       'referencing new table as pgrelay_new '
+                       'for each statement execute function pgrelay.capture(%L)', p_schema, p_table, p_mode);
+        execute format('create trigger pgrelay_capture_update after update on %I.%I '
+                       'referencing old table as pgrelay_old new table as pgrelay_new '
+                       'for each statement execute function pgrelay.capture(%L)', p_schema, p_table, p_mode);
+        execute format('create trigger pgrelay_capture_delete after delete on %I.%I '
+                       'referencing old table as pgrelay_old '
+                       'for each statement execute function pgrelay.capture(%L)', p_schema, p_table, p_mode);
+    else
+        execute format('create trigger pgrelay_capture_row after insert or update or delete on %I.%I '
+                       'for each row execute function pgrelay.capture_row(%L, %L)',
+                       p_schema, p_table, p_mode, rel);
+        execute format('alter table %I.%I enable always trigger pgrelay_capture_row', p_schema, p_table);
+    end if;
+    execute format('create trigger pgrelay_capture_truncate after truncate on %I.%I '
+                   'for each statement execute function pgrelay.capture(%L)', p_schema, p_table, p_mode);
+    execute format('alter table %I.%I enable always trigger pgrelay_capture_truncate', p_schema, p_table);
+    if kind = 'plain' then
+        execute format('alter table %I.%I enable always trigger pgrelay_capture_insert', p_schema, p_table);
+        execute format('alter table %I.%I enable always trigger pgrelay_capture_update', p_schema, p_table);
+        execute format('alter table %I.%I enable always trigger pgrelay_capture_delete', p_schema, p_table);
+    end if;
+    if kind = 'partitioned' then
+        for part in select relid from pg_catalog.pg_partition_tree(rel) where relid <> rel loop
+            perform pgrelay.install_partition(part, rel, p_mode);
+        end loop;
+    end if;
+end
+$$;
+
+-- The TRUNCATE trigger of one partition (or sub-partitioned table) of an exposed root.
+create or replace function pgrelay.install_partition(part oid, root oid, p_mode text)
+returns void language plpgsql as $$
+begin
+    execute format('create or replace trigger pgrelay_capture_partition_truncate after truncate on %s '
+                   'for each statement execute function pgrelay.capture_partition_truncate(%L, %L)',
+                   part::regclass, p_mode, root);
+    execute format('alter table %s enable always trigger pgrelay_capture_partition_truncate',
+                   part::regclass);
+end
+$$;
+
+-- Removes capture from one table and its partitions (the log and its rows stay).
 create or replace function pgrelay.uninstall(p_schema text, p_table text) returns void
 language plpgsql as $$
+declare
+    rel  oid;
+    part oid;
+    trg  text;
 begin
-    if to_regclass(format('%I.%I', p_schema, p_table)) is null then
-        raise exception 'table %.% does not exist', p_schema, p_table
-            using errcode = 'undefined_table';
+    select c.oid into rel
+      from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+     where n.nspname = p_schema and c.relname = p_table;
+    if rel is null then
+        raise exception 'table %.% does not exist', p_schema, p_table using errcode = 'undefined_table';
     end if;
-    execute format('drop trigger if exists pgrelay_capture_insert on %I.%I', p_schema, p_table);
-    execute format('drop trigger if exists pgrelay_capture_update on %I.%I', p_schema, p_table);
-    execute format('drop trigger if exists pgrelay_capture_delete on %I.%I', p_schema, p_table);
+    foreach trg in array array['pgrelay_capture_insert', 'pgrelay_capture_update',
+                               'pgrelay_capture_delete', 'pgrelay_capture_truncate',
+                               'pgrelay_capture_row'] loop
+        execute format('drop trigger if exists %I on %I.%I', trg, p_schema, p_table);
+    end loop;
+    for part in select relid from pg_catalog.pg_partition_tree(rel) where relid <> rel loop
+        execute format('drop trigger if exists pgrelay_capture_partition_truncate on %s', part::regclass);
+    end loop;
 end
 $$;

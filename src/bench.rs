@@ -324,7 +324,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         ))
         .await?;
     let mut setup = pgrelay::sql::connect(&config.database_url).await?;
-    pgrelay::sql::install(&mut setup, &[pgrelay::TableName::parse(TABLE)?]).await?;
+    pgrelay::sql::install(&mut setup, &[pgrelay::TableName::parse(TABLE)?], "notify").await?;
 
     let local = match &config.relay_url {
         Some(_) => None,

@@ -72,8 +72,17 @@ pub struct Config {
     pub pool_connect_timeout: Duration,
     /// Largest REST request body, in bytes (413 past it).
     pub max_body_bytes: u64,
-    /// How often capture moves its catch-up horizon forward.
-    pub horizon_interval: Duration,
+    /// How capture learns of commits: NOTIFY wake-ups, or polling alone.
+    pub capture_mode: crate::capture::Mode,
+    /// How often capture reports its progress (`pgrelay status`, retention) and checks its
+    /// horizon.
+    pub report_interval: Duration,
+    /// Shortest wait between polls in poll mode.
+    pub poll_min: Duration,
+    /// Longest wait between polls: poll mode when idle, and notify mode's safety net.
+    pub poll_max: Duration,
+    /// How often the schema watcher reads the catalog.
+    pub schema_interval: Duration,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
     /// How long shutdown waits for tasks before giving up.
@@ -100,7 +109,11 @@ impl Config {
             pool_wait_timeout: Duration::from_secs(5),
             pool_connect_timeout: Duration::from_secs(5),
             max_body_bytes: 1024 * 1024,
-            horizon_interval: Duration::from_secs(1),
+            capture_mode: crate::capture::Mode::Notify,
+            report_interval: Duration::from_secs(1),
+            poll_min: Duration::from_millis(1),
+            poll_max: Duration::from_millis(500),
+            schema_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
             retention: crate::retention::Retention {
@@ -135,6 +148,19 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "the body limit and the pool timeouts must be positive",
+            ));
+        }
+        if self.ping_interval.is_zero() {
+            return Err(ConfigError::Invalid("the ping interval must be positive"));
+        }
+        if self.poll_min.is_zero() || self.poll_max < self.poll_min {
+            return Err(ConfigError::Invalid(
+                "the poll intervals must be positive, the longest at least the shortest",
+            ));
+        }
+        if self.report_interval.is_zero() || self.schema_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "the report and schema check intervals must be positive",
             ));
         }
         Ok(())

@@ -1,49 +1,113 @@
-//! Change events: what the capture task decodes and what subscribers receive on the wire.
+//! Change events: what capture reads from the log and the wire format subscribers receive.
+//!
+//! Rows stay JSON text from the log to the socket: a frame is assembled from the raw `id`,
+//! `data` and `old` texts PostgreSQL rendered, never parsed into a tree and re-serialized, so
+//! any value PostgreSQL can store (nested to any depth, of any size) streams whole.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::row::{Fields, push_json_string};
 
 /// The kind of a row change, named as on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
-    /// A row was inserted.
+    /// A row was inserted (or moved into a filter, or took a new key).
     Create,
     /// A row was updated.
     Update,
-    /// A row was deleted.
+    /// A row was deleted (or moved out of a filter, or lost its old key).
     Delete,
 }
 
-/// One row change, as rendered by `pgrelay.event_json` in `sql/install.sql`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct ChangeEvent {
-    /// Position in `pgrelay.changes`: assigned at insert, so not in commit order.
-    pub seq: i64,
-    /// The writer's transaction id (`xid8`); decides visibility in a snapshot.
-    #[serde(deserialize_with = "xid_from_text")]
-    pub xid: u64,
-    /// When the trigger captured the change (ISO 8601, from `clock_timestamp()`).
-    pub ts: String,
-    /// Schema of the changed table.
-    pub schema: String,
-    /// Name of the changed table.
-    pub table: String,
-    /// Kind of change.
-    pub op: Op,
-    /// Primary key: the bare value, or an object for a composite key.
-    pub id: Value,
-    /// New row (create, update).
-    #[serde(default)]
-    pub data: Option<Value>,
-    /// Old row (update, delete).
-    #[serde(default)]
-    pub old: Option<Value>,
+impl Op {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
 }
 
-fn xid_from_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let text = String::deserialize(d)?;
-    text.parse().map_err(serde::de::Error::custom)
+/// What one element of a log chunk's body says happened (see `sql/install.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogOp {
+    /// A row change.
+    Change(Op),
+    /// The table was truncated.
+    Truncate,
+    /// A partition of the table was truncated: its rows are gone, unlisted.
+    PartitionTruncate,
+    /// A relay's start marker (no table).
+    Marker,
+}
+
+impl LogOp {
+    fn from_code(code: &str) -> Option<Self> {
+        Some(match code {
+            "c" => LogOp::Change(Op::Create),
+            "u" => LogOp::Change(Op::Update),
+            "d" => LogOp::Change(Op::Delete),
+            "t" => LogOp::Truncate,
+            "p" => LogOp::PartitionTruncate,
+            "m" => LogOp::Marker,
+            _ => return None,
+        })
+    }
+}
+
+/// One event of a log chunk, borrowing its JSON texts from the chunk's body.
+#[derive(Debug, Clone, Copy)]
+pub struct LogEvent<'a> {
+    /// Position in the log (assigned at the write, not at commit).
+    pub seq: i64,
+    /// What happened.
+    pub op: LogOp,
+    /// Primary key: the bare value, or an object for a composite key (`null` when none).
+    pub id: &'a RawValue,
+    /// New row (create, update).
+    pub data: Option<&'a RawValue>,
+    /// Old row (update, delete).
+    pub old: Option<&'a RawValue>,
+}
+
+/// Why a chunk body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Not a JSON array of `[seq, op, id, data, old]`.
+    #[error("Log chunk is not an array of events: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// An element names an op this relay does not know.
+    #[error("Log chunk has an unknown op {0:?}")]
+    UnknownOp(String),
+}
+
+/// Splits a chunk body (`[[seq, op, id, data, old], …]`) into its events, in body order.
+pub fn parse_body(body: &str) -> Result<Vec<LogEvent<'_>>, BodyError> {
+    type Element<'a> = (
+        i64,
+        &'a str,
+        &'a RawValue,
+        Option<&'a RawValue>,
+        Option<&'a RawValue>,
+    );
+    let elements: Vec<Element<'_>> = serde_json::from_str(body)?;
+    elements
+        .into_iter()
+        .map(|(seq, code, id, data, old)| {
+            let op = LogOp::from_code(code).ok_or_else(|| BodyError::UnknownOp(code.into()))?;
+            Ok(LogEvent {
+                seq,
+                op,
+                id,
+                data: data.filter(|v| v.get() != "null"),
+                old: old.filter(|v| v.get() != "null"),
+            })
+        })
+        .collect()
 }
 
 /// The subscriber-facing name of a table: `items` in `public`, `schema.table` elsewhere.
@@ -55,72 +119,98 @@ pub fn resource_name(schema: &str, table: &str) -> String {
     }
 }
 
-/// The columns whose values differ between `old` and `new` (in `new`'s key order).
-pub fn changed_columns(old: &Value, new: &Value) -> Vec<String> {
-    let (Some(old), Some(new)) = (old.as_object(), new.as_object()) else {
-        return Vec::new();
-    };
-    let mut changed: Vec<String> = new
-        .iter()
-        .filter(|(k, v)| old.get(k.as_str()) != Some(v))
-        .map(|(k, _)| k.clone())
-        .collect();
-    // A column that exists only in the old row (dropped in between) also changed.
-    changed.extend(
-        old.keys()
-            .filter(|k| !new.contains_key(k.as_str()))
-            .cloned(),
-    );
-    changed
+/// The parts of a change frame.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeParts<'a> {
+    /// Type as sent.
+    pub op: Op,
+    /// The resource name as a JSON string literal.
+    pub resource: &'a str,
+    /// Key, raw JSON.
+    pub id: &'a str,
+    /// New row, raw JSON (left out of deletes).
+    pub data: Option<&'a str>,
+    /// Old row, raw JSON (left out of creates).
+    pub old: Option<&'a str>,
+    /// Changed columns (updates only).
+    pub changed: Option<&'a [String]>,
+    /// Log position.
+    pub seq: i64,
+    /// Capture time, ISO 8601 (UTC), unquoted.
+    pub ts: &'a str,
 }
 
-/// Wire form of a change event (DESIGN.md, "WebSocket protocol").
-#[derive(Serialize)]
-struct WireEvent<'a> {
-    #[serde(rename = "type")]
-    kind: Op,
-    resource: &'a str,
-    id: &'a Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    old: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    changed: Option<Vec<String>>,
-    seq: i64,
-    ts: &'a str,
+/// Encodes a change event:
+/// `{"type":…,"resource":…,"id":…,"data":…,"old":…,"changed":[…],"seq":…,"ts":…}`.
+pub fn change_frame(p: &ChangeParts<'_>) -> String {
+    let size = p.resource.len()
+        + p.id.len()
+        + p.data.map_or(0, str::len)
+        + p.old.map_or(0, str::len)
+        + p.ts.len()
+        + 96;
+    let mut out = String::with_capacity(size);
+    out.push_str(r#"{"type":""#);
+    out.push_str(p.op.name());
+    out.push_str(r#"","resource":"#);
+    out.push_str(p.resource);
+    out.push_str(r#","id":"#);
+    out.push_str(p.id);
+    if let Some(data) = p.data.filter(|_| p.op != Op::Delete) {
+        out.push_str(r#","data":"#);
+        out.push_str(data);
+    }
+    if let Some(old) = p.old.filter(|_| p.op != Op::Create) {
+        out.push_str(r#","old":"#);
+        out.push_str(old);
+    }
+    if let Some(changed) = p.changed.filter(|_| p.op == Op::Update) {
+        out.push_str(r#","changed":["#);
+        for (i, column) in changed.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, column);
+        }
+        out.push(']');
+    }
+    out.push_str(r#","seq":"#);
+    out.push_str(&p.seq.to_string());
+    out.push_str(r#","ts":""#);
+    out.push_str(p.ts);
+    out.push_str(r#""}"#);
+    out
 }
 
-impl ChangeEvent {
-    /// The subscriber-facing table name of this event.
-    pub fn resource(&self) -> String {
-        resource_name(&self.schema, &self.table)
-    }
+/// The fields of a change frame, for re-shaping it (filters, projections).
+#[derive(Debug)]
+pub struct FrameParts<'a> {
+    /// Key.
+    pub id: &'a RawValue,
+    /// New row.
+    pub data: Option<&'a RawValue>,
+    /// Old row.
+    pub old: Option<&'a RawValue>,
+    /// Position.
+    pub seq: i64,
+    /// Capture time (unquoted).
+    pub ts: &'a str,
+}
 
-    /// Encodes the event once, as the JSON text frame every subscriber of the table receives.
-    pub fn to_frame(&self, resource: &str) -> String {
-        let changed = match (self.op, &self.old, &self.data) {
-            (Op::Update, Some(old), Some(new)) => Some(changed_columns(old, new)),
-            (Op::Update, _, _) => Some(Vec::new()),
-            _ => None,
-        };
-        self.to_frame_with(resource, changed)
-    }
-
-    /// Encodes the event with a given `changed` list (`None` leaves the field out).
-    pub fn to_frame_with(&self, resource: &str, changed: Option<Vec<String>>) -> String {
-        let wire = WireEvent {
-            kind: self.op,
-            resource,
-            id: &self.id,
-            data: self.data.as_ref().filter(|_| self.op != Op::Delete),
-            old: self.old.as_ref().filter(|_| self.op != Op::Create),
-            changed,
-            seq: self.seq,
-            ts: &self.ts,
-        };
-        // Serializing borrowed JSON values into a Vec cannot fail: every map key is a string.
-        serde_json::to_string(&wire).expect("a JSON value always serializes")
+impl<'a> FrameParts<'a> {
+    /// Reads back a frame written by [`change_frame`].
+    pub fn parse(frame: &'a str) -> Option<Self> {
+        let fields = Fields::parse(frame).ok()?;
+        let id = fields.get("id")?;
+        let seq = fields.get("seq")?.get().parse().ok()?;
+        let ts = fields.get("ts")?.get();
+        Some(FrameParts {
+            id,
+            data: fields.get("data"),
+            old: fields.get("old"),
+            seq,
+            ts: ts.strip_prefix('"')?.strip_suffix('"')?,
+        })
     }
 }
 
@@ -138,6 +228,11 @@ pub mod control {
         json!({"type": "error", "code": code, "message": message}).to_string()
     }
 
+    /// `{"type":"error","code":…,"message":…,"resource":…}`: a subscription's own error.
+    pub fn resource_error(resource: &str, code: &str, message: &str) -> String {
+        json!({"type": "error", "code": code, "message": message, "resource": resource}).to_string()
+    }
+
     /// `{"type":"subscribed","resource":…}`.
     pub fn subscribed(resource: &str) -> String {
         json!({"type": "subscribed", "resource": resource}).to_string()
@@ -153,10 +248,16 @@ pub mod control {
         json!({"type": "reset", "resource": resource, "reason": reason}).to_string()
     }
 
-    /// `{"type":"initial","resource":…,"data":[…],"done":…}` from rows already encoded as JSON.
-    pub fn initial(resource: &str, rows: &[String], done: bool) -> String {
+    /// `{"type":"truncate","resource":…,"seq":…,"ts":…}`: the table is empty.
+    pub fn truncate(resource: &str, seq: i64, ts: &str) -> String {
+        json!({"type": "truncate", "resource": resource, "seq": seq, "ts": ts}).to_string()
+    }
+
+    /// `{"type":"initial","resource":…,"data":[…],"done":…,"seq":…}` from rows already encoded
+    /// as JSON; `seq` is the position to resume from after this initial data.
+    pub fn initial(resource: &str, rows: &[String], done: bool, seq: Option<i64>) -> String {
         let resource = serde_json::Value::from(resource).to_string();
-        let size = rows.iter().map(|r| r.len() + 1).sum::<usize>() + resource.len() + 64;
+        let size = rows.iter().map(|r| r.len() + 1).sum::<usize>() + resource.len() + 80;
         let mut out = String::with_capacity(size);
         out.push_str(r#"{"type":"initial","resource":"#);
         out.push_str(&resource);
@@ -169,6 +270,10 @@ pub mod control {
         }
         out.push_str(r#"],"done":"#);
         out.push_str(if done { "true" } else { "false" });
+        if let Some(seq) = seq {
+            out.push_str(r#","seq":"#);
+            out.push_str(&seq.to_string());
+        }
         out.push('}');
         out
     }
@@ -177,42 +282,68 @@ pub mod control {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
-    fn update_event() -> ChangeEvent {
-        serde_json::from_value(json!({
-            "seq": 42, "xid": "761", "ts": "2026-11-27T06:21:29.438585+00:00",
-            "schema": "public", "table": "items", "op": "update", "id": 1,
-            "data": {"id": 1, "name": "orange", "price": 12.0},
-            "old": {"id": 1, "name": "apple", "price": 10.5}
-        }))
-        .unwrap()
+    #[test]
+    fn bodies_split_into_events_with_raw_rows() {
+        let body = r#"[[3, "d", 1, null, {"id":1,"name":"a"}], [4, "c", { "id" : 2 }, {"id":2}, null], [5, "t", null, null, null]]"#;
+        let events = parse_body(body).unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[0].op, LogOp::Change(Op::Delete));
+        assert!(events[0].data.is_none());
+        assert_eq!(events[0].old.unwrap().get(), r#"{"id":1,"name":"a"}"#);
+        assert_eq!(events[1].seq, 4);
+        assert_eq!(events[2].op, LogOp::Truncate);
+        for bad in [
+            "",
+            "{}",
+            r#"[[1, "x", 1, null, null]]"#,
+            r#"[["a", "c", 1]]"#,
+        ] {
+            assert!(parse_body(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
-    fn update_frame_has_the_design_fields_and_changed_columns() {
-        let frame = update_event().to_frame("items");
+    fn frames_have_the_design_fields_and_read_back() {
+        let changed = vec!["name".to_owned()];
+        let frame = change_frame(&ChangeParts {
+            op: Op::Update,
+            resource: r#""items""#,
+            id: "1",
+            data: Some(r#"{"id":1,"name":"orange"}"#),
+            old: Some(r#"{"id":1,"name":"apple"}"#),
+            changed: Some(&changed),
+            seq: 42,
+            ts: "2026-11-27T06:21:29.438585+00:00",
+        });
         let v: Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(
             v,
             json!({"type": "update", "resource": "items", "id": 1,
-                   "data": {"id": 1, "name": "orange", "price": 12.0},
-                   "old": {"id": 1, "name": "apple", "price": 10.5},
-                   "changed": ["name", "price"], "seq": 42,
-                   "ts": "2026-11-27T06:21:29.438585+00:00"})
+                   "data": {"id": 1, "name": "orange"}, "old": {"id": 1, "name": "apple"},
+                   "changed": ["name"], "seq": 42, "ts": "2026-11-27T06:21:29.438585+00:00"})
         );
-    }
-
-    #[test]
-    fn delete_frame_has_old_and_no_data() {
-        let mut e = update_event();
-        e.op = Op::Delete;
-        e.data = None;
-        let v: Value = serde_json::from_str(&e.to_frame("items")).unwrap();
-        assert_eq!(v["type"], "delete");
-        assert!(v.get("data").is_none());
-        assert!(v.get("changed").is_none());
-        assert_eq!(v["old"]["name"], "apple");
+        let parts = FrameParts::parse(&frame).unwrap();
+        assert_eq!((parts.seq, parts.id.get()), (42, "1"));
+        assert_eq!(parts.ts, "2026-11-27T06:21:29.438585+00:00");
+        let delete = change_frame(&ChangeParts {
+            op: Op::Delete,
+            data: Some("{}"),
+            changed: None,
+            ..ChangeParts {
+                op: Op::Update,
+                resource: r#""items""#,
+                id: "1",
+                data: None,
+                old: Some(r#"{"id":1}"#),
+                changed: None,
+                seq: 1,
+                ts: "t",
+            }
+        });
+        let v: Value = serde_json::from_str(&delete).unwrap();
+        assert!(v.get("data").is_none() && v.get("changed").is_none());
     }
 
     #[test]
@@ -224,17 +355,11 @@ mod tests {
     #[test]
     fn initial_message_is_valid_json() {
         let rows = vec![r#"{"id":1}"#.to_owned(), r#"{"id":2}"#.to_owned()];
-        let v: Value = serde_json::from_str(&control::initial("a\"b", &rows, true)).unwrap();
+        let v: Value =
+            serde_json::from_str(&control::initial("a\"b", &rows, true, Some(7))).unwrap();
         assert_eq!(
             v,
-            json!({"type":"initial","resource":"a\"b","data":[{"id":1},{"id":2}],"done":true})
+            json!({"type":"initial","resource":"a\"b","data":[{"id":1},{"id":2}],"done":true,"seq":7})
         );
-    }
-
-    #[test]
-    fn xid_must_be_a_number() {
-        let bad = json!({"seq": 1, "xid": "x", "ts": "", "schema": "s", "table": "t",
-                         "op": "create", "id": 1});
-        assert!(serde_json::from_value::<ChangeEvent>(bad).is_err());
     }
 }

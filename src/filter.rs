@@ -16,10 +16,11 @@ use std::cmp::Ordering;
 use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_postgres::types::ToSql;
 
+use crate::row::{Fields, is_null};
 use crate::sql::quote_ident;
 
 /// How values of a column compare.
@@ -78,6 +79,9 @@ pub struct Column {
     pub sql_type: String,
     /// How its values compare.
     pub kind: Kind,
+    /// The column's collation is nondeterministic (equal strings may differ in bytes):
+    /// equality is then compared in code point order (`COLLATE "C"`) in SQL, as in Rust.
+    pub nondeterministic: bool,
 }
 
 /// A filter operator.
@@ -285,20 +289,104 @@ enum NumberKey {
     NaN,
 }
 
-/// Dates and times, with PostgreSQL's infinities.
+/// Dates and times, with PostgreSQL's infinities: an instant in microseconds from
+/// 1970-01-01 (UTC for `timestamptz`), over the whole range PostgreSQL stores (4713 BC to
+/// 5874897 AD), which is wider than chrono's.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimeKey {
     NegInfinity,
-    At(NaiveDateTime),
+    At(i128),
     Infinity,
 }
 
-fn time_key(text: &str, parse: impl Fn(&str) -> Option<NaiveDateTime>) -> Option<TimeKey> {
-    match text {
-        "infinity" => Some(TimeKey::Infinity),
-        "-infinity" => Some(TimeKey::NegInfinity),
-        _ => parse(text).map(TimeKey::At),
+const MICROS_PER_DAY: i128 = 86_400_000_000;
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (astronomical year: 1 BC is 0).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i128 {
+    let y = i128::from(year) - i128::from(month <= 2);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i128::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i128::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DD` (any number of year digits), days from 1970-01-01.
+fn parse_date(text: &str, bc: bool) -> Option<i128> {
+    let mut parts = text.splitn(3, '-');
+    let year: i64 = parts.next()?.parse().ok()?;
+    let month: u32 = parts.next()?.parse().ok()?;
+    let day: u32 = parts.next()?.parse().ok()?;
+    if year < 0 || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
     }
+    let year = if bc { 1 - year } else { year };
+    Some(days_from_civil(year, month, day))
+}
+
+/// `HH:MM:SS[.ffffff]` (24:00:00 included, as PostgreSQL allows), microseconds.
+fn parse_clock(text: &str) -> Option<i128> {
+    let (hms, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let mut parts = hms.splitn(3, ':');
+    let h: i128 = parts.next()?.parse().ok()?;
+    let m: i128 = parts.next()?.parse().ok()?;
+    let s: i128 = parts.next()?.parse().ok()?;
+    if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let micros: i128 = if fraction.is_empty() {
+        0
+    } else {
+        format!("{fraction:0<6}").parse().ok()?
+    };
+    Some(((h * 60 + m) * 60 + s) * 1_000_000 + micros)
+}
+
+/// `+HH[:MM[:SS]]` / `-…`, seconds east of UTC.
+fn parse_offset(text: &str) -> Option<i128> {
+    let (sign, rest) = match text.as_bytes().first()? {
+        b'+' => (1, &text[1..]),
+        b'-' => (-1, &text[1..]),
+        _ => return None,
+    };
+    let mut total = 0i128;
+    let mut unit = 3600;
+    for part in rest.split(':') {
+        if unit == 0 {
+            return None;
+        }
+        let n: i128 = part.parse().ok()?;
+        total += n * unit;
+        unit /= 60;
+    }
+    Some(sign * total)
+}
+
+/// A `to_json`-rendered date, timestamp or timestamptz (`…T…[+offset][ BC]`) as an instant.
+fn parse_instant(text: &str, kind: Kind) -> Option<TimeKey> {
+    match text {
+        "infinity" => return Some(TimeKey::Infinity),
+        "-infinity" => return Some(TimeKey::NegInfinity),
+        _ => {}
+    }
+    let (text, bc) = match text.strip_suffix(" BC") {
+        Some(t) => (t, true),
+        None => (text, false),
+    };
+    if kind == Kind::Date {
+        return parse_date(text, bc).map(|d| TimeKey::At(d * MICROS_PER_DAY));
+    }
+    let (date, time) = text.split_once('T')?;
+    let days = parse_date(date, bc)?;
+    let (clock, offset) = if kind == Kind::TimestampTz {
+        let at = time.find(['+', '-'])?;
+        (&time[..at], parse_offset(&time[at..])?)
+    } else {
+        (time, 0)
+    };
+    let micros = days * MICROS_PER_DAY + parse_clock(clock)? - offset * 1_000_000;
+    Some(TimeKey::At(micros))
 }
 
 /// The comparable form of a `to_jsonb`-rendered value of a column of `kind`.
@@ -320,23 +408,10 @@ fn key_of(kind: Kind, value: &Value) -> Option<Key> {
         (Kind::Text | Kind::Uuid | Kind::EqualityOnly, Value::String(s)) => {
             Some(Key::Text(s.clone()))
         }
-        (Kind::TimestampTz, Value::String(s)) => time_key(s, |t| {
-            DateTime::parse_from_rfc3339(t).ok().map(|d| d.naive_utc())
-        })
-        .map(Key::Time),
-        (Kind::Timestamp, Value::String(s)) => time_key(s, |t| {
-            NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f").ok()
-        })
-        .map(Key::Time),
-        (Kind::Date, Value::String(s)) => time_key(s, |t| {
-            NaiveDate::parse_from_str(t, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-        })
-        .map(Key::Time),
-        (Kind::Time, Value::String(s)) => NaiveTime::parse_from_str(s, "%H:%M:%S%.f")
-            .ok()
-            .map(|t| Key::Time(TimeKey::At(NaiveDate::MIN.and_time(t)))),
+        (Kind::TimestampTz | Kind::Timestamp | Kind::Date, Value::String(s)) => {
+            parse_instant(s, kind).map(Key::Time)
+        }
+        (Kind::Time, Value::String(s)) => parse_clock(s).map(|t| Key::Time(TimeKey::At(t))),
         _ => None,
     }
 }
@@ -415,7 +490,26 @@ struct Condition {
 
 impl Condition {
     fn matches(&self, row: &Value) -> bool {
-        let value = row.get(&self.column.name).unwrap_or(&Value::Null);
+        self.matches_value(row.get(&self.column.name).unwrap_or(&Value::Null))
+    }
+
+    /// Evaluates on a field of a row in JSON text (only scalars are parsed: other types take
+    /// no operator but `is.null`).
+    fn matches_raw(&self, raw: Option<&RawValue>) -> bool {
+        let value = match raw {
+            None => Value::Null,
+            Some(raw) if is_null(raw) => Value::Null,
+            // Any non-null stand-in: `is.null` is the only operator these columns take.
+            Some(_) if self.column.kind == Kind::Other => Value::Bool(true),
+            Some(raw) => match serde_json::from_str(raw.get()) {
+                Ok(value) => value,
+                Err(_) => return false,
+            },
+        };
+        self.matches_value(&value)
+    }
+
+    fn matches_value(&self, value: &Value) -> bool {
         match self.op {
             Operator::IsNull => value.is_null(),
             Operator::IsTrue => value == &Value::Bool(true),
@@ -457,11 +551,17 @@ impl Condition {
             params.push(value);
             format!("${}", params.len())
         };
+        let code_points = if self.column.nondeterministic {
+            " collate \"C\""
+        } else {
+            ""
+        };
         let comparison = |op: &str, p: String| {
             let equality = matches!(op, "=" | "<>");
             match (kind, equality) {
-                // Equality needs no collation (and can use the column's index).
-                (Kind::Text, true) => format!("{column} {op} {p}::text"),
+                // Equality needs no collation (and can use the column's index), unless the
+                // column's collation calls different strings equal.
+                (Kind::Text, true) => format!("{column}{code_points} {op} {p}::text"),
                 // Ordering in code point order, as in Rust.
                 (Kind::Text, false) => format!("{column} collate \"C\" {op} {p}::text"),
                 (Kind::PaddedText, true) => format!("{column} {op} ({p}::text)::bpchar"),
@@ -486,7 +586,7 @@ impl Condition {
             Operator::In => {
                 let p = bind(Box::new(self.sql_values.clone()));
                 match kind {
-                    Kind::Text => format!("{column} = any({p}::text[])"),
+                    Kind::Text => format!("{column}{code_points} = any({p}::text[])"),
                     Kind::PaddedText => format!("{column} = any(({p}::text[])::bpchar[])"),
                     _ => format!("{column} = any(({p}::text[])::{sql_type}[])"),
                 }
@@ -519,9 +619,26 @@ impl Filter {
         self.conditions.is_empty()
     }
 
-    /// Whether a row (as `to_jsonb` renders it) passes every condition.
+    /// Whether a row (as `to_json` renders it, parsed) passes every condition.
     pub fn matches(&self, row: &Value) -> bool {
         self.conditions.iter().all(|c| c.matches(row))
+    }
+
+    /// Whether a row in JSON text, split into fields, passes every condition.
+    pub fn matches_fields(&self, row: &Fields<'_>) -> bool {
+        self.conditions
+            .iter()
+            .all(|c| c.matches_raw(row.get(&c.column.name)))
+    }
+
+    /// Whether a row in JSON text passes every condition (false if it is not an object).
+    pub fn matches_text(&self, row: &str) -> bool {
+        Fields::parse(row).is_ok_and(|fields| self.matches_fields(&fields))
+    }
+
+    /// The columns the filter names.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.conditions.iter().map(|c| c.column.name.as_str())
     }
 
     /// Both filters at once.
@@ -603,31 +720,49 @@ pub async fn compile(
     Ok(Filter { conditions })
 }
 
-/// `to_jsonb(value::type)` for each value, in order; a value PostgreSQL rejects is a
-/// [`FilterError::BadValue`] naming it.
+/// `to_json(value::type)` for each value, in order, in one query; a value PostgreSQL rejects
+/// is a [`FilterError::BadValue`] naming it (found by trying them one by one, only then).
 async fn render_values(
     client: &tokio_postgres::Client,
     column: &Column,
     values: &[String],
 ) -> Result<Vec<Value>, FilterError> {
-    let query = format!("select to_jsonb(($1::text)::{})", column.sql_type);
-    let statement = client.prepare(&query).await.map_err(FilterError::Db)?;
-    let mut out = Vec::with_capacity(values.len());
-    for value in values {
-        match client.query_one(&statement, &[value]).await {
-            Ok(row) => out.push(row.get::<_, Value>(0)),
-            // Class 22 is "data exception": the value does not convert.
-            Err(err) if err.code().is_some_and(|c| c.code().starts_with("22")) => {
-                return Err(FilterError::BadValue {
-                    column: column.name.clone(),
-                    value: value.clone(),
-                    sql_type: column.sql_type.clone(),
-                });
+    let query = format!(
+        "select to_json(v::{})::text from unnest($1::text[]) with ordinality as u(v, i) order by i",
+        column.sql_type
+    );
+    let bad_value = |value: &String| FilterError::BadValue {
+        column: column.name.clone(),
+        value: value.clone(),
+        sql_type: column.sql_type.clone(),
+    };
+    // Class 22 is "data exception": a value does not convert.
+    let data_exception =
+        |err: &tokio_postgres::Error| err.code().is_some_and(|c| c.code().starts_with("22"));
+    match client.query(&query, &[&values]).await {
+        Ok(rows) => rows
+            .iter()
+            .zip(values)
+            .map(|(row, value)| {
+                let text: Option<String> = row.get(0);
+                text.and_then(|t| serde_json::from_str(&t).ok())
+                    .ok_or_else(|| bad_value(value))
+            })
+            .collect(),
+        Err(err) if data_exception(&err) => {
+            let one = format!("select ($1::text)::{}", column.sql_type);
+            let statement = client.prepare(&one).await.map_err(FilterError::Db)?;
+            for value in values {
+                match client.query_one(&statement, &[value]).await {
+                    Ok(_) => {}
+                    Err(err) if data_exception(&err) => return Err(bad_value(value)),
+                    Err(err) => return Err(FilterError::Db(err)),
+                }
             }
-            Err(err) => return Err(FilterError::Db(err)),
+            Err(FilterError::Db(err))
         }
+        Err(err) => Err(FilterError::Db(err)),
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -699,6 +834,7 @@ mod tests {
             name: name.into(),
             sql_type: "x".into(),
             kind,
+            nondeterministic: false,
         }
     }
 

@@ -1,12 +1,15 @@
-//! Fan-out: one bounded, shared ring of encoded events per table, read by cursors.
+//! Fan-out: one bounded, shared ring of encoded events per table, read by cursors, and the
+//! batch log that lets a client resume on any relay.
 //!
-//! Each event is encoded to its wire frame once, when the capture task publishes it, and
-//! every subscriber of the table reads the same `Arc<Entry>`.
+//! Each event is encoded to its wire frame once, when capture publishes it, and every
+//! subscriber of the table reads the same `Arc<Entry>`. What an entry keeps is its frame and a
+//! few numbers; filters and projections read the row back out of the frame when they need it.
 //!
-//! Why a ring and cursors rather than a queue per subscriber: the producer (the capture
-//! task) only appends under a short lock and bumps a `watch` counter; it never waits on, or
-//! even visits, a subscriber. Memory is bounded by the ring, whatever the number of
-//! subscribers, and the ring doubles as the recent history that resumes replay from.
+//! Why a ring and cursors rather than a queue per subscriber: the producer (capture) only
+//! appends under a short lock and bumps a `watch` counter; it never waits on, or even visits,
+//! a subscriber. Memory is bounded by the ring (frames, shaped frames and per-entry overhead
+//! all count against `ring_bytes`), whatever the number of subscribers, and the ring doubles
+//! as the recent history that resumes replay from.
 //!
 //! A subscriber is a slow consumer (closed with 4008, resumable with `since`; DESIGN.md
 //! guarantee 5) when either
@@ -14,67 +17,121 @@
 //! - it is more than the queue limit (default 8 MiB) behind the head *while its socket is not
 //!   taking writes* ([`Cursor::overflowed`] races the socket write in `http::ws`).
 //!
-//! A subscriber that is behind only because a burst arrived faster than any socket drains
-//! (a 200,000-row statement) but keeps reading is not closed: its backlog is the shared ring,
-//! which costs nothing extra per subscriber.
+//! # Resuming on any relay
+//!
+//! Capture publishes in *batches*: everything one poll of the log found (see `capture`).
+//! Within a batch, transactions are ordered by their last seq, which keeps every row's changes
+//! in commit order but may differ from another relay's order, whose polls cut the stream
+//! elsewhere. A client that saw seq `N` (on any relay) may have missed, on this relay, only
+//! events that this relay put at or after the first batch holding a seq `>= N`: an event the
+//! other relay sent after `N` either committed after `N`'s transaction (so it is in `N`'s
+//! batch here or later) or was ordered after it inside a batch (so it has a seq above `N`).
+//! [`Hub::resume`] therefore replays from the start of that batch: at-least-once, never a gap.
+//! The batch log keeps, per batch, the highest seq published so far (a non-decreasing list,
+//! searched by bisection), so finding that batch costs O(log n) and no scan of a ring.
+//! A relay cannot vouch for seqs at or below `start_seq` (written before it listened).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::event::{ChangeEvent, Op};
+use crate::event::{ChangeParts, LogEvent, LogOp, Op, change_frame, control};
+use crate::row::{Fields, changed_columns, compact};
+
+/// Bytes an entry costs besides its frame (the `Entry` itself, its `Arc` and ring slot):
+/// counted against the history budget so that it bounds memory, not just frame bytes.
+const ENTRY_OVERHEAD: usize = 144;
+
+/// Most projected frames cached per entry; more distinct shapes are encoded for each reader.
+const MAX_SHAPES: usize = 8;
+
+/// Most entries a resume looks at to find the `since` event in its batch (the lookup runs
+/// under the ring's lock; past it, the client just gets a few more duplicates).
+const SINCE_LOOKUP: usize = 4096;
 
 /// Limits of the per-table rings.
 #[derive(Debug, Clone, Copy)]
 pub struct HubLimits {
     /// Most events a table's ring keeps.
     pub ring_events: usize,
-    /// Most bytes of encoded frames a table's ring keeps.
+    /// Most bytes (frames, shaped frames, overhead) a table's ring keeps.
     pub ring_bytes: usize,
     /// Most bytes a subscriber may lag behind the head before it is a slow consumer.
     pub queue_bytes: u64,
 }
 
+/// What an entry is.
+#[derive(Debug, Clone)]
+pub enum EntryKind {
+    /// A row change; filters and projections apply.
+    Change(Op),
+    /// The table was truncated (`{"type":"truncate",…}`).
+    Truncate,
+    /// Every subscriber's copy is stale: the frame is a `reset` with this reason.
+    Reset(&'static str),
+    /// Columns changed; subscriptions that name these columns end. No frame is sent.
+    Columns(Arc<ColumnsChanged>),
+}
+
+/// Columns of a table that were dropped, renamed or retyped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ColumnsChanged {
+    /// Names (as subscriptions know them) that no longer mean what they did.
+    pub columns: Vec<String>,
+}
+
 /// One published event and its encoded frame, shared by every subscriber of the table.
 #[derive(Debug)]
 pub struct Entry {
-    /// The decoded event (for filters and snapshot visibility); a placeholder for a gap.
-    pub event: ChangeEvent,
-    /// Events of this table were lost here (log rows gone before capture read them): every
-    /// subscriber gets `frame`, a `reset` message, whatever its filter or snapshot.
-    pub gap: bool,
+    /// Log position (0 for entries that are not log events).
+    pub seq: i64,
+    /// The writer's transaction, for snapshot handoff; `None` for entries every subscriber
+    /// gets whatever its initial data holds.
+    pub xid: Option<u64>,
+    /// The capture batch it was published in (see the module docs).
+    pub batch: u64,
+    /// What it is.
+    pub kind: EntryKind,
     /// The JSON text frame, encoded once; cloning it shares the bytes.
     pub frame: Utf8Bytes,
-    /// The table's subscriber-facing name.
-    pub resource: Arc<str>,
-    /// Frames for other shapes (type as sent, projection key), encoded on first use.
-    shaped: Mutex<Vec<(Op, u64, Utf8Bytes)>>,
+    /// Frames for other shapes (type as sent, projection), encoded on first use.
+    shaped: Mutex<Vec<(u64, Utf8Bytes)>>,
+    /// Bytes of `shaped`, also counted in the topic's `shaped_bytes`.
+    shaped_bytes: AtomicUsize,
     /// Bytes published on this table up to and including this entry.
     end_offset: u64,
 }
 
 impl Entry {
-    /// The frame for a (type as sent, projection) shape: encoded by the first subscriber that
-    /// needs it, shared by the rest.
+    /// The frame for a shape (`key` identifies type as sent and projection): encoded by the
+    /// first subscriber that needs it, shared by the rest, counted against the history.
     pub fn shaped_frame(
         &self,
-        sent: Op,
-        select_key: u64,
+        topic: &Topic,
+        key: u64,
         encode: impl FnOnce() -> String,
     ) -> Utf8Bytes {
         // Poisoning leaves the cache consistent (a push either happened or not).
-        let mut shaped = self.shaped.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, _, frame)) = shaped
-            .iter()
-            .find(|(op, key, _)| *op == sent && *key == select_key)
-        {
+        let mut shaped = self.shaped.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, frame)) = shaped.iter().find(|(k, _)| *k == key) {
             return frame.clone();
         }
         let frame = Utf8Bytes::from(encode());
-        shaped.push((sent, select_key, frame.clone()));
+        if shaped.len() < MAX_SHAPES {
+            shaped.push((key, frame.clone()));
+            let size = frame.len() + 48;
+            self.shaped_bytes.fetch_add(size, Ordering::Relaxed);
+            topic.shaped_bytes.fetch_add(size, Ordering::Relaxed);
+        }
         frame
+    }
+
+    fn cost(&self) -> usize {
+        self.frame.len() + ENTRY_OVERHEAD
     }
 }
 
@@ -97,10 +154,12 @@ struct Ring {
     entries: VecDeque<Arc<Entry>>,
     /// Position of `entries[0]`; positions count every event ever published on the table.
     first: u64,
-    /// Sum of the frame sizes in `entries`.
+    /// Sum of the entries' costs (frames and overhead; shaped frames are in the topic).
     held_bytes: usize,
     /// Bytes ever published on the table.
     published_bytes: u64,
+    /// Highest batch of an evicted entry: a resume into that batch or earlier is impossible.
+    evicted_batch: Option<u64>,
 }
 
 impl Ring {
@@ -113,17 +172,32 @@ impl Ring {
 #[derive(Debug)]
 pub struct Topic {
     resource: Arc<str>,
+    /// `resource` as a JSON string literal, for frames.
+    resource_json: String,
     ring: Mutex<Ring>,
+    /// Bytes of shaped frames cached on this ring's entries.
+    shaped_bytes: AtomicUsize,
     /// Bumped after every publish; cursors wait on it. Dropped with the hub.
     head_tx: watch::Sender<u64>,
     limits: HubLimits,
 }
 
 impl Topic {
+    fn new(resource: &str, limits: HubLimits) -> Self {
+        Topic {
+            resource: resource.into(),
+            resource_json: serde_json::Value::from(resource).to_string(),
+            ring: Mutex::new(Ring::default()),
+            shaped_bytes: AtomicUsize::new(0),
+            head_tx: watch::channel(0).0,
+            limits,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Ring> {
         // A panic while holding this lock leaves the ring consistent (every mutation is a
         // single push/pop with its counters), so a poisoned lock is still safe to use.
-        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+        self.ring.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The subscriber-facing table name.
@@ -131,56 +205,42 @@ impl Topic {
         &self.resource
     }
 
-    fn publish(&self, event: ChangeEvent) {
-        let frame = Utf8Bytes::from(event.to_frame(&self.resource));
-        self.push(event, frame, false);
+    /// The subscriber-facing table name as a JSON string literal.
+    pub fn resource_json(&self) -> &str {
+        &self.resource_json
     }
 
-    /// Records that events of this table were lost (see [`Entry::gap`]).
-    fn publish_gap(&self) {
-        let (schema, table) = match self.resource.split_once('.') {
-            Some((schema, table)) => (schema.to_owned(), table.to_owned()),
-            None => ("public".to_owned(), self.resource.to_string()),
-        };
-        let placeholder = ChangeEvent {
-            seq: 0,
-            xid: 0,
-            ts: String::new(),
-            schema,
-            table,
-            op: Op::Create,
-            id: serde_json::Value::Null,
-            data: None,
-            old: None,
-        };
-        let frame = Utf8Bytes::from(crate::event::control::reset(
-            &self.resource,
-            "events_missing",
-        ));
-        self.push(placeholder, frame, true);
-    }
-
-    fn push(&self, event: ChangeEvent, frame: Utf8Bytes, gap: bool) {
+    fn push(&self, seq: i64, xid: Option<u64>, batch: u64, kind: EntryKind, frame: Utf8Bytes) {
         let mut ring = self.lock();
         ring.published_bytes += frame.len() as u64;
-        ring.held_bytes += frame.len();
         let end_offset = ring.published_bytes;
-        ring.entries.push_back(Arc::new(Entry {
-            event,
-            gap,
+        let entry = Arc::new(Entry {
+            seq,
+            xid,
+            batch,
+            kind,
             frame,
-            resource: Arc::clone(&self.resource),
             shaped: Mutex::new(Vec::new()),
+            shaped_bytes: AtomicUsize::new(0),
             end_offset,
-        }));
-        while ring.entries.len() > 1
-            && (ring.entries.len() > self.limits.ring_events
-                || ring.held_bytes > self.limits.ring_bytes)
-        {
-            if let Some(old) = ring.entries.pop_front() {
-                ring.held_bytes -= old.frame.len();
-                ring.first += 1;
+        });
+        ring.held_bytes += entry.cost();
+        ring.entries.push_back(entry);
+        loop {
+            let held = ring.held_bytes + self.shaped_bytes.load(Ordering::Relaxed);
+            if ring.entries.len() <= 1
+                || (ring.entries.len() <= self.limits.ring_events && held <= self.limits.ring_bytes)
+            {
+                break;
             }
+            let Some(old) = ring.entries.pop_front() else {
+                break;
+            };
+            ring.held_bytes -= old.cost();
+            self.shaped_bytes
+                .fetch_sub(old.shaped_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+            ring.first += 1;
+            ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
         }
         let next = ring.next();
         drop(ring);
@@ -192,37 +252,23 @@ impl Topic {
         let ring = self.lock();
         let (pos, offset) = (ring.next(), ring.published_bytes);
         drop(ring);
+        self.cursor_at(pos, offset, offset)
+    }
+
+    fn cursor_at(self: &Arc<Self>, pos: u64, offset: u64, base: u64) -> Cursor {
         Cursor {
             topic: Arc::clone(self),
             pos,
             offset,
-            base: offset,
+            base,
+            seen: None,
             head_rx: self.head_tx.subscribe(),
         }
     }
 
-    /// A cursor just after the retained event with this seq, or `None` when the ring no
-    /// longer (or never) held it.
-    pub fn subscribe_after_seq(self: &Arc<Self>, seq: i64) -> Option<Cursor> {
-        let ring = self.lock();
-        let index = ring
-            .entries
-            .iter()
-            .rposition(|e| !e.gap && e.event.seq == seq)?;
-        let entry = &ring.entries[index];
-        let (pos, offset, base) = (
-            ring.first + index as u64 + 1,
-            entry.end_offset,
-            ring.published_bytes,
-        );
-        drop(ring);
-        Some(Cursor {
-            topic: Arc::clone(self),
-            pos,
-            offset,
-            base,
-            head_rx: self.head_tx.subscribe(),
-        })
+    /// Bytes held by this ring (frames, overhead, shaped frames), for tests and metrics.
+    pub fn held_bytes(&self) -> usize {
+        self.lock().held_bytes + self.shaped_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -238,6 +284,9 @@ pub struct Cursor {
     /// (a resume's replay, what came during initial data) is bounded by the ring and does
     /// not count against the queue limit; only what is published after it does.
     base: u64,
+    /// A resume's `(batch, xid, seq)`: the client has this transaction's events up to `seq`
+    /// (in every relay's order), so they are skipped in that batch.
+    seen: Option<(u64, u64, i64)>,
     head_rx: watch::Receiver<u64>,
 }
 
@@ -269,9 +318,23 @@ impl Cursor {
                 if self.pos < ring.next() {
                     let start = (self.pos - ring.first) as usize;
                     let end = ring.entries.len().min(start + max);
-                    out.extend(ring.entries.range(start..end).cloned());
+                    let entries = ring.entries.range(start..end);
+                    let before = out.len();
+                    match self.seen {
+                        Some((batch, xid, seq)) => out.extend(
+                            entries
+                                .filter(|e| {
+                                    !(e.batch == batch && e.xid == Some(xid) && e.seq <= seq)
+                                })
+                                .cloned(),
+                        ),
+                        None => out.extend(entries.cloned()),
+                    }
                     self.pos = ring.first + end as u64;
                     self.offset = ring.entries[end - 1].end_offset;
+                    if out.len() == before {
+                        continue;
+                    }
                     return Ok(());
                 }
             }
@@ -315,99 +378,331 @@ impl Cursor {
     }
 }
 
-/// Per-table topics for the exposed tables.
+/// Per batch, the highest seq published up to and including it.
+#[derive(Debug)]
+struct BatchLog {
+    /// Id of `maxes[0]`.
+    first: u64,
+    /// Prefix maxima of the ended batches, non-decreasing.
+    maxes: VecDeque<i64>,
+    /// Prefix maximum of the batches dropped from the front (`i64::MIN` while none).
+    pruned_max: i64,
+    /// The batch being published, if any (always `first + maxes.len()`).
+    open: Option<u64>,
+    /// Most batches remembered.
+    capacity: usize,
+}
+
+impl BatchLog {
+    fn next_id(&self) -> u64 {
+        self.first + self.maxes.len() as u64
+    }
+
+    fn last_max(&self) -> i64 {
+        self.maxes.back().copied().unwrap_or(self.pruned_max)
+    }
+}
+
+/// Where a resume starts.
+#[derive(Debug)]
+pub enum Resume {
+    /// Replay from this cursor.
+    From(Cursor),
+    /// This relay cannot prove it holds everything after that seq: send `reset`.
+    Reset,
+    /// Every seq this relay published is below it: it may be a seq another relay has
+    /// published and this one has not yet (fine), or no seq at all; the caller checks the
+    /// database before resuming from this cursor.
+    Ahead(Cursor),
+}
+
+/// Per-table topics for the exposed tables, and the batch log.
 #[derive(Debug)]
 pub struct Hub {
-    /// schema -> table -> topic; looked up by `&str` without allocating.
-    topics: HashMap<String, HashMap<String, Arc<Topic>>>,
-    by_resource: HashMap<String, Arc<Topic>>,
+    /// Topics by resource name.
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Topics by the table's oid, as capture routes log rows (changes when a table is dropped
+    /// and re-created).
+    by_relid: RwLock<HashMap<u32, Arc<Topic>>>,
+    batches: Mutex<BatchLog>,
+    /// The highest seq allocated before this relay first listened: it cannot vouch for
+    /// events at or below it. `i64::MAX` until capture starts.
+    start_seq: AtomicI64,
+    limits: HubLimits,
 }
 
 impl Hub {
-    /// A hub with one topic per `(schema, table)`.
-    pub fn new(tables: &[(String, String)], limits: HubLimits) -> Self {
-        let mut topics: HashMap<String, HashMap<String, Arc<Topic>>> = HashMap::new();
-        let mut by_resource = HashMap::new();
-        for (schema, table) in tables {
-            let resource = crate::event::resource_name(schema, table);
-            let topic = Arc::new(Topic {
-                resource: resource.as_str().into(),
-                ring: Mutex::new(Ring::default()),
-                head_tx: watch::channel(0).0,
-                limits,
-            });
-            topics
-                .entry(schema.clone())
-                .or_default()
-                .insert(table.clone(), Arc::clone(&topic));
-            by_resource.insert(resource, topic);
+    /// A hub with one topic per `(relid, resource)`.
+    pub fn new(tables: &[(u32, String)], limits: HubLimits) -> Self {
+        let mut topics = HashMap::new();
+        let mut by_relid = HashMap::new();
+        for (relid, resource) in tables {
+            let topic = Arc::new(Topic::new(resource, limits));
+            topics.insert(resource.clone(), Arc::clone(&topic));
+            by_relid.insert(*relid, topic);
         }
         Hub {
-            topics,
-            by_resource,
+            topics: RwLock::new(topics),
+            by_relid: RwLock::new(by_relid),
+            batches: Mutex::new(BatchLog {
+                first: 1,
+                maxes: VecDeque::new(),
+                pruned_max: i64::MIN,
+                open: None,
+                capacity: limits.ring_events.saturating_mul(2).max(1024),
+            }),
+            start_seq: AtomicI64::new(i64::MAX),
+            limits,
         }
+    }
+
+    fn batch_log(&self) -> MutexGuard<'_, BatchLog> {
+        self.batches.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The topic of an exposed table, by its resource name.
-    pub fn topic(&self, resource: &str) -> Option<&Arc<Topic>> {
-        self.by_resource.get(resource)
+    pub fn topic(&self, resource: &str) -> Option<Arc<Topic>> {
+        let topics = self.topics.read().unwrap_or_else(PoisonError::into_inner);
+        topics.get(resource).cloned()
     }
 
-    /// Tells the subscribers of a table (or, with `None`, of every table) that events were
-    /// lost: they get a `reset` in stream order.
-    pub fn publish_gap(&self, table: Option<(&str, &str)>) {
-        match table {
-            Some((schema, table)) => {
-                if let Some(topic) = self.topics.get(schema).and_then(|t| t.get(table)) {
-                    topic.publish_gap();
-                }
-            }
-            None => self
-                .by_resource
-                .values()
-                .for_each(|topic| topic.publish_gap()),
-        }
+    /// The topic capture routes a table's rows to.
+    pub fn topic_by_relid(&self, relid: u32) -> Option<Arc<Topic>> {
+        let by_relid = self.by_relid.read().unwrap_or_else(PoisonError::into_inner);
+        by_relid.get(&relid).cloned()
     }
 
-    /// Publishes an event to its table's subscribers. Returns false when the table is not
-    /// exposed by this relay (the event is dropped).
-    pub fn publish(&self, event: ChangeEvent) -> bool {
-        match self
-            .topics
-            .get(&event.schema)
-            .and_then(|t| t.get(&event.table))
-        {
+    /// The oids whose rows capture reads.
+    pub fn relids(&self) -> Vec<u32> {
+        let by_relid = self.by_relid.read().unwrap_or_else(PoisonError::into_inner);
+        by_relid.keys().copied().collect()
+    }
+
+    /// Routes a table oid to a resource (a table re-created under the same name), or stops
+    /// routing it (`resource: None`, the table is gone).
+    pub fn route(&self, relid: u32, resource: Option<&str>) {
+        let mut by_relid = self
+            .by_relid
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        match resource.and_then(|r| self.topic(r)) {
             Some(topic) => {
-                topic.publish(event);
-                true
+                by_relid.insert(relid, topic);
             }
-            None => false,
+            None => {
+                by_relid.remove(&relid);
+            }
         }
     }
+
+    /// Records the highest seq allocated before capture first listened.
+    pub fn set_start_seq(&self, seq: i64) {
+        self.start_seq.store(seq, Ordering::Relaxed);
+    }
+
+    /// Opens the next batch (capture only; batches never overlap).
+    pub fn begin_batch(&self) -> u64 {
+        let mut log = self.batch_log();
+        let id = log.next_id();
+        log.open = Some(id);
+        id
+    }
+
+    /// Closes the open batch, whose highest seq was `max_seq`.
+    pub fn end_batch(&self, batch: u64, max_seq: i64) {
+        let mut log = self.batch_log();
+        debug_assert_eq!(log.open, Some(batch));
+        log.open = None;
+        let max = log.last_max().max(max_seq);
+        log.maxes.push_back(max);
+        while log.maxes.len() > log.capacity {
+            if let Some(dropped) = log.maxes.pop_front() {
+                log.pruned_max = dropped;
+                log.first += 1;
+            }
+        }
+    }
+
+    /// The batch an entry published now belongs to (the open one, else the last ended).
+    fn current_batch(&self) -> u64 {
+        let log = self.batch_log();
+        log.open.unwrap_or_else(|| log.next_id().saturating_sub(1))
+    }
+
+    /// The position a subscriber holds once it has the initial data of a snapshot taken
+    /// after now: the highest seq of the ended batches (`None` before capture published
+    /// anything).
+    pub fn position(&self) -> Option<i64> {
+        let log = self.batch_log();
+        Some(log.last_max()).filter(|m| *m != i64::MIN)
+    }
+
+    /// The highest seq this relay has published (ended batches), or `i64::MIN`.
+    pub fn max_published(&self) -> i64 {
+        self.batch_log().last_max()
+    }
+
+    /// Where a subscriber of `topic` that has seen seq `since` (on this relay or another one)
+    /// resumes (see the module docs).
+    pub fn resume(&self, topic: &Arc<Topic>, since: i64) -> Resume {
+        if since <= self.start_seq.load(Ordering::Relaxed) {
+            return Resume::Reset;
+        }
+        let (from_batch, pruned, ahead) = {
+            let log = self.batch_log();
+            if log.pruned_max >= since {
+                (log.first, true, false)
+            } else {
+                let index = log.maxes.partition_point(|m| *m < since);
+                let ahead = index == log.maxes.len();
+                (log.first + index as u64, false, ahead)
+            }
+        };
+        let ring = topic.lock();
+        if let Some(evicted) = ring.evicted_batch
+            && (pruned || evicted >= from_batch)
+        {
+            return Resume::Reset;
+        }
+        let index = if pruned {
+            0
+        } else {
+            ring.entries.partition_point(|e| e.batch < from_batch)
+        };
+        let pos = ring.first + index as u64;
+        let offset = match index {
+            0 => ring.entries.front().map_or(ring.published_bytes, |e| {
+                e.end_offset - e.frame.len() as u64
+            }),
+            i => ring.entries[i - 1].end_offset,
+        };
+        let base = ring.published_bytes;
+        // The `since` event itself, near the start of its batch: the client has it and the
+        // events of its transaction before it.
+        let seen = ring
+            .entries
+            .range(index..)
+            .take(SINCE_LOOKUP)
+            .take_while(|e| e.batch == from_batch)
+            .find(|e| e.seq == since)
+            .and_then(|e| e.xid.map(|xid| (from_batch, xid, since)));
+        drop(ring);
+        let mut cursor = topic.cursor_at(pos, offset, base);
+        cursor.seen = seen;
+        if ahead {
+            Resume::Ahead(cursor)
+        } else {
+            Resume::From(cursor)
+        }
+    }
+
+    /// Publishes one log event of table `relid` in `batch`. Returns false when the table is
+    /// not exposed (the event is dropped).
+    pub fn publish(
+        &self,
+        relid: u32,
+        batch: u64,
+        xid: u64,
+        ts: &str,
+        event: &LogEvent<'_>,
+    ) -> bool {
+        let Some(topic) = self.topic_by_relid(relid) else {
+            return false;
+        };
+        match event.op {
+            LogOp::Change(op) => {
+                let frame = encode_change(&topic, op, ts, event);
+                topic.push(
+                    event.seq,
+                    Some(xid),
+                    batch,
+                    EntryKind::Change(op),
+                    frame.into(),
+                );
+            }
+            LogOp::Truncate => {
+                let frame = control::truncate(&topic.resource, event.seq, ts);
+                topic.push(
+                    event.seq,
+                    Some(xid),
+                    batch,
+                    EntryKind::Truncate,
+                    frame.into(),
+                );
+            }
+            LogOp::PartitionTruncate => {
+                let frame = control::reset(&topic.resource, "table_changed");
+                let kind = EntryKind::Reset("table_changed");
+                topic.push(event.seq, Some(xid), batch, kind, frame.into());
+            }
+            LogOp::Marker => return false,
+        }
+        true
+    }
+
+    /// Tells a table's subscribers their copy is stale, in stream order, whatever their
+    /// filter or initial data (`reason`: `events_missing`, `table_dropped`, …).
+    pub fn publish_reset(&self, resource: &str, reason: &'static str) {
+        if let Some(topic) = self.topic(resource) {
+            let frame = control::reset(&topic.resource, reason);
+            let batch = self.current_batch();
+            topic.push(0, None, batch, EntryKind::Reset(reason), frame.into());
+        }
+    }
+
+    /// Like [`Hub::publish_reset`], for a table capture knows by oid.
+    pub fn publish_reset_relid(&self, relid: u32, reason: &'static str) {
+        if let Some(topic) = self.topic_by_relid(relid) {
+            self.publish_reset(topic.resource.as_ref(), reason);
+        }
+    }
+
+    /// Tells a table's subscriptions that columns changed (they end if they name one).
+    pub fn publish_columns_changed(&self, resource: &str, change: ColumnsChanged) {
+        if let Some(topic) = self.topic(resource) {
+            let batch = self.current_batch();
+            let kind = EntryKind::Columns(Arc::new(change));
+            topic.push(0, None, batch, kind, Utf8Bytes::from_static(""));
+        }
+    }
+
+    /// Limits the rings were built with.
+    pub fn limits(&self) -> HubLimits {
+        self.limits
+    }
+}
+
+/// The full frame of a change event.
+fn encode_change(topic: &Topic, op: Op, ts: &str, event: &LogEvent<'_>) -> String {
+    let id = compact(event.id.get());
+    let changed = match (op, event.old, event.data) {
+        (Op::Update, Some(old), Some(new)) => {
+            match (Fields::parse(old.get()), Fields::parse(new.get())) {
+                (Ok(old), Ok(new)) => Some(changed_columns(&old, &new)),
+                _ => Some(Vec::new()),
+            }
+        }
+        (Op::Update, _, _) => Some(Vec::new()),
+        _ => None,
+    };
+    change_frame(&ChangeParts {
+        op,
+        resource: &topic.resource_json,
+        id: &id,
+        data: event.data.map(RawValue::get),
+        old: event.old.map(RawValue::get),
+        changed: changed.as_deref(),
+        seq: event.seq,
+        ts,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Op;
-    use serde_json::json;
-
-    fn event(seq: i64, table: &str, size: usize) -> ChangeEvent {
-        ChangeEvent {
-            seq,
-            xid: 1,
-            ts: String::new(),
-            schema: "public".into(),
-            table: table.into(),
-            op: Op::Create,
-            id: json!(seq),
-            data: Some(json!({"pad": "x".repeat(size)})),
-            old: None,
-        }
-    }
 
     fn hub(ring_events: usize, ring_bytes: usize, queue_bytes: u64) -> Hub {
-        let tables = [("public".into(), "a".into()), ("public".into(), "b".into())];
+        let tables = [(1, "a".to_owned()), (2, "b".to_owned())];
         Hub::new(
             &tables,
             HubLimits {
@@ -418,20 +713,39 @@ mod tests {
         )
     }
 
+    fn body(seq: i64, pad: usize) -> String {
+        format!(
+            r#"[[{seq}, "c", {seq}, {{"id":{seq},"pad":"{}"}}, null]]"#,
+            "x".repeat(pad)
+        )
+    }
+
+    /// Publishes one create of `relid` with `seq` in its own batch.
+    fn publish(hub: &Hub, relid: u32, seq: i64, pad: usize) -> bool {
+        let text = body(seq, pad);
+        let events = crate::event::parse_body(&text).unwrap();
+        let batch = hub.begin_batch();
+        let published = hub.publish(relid, batch, seq as u64, "t", &events[0]);
+        hub.end_batch(batch, seq);
+        published
+    }
+
+    async fn seqs(cursor: &mut Cursor) -> Vec<i64> {
+        let mut out = Vec::new();
+        cursor.next_batch(&mut out, 100).await.unwrap();
+        out.iter().map(|e| e.seq).collect()
+    }
+
     #[tokio::test]
     async fn cursor_reads_events_of_its_table_in_publish_order() {
         let hub = hub(100, 1 << 20, 1 << 20);
         let mut cursor = hub.topic("a").unwrap().subscribe();
         for seq in 1..=3 {
-            assert!(hub.publish(event(seq, "a", 1)));
-            assert!(hub.publish(event(seq + 100, "b", 1)));
+            assert!(publish(&hub, 1, seq, 1));
+            assert!(publish(&hub, 2, seq + 100, 1));
         }
-        assert!(!hub.publish(event(9, "other", 1)));
-        let mut out = Vec::new();
-        cursor.next_batch(&mut out, 2).await.unwrap();
-        cursor.next_batch(&mut out, 10).await.unwrap();
-        let seqs: Vec<i64> = out.iter().map(|e| e.event.seq).collect();
-        assert_eq!(seqs, [1, 2, 3]);
+        assert!(!publish(&hub, 9, 9, 1));
+        assert_eq!(seqs(&mut cursor).await, [1, 2, 3]);
     }
 
     #[tokio::test]
@@ -441,7 +755,7 @@ mod tests {
         let publisher = Arc::clone(&hub);
         tokio::spawn(async move {
             tokio::task::yield_now().await;
-            publisher.publish(event(7, "a", 1));
+            publish(&publisher, 1, 7, 1);
         });
         let mut out = Vec::new();
         tokio::time::timeout(
@@ -451,7 +765,7 @@ mod tests {
         .await
         .expect("cursor woke")
         .unwrap();
-        assert_eq!(out[0].event.seq, 7);
+        assert_eq!(out[0].seq, 7);
     }
 
     #[tokio::test]
@@ -459,53 +773,80 @@ mod tests {
         let hub = hub(1000, 1 << 20, 4096);
         let mut cursor = hub.topic("a").unwrap().subscribe();
         for seq in 1..=10 {
-            hub.publish(event(seq, "a", 1000));
+            publish(&hub, 1, seq, 1000);
         }
         // A writer racing its socket against `overflowed` learns it is too far behind…
         assert_eq!(cursor.overflowed().await, Overflow::Lagged);
         // …but a reader that keeps reading drains the burst from the shared ring.
-        let mut out = Vec::new();
-        cursor.next_batch(&mut out, 100).await.unwrap();
-        assert_eq!(out.len(), 10);
+        assert_eq!(seqs(&mut cursor).await.len(), 10);
     }
 
     #[tokio::test]
-    async fn a_lagged_subscriber_can_resume_from_its_last_seq() {
-        let hub = hub(1000, 1 << 20, 4096);
+    async fn resume_replays_from_the_first_batch_holding_a_higher_seq() {
+        let hub = hub(1000, 1 << 20, 1 << 20);
+        hub.set_start_seq(0);
         let topic = hub.topic("a").unwrap();
-        let mut cursor = topic.subscribe();
-        for seq in 1..=10 {
-            hub.publish(event(seq, "a", 1000));
+        // One batch whose transactions were ordered 5, 3 (a late committer took seq 3):
+        // another relay may have sent 3 before 5, so a client that saw 3 gets 5 again.
+        let batch = hub.begin_batch();
+        for (xid, seq) in [(20, 5), (10, 3), (10, 4)] {
+            let text = body(seq, 1);
+            hub.publish(
+                1,
+                batch,
+                xid,
+                "t",
+                &crate::event::parse_body(&text).unwrap()[0],
+            );
         }
-        let mut out = Vec::new();
-        assert_eq!(cursor.overflowed().await, Overflow::Lagged);
-        // The backlog it resumes into is in the ring; only new events count against it.
-        let mut resumed = topic.subscribe_after_seq(2).unwrap();
-        resumed.next_batch(&mut out, 100).await.unwrap();
-        assert_eq!(out.len(), 8);
-        for seq in 11..=20 {
-            hub.publish(event(seq, "a", 1000));
-        }
-        assert_eq!(resumed.overflowed().await, Overflow::Lagged);
+        hub.end_batch(batch, 5);
+        publish(&hub, 1, 8, 1);
+        // …while seq 3's own transaction is sent in seq order everywhere: 3 is not resent.
+        let Resume::From(mut cursor) = hub.resume(&topic, 3) else {
+            panic!("resumable")
+        };
+        assert_eq!(seqs(&mut cursor).await, [5, 4, 8]);
+        let Resume::From(mut cursor) = hub.resume(&topic, 6) else {
+            panic!("resumable")
+        };
+        assert_eq!(seqs(&mut cursor).await, [8]);
+        assert!(matches!(hub.resume(&topic, 9), Resume::Ahead(_)));
+        hub.set_start_seq(4);
+        assert!(matches!(hub.resume(&topic, 3), Resume::Reset));
     }
 
     #[tokio::test]
-    async fn a_cursor_behind_the_ring_is_evicted_and_resume_finds_retained_seqs() {
+    async fn a_cursor_behind_the_ring_is_evicted_and_resume_into_evicted_batches_resets() {
         let hub = hub(3, 1 << 20, 1 << 20);
+        hub.set_start_seq(0);
         let topic = hub.topic("a").unwrap();
         let mut cursor = topic.subscribe();
         for seq in 1..=5 {
-            hub.publish(event(seq, "a", 1));
+            publish(&hub, 1, seq, 1);
         }
         let mut out = Vec::new();
         assert_eq!(
             cursor.next_batch(&mut out, 10).await,
             Err(Overflow::Evicted)
         );
-        assert!(topic.subscribe_after_seq(1).is_none());
-        let mut resumed = topic.subscribe_after_seq(3).unwrap();
-        resumed.next_batch(&mut out, 10).await.unwrap();
-        let seqs: Vec<i64> = out.iter().map(|e| e.event.seq).collect();
-        assert_eq!(seqs, [4, 5]);
+        assert!(matches!(hub.resume(&topic, 1), Resume::Reset));
+        let Resume::From(mut resumed) = hub.resume(&topic, 3) else {
+            panic!("resumable")
+        };
+        assert_eq!(seqs(&mut resumed).await, [4, 5]);
+    }
+
+    #[test]
+    fn shaped_frames_count_against_the_history_and_are_capped() {
+        let hub = hub(1000, 1 << 20, 1 << 20);
+        publish(&hub, 1, 1, 10);
+        let topic = hub.topic("a").unwrap();
+        let before = topic.held_bytes();
+        let entry = Arc::clone(&topic.lock().entries[0]);
+        for key in 0..20u64 {
+            entry.shaped_frame(&topic, key, || "x".repeat(100));
+        }
+        let after = topic.held_bytes();
+        assert_eq!(after - before, MAX_SHAPES * (100 + 48));
     }
 }

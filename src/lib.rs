@@ -5,18 +5,21 @@
 //! The modules follow the data flow:
 //!
 //! ```text
-//! any writer -> table -> AFTER triggers (sql/install.sql) -> pgrelay.changes + NOTIFY
-//!   capture  (one dedicated LISTEN connection: decode, read pointers, catch up)
-//!   -> hub   (per-table ring of frames encoded once; cursors; slow consumers -> 4008)
+//! any writer -> table -> AFTER triggers (sql/install.sql) -> pgrelay.changes (+ empty NOTIFY)
+//!   capture  (one dedicated connection: polls the log for newly committed transactions,
+//!             woken by NOTIFY or a timer; reconnects and catches up from where it was)
+//!   -> hub   (per-table ring of frames encoded once; batch log for resumes; 4008)
 //!   -> http  (warp: /ws/{table}, /ws, /api/{table}, /healthz, /readyz, /metrics)
+//! schema watcher (renames, drops, column and trigger changes -> resets, routing)
 //! REST (/api/{table}, pooled connections) writes like any other writer: through the triggers.
 //! ```
 //!
-//! - [`event`] — the change event and its wire format.
-//! - [`capture`] — the LISTEN task, reconnect and catch-up.
-//! - [`hub`] — fan-out.
+//! - [`event`], [`row`] — the change event, its wire format, rows as JSON text.
+//! - [`capture`] — the capture connection, polls of the log, reconnect and catch-up.
+//! - [`hub`] — fan-out and resume positions.
 //! - [`snapshot`] — initial data and the snapshot handoff.
 //! - [`filter`], [`subscription`] — what a subscriber asks for and what it receives.
+//! - [`schema`] — the exposed tables as they are now.
 //! - [`http`] — routes, the per-socket task and the REST API.
 //! - [`sql`] — install/uninstall, catalog, pool, identifier quoting.
 //! - [`retention`] — pruning the change log.
@@ -33,6 +36,8 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod retention;
+pub mod row;
+pub mod schema;
 pub mod snapshot;
 pub mod sql;
 pub mod subscription;
@@ -60,9 +65,10 @@ pub async fn run(
 ) -> Result<()> {
     config.validate()?;
     let mut client = sql::connect(&config.database_url).await?;
+    let mode = config.capture_mode.name();
     if config.install {
-        sql::install(&mut client, &config.tables).await?;
-        tracing::info!(tables = ?config.tables.iter().map(ToString::to_string).collect::<Vec<_>>(), "capture installed");
+        sql::install(&mut client, &config.tables, mode).await?;
+        tracing::info!(tables = ?config.tables.iter().map(ToString::to_string).collect::<Vec<_>>(), mode, "capture installed");
     }
     let infos = sql::describe(&client, &config.tables).await?;
     drop(client);
@@ -73,16 +79,17 @@ pub async fn run(
         config.pool_wait_timeout,
         config.pool_connect_timeout,
     )?;
-    let names: Vec<(String, String)> = infos
+    let routes: Vec<(u32, String)> = infos
         .iter()
-        .map(|t| (t.name.schema.clone(), t.name.table.clone()))
+        .map(|t| (t.relid, t.resource.clone()))
         .collect();
     let limits = hub::HubLimits {
         ring_events: config.history_events,
         ring_bytes: config.history_bytes,
         queue_bytes: config.queue_bytes,
     };
-    let hub = Arc::new(hub::Hub::new(&names, limits));
+    let hub = Arc::new(hub::Hub::new(&routes, limits));
+    let tables = Arc::new(schema::Tables::new(infos));
     let metrics = Arc::new(metrics::Metrics::default());
     let capture_state = Arc::new(capture::CaptureState::default());
     let token = CancellationToken::new();
@@ -90,15 +97,18 @@ pub async fn run(
 
     let capture = capture::Capture {
         pg_config: sql::pg_config(&config.database_url, "pgrelay capture")?,
+        mode: config.capture_mode,
         hub: Arc::clone(&hub),
         state: Arc::clone(&capture_state),
         metrics: Arc::clone(&metrics),
-        horizon_interval: config.horizon_interval,
+        report_interval: config.report_interval,
+        poll_min: config.poll_min,
+        poll_max: config.poll_max,
         max_backoff: config.max_backoff,
     };
     tracker.spawn(capture.run(token.clone()));
-    // Serve only once capture LISTENs: a subscriber must not connect into a window whose
-    // commits the relay will never see.
+    // Serve only once capture is caught up: a subscriber must not connect into a window whose
+    // commits the relay will never see, and initial data needs a position.
     tokio::pin!(shutdown);
     tokio::select! {
         _ = capture_state.wait_listening() => {}
@@ -115,13 +125,21 @@ pub async fn run(
         Arc::clone(&metrics),
         token.clone(),
     ));
+    let watcher = schema::Watcher {
+        names: config.tables.clone(),
+        tables: Arc::clone(&tables),
+        hub: Arc::clone(&hub),
+        pool: pool.clone(),
+        install: config.install,
+        mode,
+        interval: config.schema_interval,
+    };
+    tracker.spawn(watcher.run(token.clone()));
 
     let shutdown_timeout = config.shutdown_timeout;
     let state = Arc::new(http::AppState {
         config,
-        tables: std::sync::RwLock::new(
-            infos.into_iter().map(|t| (t.resource.clone(), t)).collect(),
-        ),
+        tables,
         hub,
         pool,
         capture: capture_state,

@@ -39,6 +39,10 @@ enum Command {
     Install {
         #[command(flatten)]
         db: Database,
+        /// How relays learn of commits: `notify` (triggers NOTIFY; lowest latency) or `poll`
+        /// (triggers never NOTIFY, so writers take no commit-time lock; relays poll).
+        #[arg(long, env = "PGRELAY_CAPTURE", default_value = "notify", value_parser = ["notify", "poll"])]
+        capture: String,
         /// Tables: `items` (schema public) or `schema.table`.
         #[arg(required = true)]
         tables: Vec<String>,
@@ -121,9 +125,22 @@ struct ServeArgs {
     /// Tables to expose, comma separated: `items,shop.orders`.
     #[arg(long, env = "PGRELAY_TABLES", value_delimiter = ',', required = true)]
     tables: Vec<String>,
-    /// Install capture for the tables at start (idempotent).
+    /// Install capture for the tables at start (idempotent), and again if its triggers go
+    /// missing while the relay runs.
     #[arg(long, env = "PGRELAY_INSTALL")]
     install: bool,
+    /// How capture learns of commits: `notify` (wake-ups from the triggers' NOTIFY) or `poll`
+    /// (poll the log; use with triggers installed with `--capture poll`).
+    #[arg(long, env = "PGRELAY_CAPTURE", default_value = "notify", value_parser = ["notify", "poll"])]
+    capture: String,
+    /// Longest wait between polls of the log, in milliseconds (poll mode when idle; in
+    /// notify mode, the safety net for a missed wake-up).
+    #[arg(long, env = "PGRELAY_POLL_MAX_MS", default_value_t = 500)]
+    poll_max_ms: u64,
+    /// Milliseconds between checks of the exposed tables' catalog entries (renames, drops,
+    /// column and trigger changes).
+    #[arg(long, env = "PGRELAY_SCHEMA_INTERVAL_MS", default_value_t = 1000)]
+    schema_interval_ms: u64,
     /// Seconds between server pings.
     #[arg(long, env = "PGRELAY_PING_INTERVAL", default_value_t = 15)]
     ping_interval: u64,
@@ -182,14 +199,18 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Install { db, tables: names } => {
+        Command::Install {
+            db,
+            capture,
+            tables: names,
+        } => {
             let tables = tables(&names)?;
             let mut client = pgrelay::sql::connect(&db.database_url)
                 .await
                 .context("connecting to the database")?;
-            pgrelay::sql::install(&mut client, &tables).await?;
+            pgrelay::sql::install(&mut client, &tables, &capture).await?;
             for t in &tables {
-                println!("installed capture on {t}");
+                println!("installed capture on {t} ({capture} mode)");
             }
             Ok(())
         }
@@ -214,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
             }
             println!(
                 "{:<40} {:<10} {:>10} {:>12} {:>12}",
-                "table", "installed", "log rows", "oldest seq", "newest seq"
+                "table", "installed", "log events", "oldest seq", "newest seq"
             );
             for r in rows {
                 let seq = |s: Option<i64>| s.map_or("-".to_owned(), |s| s.to_string());
@@ -222,24 +243,28 @@ async fn main() -> anyhow::Result<()> {
                     "{:<40} {:<10} {:>10} {:>12} {:>12}",
                     r.table,
                     if r.installed { "yes" } else { "no" },
-                    r.log_rows,
+                    r.log_events,
                     seq(r.oldest_seq),
                     seq(r.newest_seq)
                 );
             }
             println!();
             println!(
-                "{:<18} {:>12} {:>14} {:>12}",
-                "relay", "last seq", "lag (s)", "seen (s ago)"
+                "{:<18} {:>12} {:>14} {:>12} {:>12} {:>18}",
+                "relay", "last seq", "lag (s)", "seen (s ago)", "horizon", "held back by pid"
             );
             if relays.is_empty() {
                 println!("(no relay has reported progress in the last day)");
             }
             for r in relays {
                 let seq = r.last_seq.map_or("-".to_owned(), |s| s.to_string());
+                let held = r.held_by.map_or("-".to_owned(), |p| match p {
+                    0 => "prepared xact".to_owned(),
+                    p => p.to_string(),
+                });
                 println!(
-                    "{:<18} {:>12} {:>14.3} {:>12.1}",
-                    r.instance, seq, r.lag_secs, r.seen_secs_ago
+                    "{:<18} {:>12} {:>14.3} {:>12.1} {:>12} {:>18}",
+                    r.instance, seq, r.lag_secs, r.seen_secs_ago, r.horizon, held
                 );
             }
             Ok(())
@@ -256,6 +281,10 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::new(args.db.database_url, tables(&args.tables)?);
     config.install = args.install;
+    config.capture_mode =
+        pgrelay::capture::Mode::parse(&args.capture).context("--capture takes notify or poll")?;
+    config.poll_max = Duration::from_millis(args.poll_max_ms);
+    config.schema_interval = Duration::from_millis(args.schema_interval_ms);
     config.ping_interval = Duration::from_secs(args.ping_interval);
     config.ping_timeout = Duration::from_secs(args.ping_timeout);
     config.max_client_frame = args.max_frame;

@@ -20,8 +20,16 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Log rows deleted by retention.
     pub pruned_rows: AtomicU64,
-    /// Rows a pointer announced that were no longer in the log when read.
-    pub missing_log_rows: AtomicU64,
+    /// Log rows that could not be read (their tables' subscribers were reset).
+    pub bad_log_rows: AtomicU64,
+    /// Notifications received on the capture channel.
+    pub wakes: AtomicU64,
+    /// Polls of the log.
+    pub polls: AtomicU64,
+    /// Seconds the capture horizon has not moved (gauge).
+    pub horizon_stuck_seconds: AtomicU64,
+    /// Pid of the backend whose transaction holds the horizon back, 0 if none (gauge).
+    pub horizon_holder: AtomicU64,
 }
 
 impl Metrics {
@@ -43,59 +51,84 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self, listening: bool) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, u64); 9] = [
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, u64); 13] = [
             (
                 "pgrelay_events_captured_total",
                 "counter",
                 "Events published to subscribers' topics.",
-                self.events_captured.load(Ordering::Relaxed),
+                load(&self.events_captured),
             ),
             (
                 "pgrelay_bad_payloads_total",
                 "counter",
-                "NOTIFY payloads skipped as undecodable.",
-                self.bad_payloads.load(Ordering::Relaxed),
+                "Notifications on the capture channel with a payload no capture trigger sends.",
+                load(&self.bad_payloads),
+            ),
+            (
+                "pgrelay_bad_log_rows_total",
+                "counter",
+                "Log rows that could not be read (their tables' subscribers were reset).",
+                load(&self.bad_log_rows),
             ),
             (
                 "pgrelay_capture_reconnects_total",
                 "counter",
                 "Capture connection losses.",
-                self.capture_reconnects.load(Ordering::Relaxed),
+                load(&self.capture_reconnects),
+            ),
+            (
+                "pgrelay_capture_wakes_total",
+                "counter",
+                "Notifications that woke capture.",
+                load(&self.wakes),
+            ),
+            (
+                "pgrelay_capture_polls_total",
+                "counter",
+                "Polls of the change log.",
+                load(&self.polls),
+            ),
+            (
+                "pgrelay_horizon_stuck_seconds",
+                "gauge",
+                "Seconds capture's horizon has not moved (an open transaction holds it).",
+                load(&self.horizon_stuck_seconds),
+            ),
+            (
+                "pgrelay_horizon_holder_pid",
+                "gauge",
+                "Pid of the backend whose open transaction holds the horizon back (0: none).",
+                load(&self.horizon_holder),
             ),
             (
                 "pgrelay_ws_connections",
                 "gauge",
                 "Open WebSocket connections.",
-                self.ws_connections.load(Ordering::Relaxed),
+                load(&self.ws_connections),
             ),
             (
                 "pgrelay_frames_sent_total",
                 "counter",
                 "Frames written to WebSockets.",
-                self.frames_sent.load(Ordering::Relaxed),
+                load(&self.frames_sent),
             ),
             (
                 "pgrelay_slow_consumers_total",
                 "counter",
                 "Connections closed with 4008.",
-                self.slow_consumers.load(Ordering::Relaxed),
+                load(&self.slow_consumers),
             ),
             (
                 "pgrelay_pruned_rows_total",
                 "counter",
                 "Log rows deleted by retention.",
-                self.pruned_rows.load(Ordering::Relaxed),
-            ),
-            (
-                "pgrelay_missing_log_rows_total",
-                "counter",
-                "Announced log rows gone before capture read them.",
-                self.missing_log_rows.load(Ordering::Relaxed),
+                load(&self.pruned_rows),
             ),
             (
                 "pgrelay_capture_listening",
                 "gauge",
-                "1 while capture LISTENs.",
+                "1 while capture is connected and caught up.",
                 u64::from(listening),
             ),
         ];

@@ -1,8 +1,8 @@
-//! Pruning of `pgrelay.changes` by age and/or row count, in small batches.
+//! Pruning of `pgrelay.changes` by age and/or event count, in small batches.
 //!
 //! Each batch is its own short statement, so pruning never holds locks for long and never
-//! blocks writers. Age pruning looks only at the oldest `batch` rows by seq (log time grows
-//! with seq), so a round costs the same however large the log is.
+//! blocks writers. Rows are visited in (xid, seq) order through the log's one index, oldest
+//! transactions first.
 
 use std::time::Duration;
 
@@ -15,26 +15,55 @@ use crate::sql::SqlError;
 /// Rows deleted per statement.
 const BATCH: i64 = 5000;
 
-// Rows at or above the horizon of a relay seen in the last five minutes are kept whatever
-// their age or count: that relay may still have to read them (a pointer it has not followed
-// yet, or a catch-up after a reconnect). Both deletes end with this condition.
+// A row is kept, whatever its age or count, while a relay seen in the last five minutes has
+// not read it: its transaction is not visible in the snapshot the relay last reported (it
+// may still have to read it: a poll it has not made yet, or a catch-up after a reconnect).
+// Every delete has this condition. (A transaction left open anywhere in the cluster does not
+// hold pruning back, only that transaction's own rows stay.)
+const UNREAD: &str = "exists (select 1 from pgrelay.relays r
+                               where r.seen_at > now() - interval '5 minutes'
+                                 and case when r.snapshot is null then c.xid >= r.horizon
+                                          else not pg_visible_in_snapshot(c.xid, r.snapshot) end)";
 
-const PRUNE_BY_AGE: &str = "
-    delete from pgrelay.changes where seq in (
-        select seq from (select seq, ts, xid from pgrelay.changes order by seq limit $2) as oldest
-         where ts < now() - make_interval(secs => $1))
-       and xid < coalesce((select min(horizon) from pgrelay.relays
-                            where seen_at > now() - interval '5 minutes'),
-                          '18446744073709551615'::xid8)";
+// Log rows are chunks of events; `n` counts the events of one.
 
-const ROWS_CUTOFF: &str = "select seq from pgrelay.changes order by seq desc offset $1 limit 1";
+// Each delete reports how many rows it removed and the highest xid among them, which goes to
+// pgrelay.pruned (see sql/install.sql).
 
-const PRUNE_UP_TO: &str = "
-    delete from pgrelay.changes where seq in (
-        select seq from pgrelay.changes where seq <= $1 order by seq limit $2)
-       and xid < coalesce((select min(horizon) from pgrelay.relays
-                            where seen_at > now() - interval '5 minutes'),
-                          '18446744073709551615'::xid8)";
+fn prune_by_age() -> String {
+    format!(
+        "with gone as (
+             delete from pgrelay.changes where ctid = any(array(
+                 select ctid from pgrelay.changes c
+                  where c.ts < now() - make_interval(secs => $1) and not {UNREAD}
+                  order by c.xid, c.seq limit $2))
+             returning xid)
+         select count(*), max(xid)::text from gone"
+    )
+}
+
+const RECORD_PRUNED: &str = "
+    insert into pgrelay.pruned (xid) values ($1::text::xid8)
+    on conflict (one) do update set xid = greatest(pruned.xid, excluded.xid)";
+
+/// The newest log row that comes after `$1` newer events: it and everything older goes.
+const EVENTS_CUTOFF: &str = "
+    select xid::text, seq from (
+        select xid, seq, sum(n) over (order by xid desc, seq desc) - n as newer
+          from pgrelay.changes
+    ) as t where newer >= $1 order by xid desc, seq desc limit 1";
+
+fn prune_up_to() -> String {
+    format!(
+        "with gone as (
+             delete from pgrelay.changes where ctid = any(array(
+                 select ctid from pgrelay.changes c
+                  where (c.xid, c.seq) <= ($1::text::xid8, $2) and not {UNREAD}
+                  order by c.xid, c.seq limit $3))
+             returning xid)
+         select count(*), max(xid)::text from gone"
+    )
+}
 
 const PRUNE_RELAYS: &str = "delete from pgrelay.relays where seen_at < now() - interval '1 day'";
 
@@ -43,7 +72,7 @@ const PRUNE_RELAYS: &str = "delete from pgrelay.relays where seen_at < now() - i
 pub struct Retention {
     /// Delete events older than this.
     pub max_age: Option<Duration>,
-    /// Keep at most this many events (the newest).
+    /// Keep at most about this many events (the newest; whole log rows are kept or pruned).
     pub max_rows: Option<i64>,
     /// Time between pruning rounds.
     pub interval: Duration,
@@ -79,7 +108,7 @@ pub async fn run(
     }
 }
 
-/// One pruning round; returns the rows deleted.
+/// One pruning round; returns the log rows deleted.
 pub async fn prune(
     pool: &Pool,
     retention: &Retention,
@@ -89,20 +118,22 @@ pub async fn prune(
     let mut deleted = 0;
     if let Some(age) = retention.max_age {
         let secs = age.as_secs_f64();
+        let statement = client.prepare(&prune_by_age()).await?;
         loop {
-            let n = client.execute(PRUNE_BY_AGE, &[&secs, &BATCH]).await?;
+            let n = deleted_rows(&client, &statement, &[&secs, &BATCH]).await?;
             deleted += n;
             if n < BATCH as u64 || token.is_cancelled() {
                 break;
             }
         }
     }
-    if let Some(rows) = retention.max_rows
-        && let Some(row) = client.query_opt(ROWS_CUTOFF, &[&rows]).await?
+    if let Some(events) = retention.max_rows
+        && let Some(row) = client.query_opt(EVENTS_CUTOFF, &[&events]).await?
     {
-        let cutoff: i64 = row.get(0);
+        let (xid, seq): (String, i64) = (row.get(0), row.get(1));
+        let statement = client.prepare(&prune_up_to()).await?;
         loop {
-            let n = client.execute(PRUNE_UP_TO, &[&cutoff, &BATCH]).await?;
+            let n = deleted_rows(&client, &statement, &[&xid, &seq, &BATCH]).await?;
             deleted += n;
             if n < BATCH as u64 || token.is_cancelled() {
                 break;
@@ -111,4 +142,18 @@ pub async fn prune(
     }
     client.execute(PRUNE_RELAYS, &[]).await?;
     Ok(deleted)
+}
+
+/// Runs one delete, records the highest xid it removed, and returns how many rows it removed.
+async fn deleted_rows(
+    client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, SqlError> {
+    let row = client.query_one(statement, params).await?;
+    let (count, max): (i64, Option<String>) = (row.get(0), row.get(1));
+    if let Some(max) = max {
+        client.execute(RECORD_PRUNED, &[&max]).await?;
+    }
+    Ok(u64::try_from(count).unwrap_or(0))
 }

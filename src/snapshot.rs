@@ -49,6 +49,28 @@ impl Snapshot {
     pub fn contains(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
     }
+
+    /// The oldest transaction in progress (every xid below it is finished).
+    pub fn xmin(&self) -> u64 {
+        self.xmin
+    }
+
+    /// The transactions in progress, as text (for `$n::text[]::xid8[]`).
+    pub fn xip_text(&self) -> Vec<String> {
+        self.xip.iter().map(u64::to_string).collect()
+    }
+
+    /// The text form (`xmin:xmax:xip,…`), as `pg_snapshot` reads it.
+    #[allow(clippy::inherent_to_string)]
+    pub fn to_string(&self) -> String {
+        let xip: Vec<String> = self.xip_text();
+        format!("{}:{}:{}", self.xmin, self.xmax, xip.join(","))
+    }
+
+    /// The first xid not yet assigned, as text.
+    pub fn xmax_text(&self) -> String {
+        self.xmax.to_string()
+    }
 }
 
 /// Why the initial data could not be sent.
@@ -63,6 +85,9 @@ pub enum SnapshotError {
     /// The client stopped reading.
     #[error("The client stopped reading the initial data")]
     Stalled,
+    /// The client stopped answering pings.
+    #[error("The client stopped answering pings")]
+    PeerSilent,
     /// The snapshot text did not parse (a broken invariant).
     #[error("Unexpected snapshot text {0:?}")]
     BadSnapshot(String),
@@ -74,20 +99,48 @@ impl From<tokio_postgres::Error> for SnapshotError {
     }
 }
 
-/// Sends the table's rows as `initial` messages (the last with `"done":true`) and returns the
-/// snapshot they were read in. Reads in a REPEATABLE READ, read-only transaction, with a
-/// portal so that a large table is never held in memory whole.
+/// What the socket needs between two initial messages (the initial data may take longer
+/// than a heartbeat interval).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upkeep {
+    /// Nothing.
+    Nothing,
+    /// Send a ping now.
+    Ping,
+    /// The peer has not been heard from for too long: give up.
+    PeerSilent,
+}
+
+/// Where initial data goes, and how it stays alive while it streams.
+pub struct Target<'a, S> {
+    /// The socket.
+    pub sink: &'a mut S,
+    /// Asked between messages.
+    pub upkeep: &'a mut (dyn FnMut() -> Upkeep + Send),
+    /// A message not taken within this long means the client stopped reading.
+    pub write_timeout: Duration,
+}
+
+/// Sends the table's rows as `initial` messages (the last with `"done":true`; each carries
+/// `position`, the seq to resume from) and returns the snapshot they were read in. Reads in a
+/// REPEATABLE READ, read-only transaction, with a portal so that a large table is never held
+/// in memory whole; rows stay JSON text, so any stored value passes whole.
 pub async fn send_initial<S>(
     pool: &Pool,
     table: &TableInfo,
     shape: &Shape,
     batch_rows: usize,
-    write_timeout: Duration,
-    sink: &mut S,
+    position: Option<i64>,
+    target: Target<'_, S>,
 ) -> Result<Snapshot, SnapshotError>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
+    let Target {
+        sink,
+        upkeep,
+        write_timeout,
+    } = target;
     let mut client = pool.get().await.map_err(SqlError::from)?;
     let tx = client
         .build_transaction()
@@ -104,7 +157,7 @@ where
     let order: Vec<String> = table.key_columns.iter().map(|k| quote_ident(k)).collect();
     let mut params = Vec::new();
     let query = format!(
-        "select to_jsonb(t.*) from {} as t where {} order by {}",
+        "select to_json(t.*)::text from {} as t where {} order by {}",
         quote_table(&table.name),
         shape.filter.to_sql(&mut params),
         order.join(", ")
@@ -122,13 +175,13 @@ where
         let batch = tx.query_portal(&portal, max_rows).await?;
         let finished = batch.len() < batch_rows;
         for row in batch {
-            let value: serde_json::Value = row.get(0);
-            let json = shape.project(value).to_string();
+            let text: &str = row.get(0);
+            let json = shape.project_text(text);
             bytes += json.len();
             rows.push(json);
             if rows.len() >= batch_rows || bytes >= INITIAL_MESSAGE_BYTES {
-                let message = control::initial(&table.resource, &rows, false);
-                send(sink, message, write_timeout).await?;
+                let message = control::initial(&table.resource, &rows, false, position);
+                send(sink, message, write_timeout, upkeep).await?;
                 rows.clear();
                 bytes = 0;
             }
@@ -138,18 +191,36 @@ where
         }
     }
     tx.commit().await?;
-    let message = control::initial(&table.resource, &rows, true);
-    send(sink, message, write_timeout).await?;
+    let message = control::initial(&table.resource, &rows, true, position);
+    send(sink, message, write_timeout, upkeep).await?;
     Ok(snapshot)
 }
 
 /// Sends one message, giving up when the client has not taken it within `limit` (a stalled
-/// client must not keep the snapshot's transaction, and its pooled connection, open).
-async fn send<S>(sink: &mut S, message: String, limit: Duration) -> Result<(), SnapshotError>
+/// client must not keep the snapshot's transaction, and its pooled connection, open); pings
+/// first when the heartbeat is due.
+async fn send<S>(
+    sink: &mut S,
+    message: String,
+    limit: Duration,
+    upkeep: &mut (dyn FnMut() -> Upkeep + Send),
+) -> Result<(), SnapshotError>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    match tokio::time::timeout(limit, sink.send(Message::text(message))).await {
+    match upkeep() {
+        Upkeep::Nothing => {}
+        Upkeep::Ping => deliver(sink, Message::Ping(Default::default()), limit).await?,
+        Upkeep::PeerSilent => return Err(SnapshotError::PeerSilent),
+    }
+    deliver(sink, Message::text(message), limit).await
+}
+
+async fn deliver<S>(sink: &mut S, message: Message, limit: Duration) -> Result<(), SnapshotError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    match tokio::time::timeout(limit, sink.send(message)).await {
         Ok(result) => result.map_err(SnapshotError::Socket),
         Err(_) => Err(SnapshotError::Stalled),
     }

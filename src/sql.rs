@@ -26,12 +26,15 @@ pub enum SqlError {
     /// The table has no primary key, so rows cannot be identified.
     #[error("Table {0} has no primary key; pgrelay needs one to identify rows")]
     NoPrimaryKey(TableName),
-    /// The table is partitioned (writes to partitions would bypass capture).
-    #[error("Table {0} is partitioned; pgrelay cannot capture it yet (expose its partitions)")]
-    Partitioned(TableName),
-    /// Capture is not installed on the table.
+    /// The table cannot be captured (a partition, an inheritance parent): the message says why.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Capture is not installed on the table (or its triggers are disabled).
     #[error("Capture is not installed on table {0}; run `pgrelay install` or pass --install")]
     NotInstalled(TableName),
+    /// The capture mode is not `notify` or `poll`.
+    #[error("Capture mode must be notify or poll, not {0:?}")]
+    BadMode(String),
     /// Could not get a pooled connection.
     #[error("No database connection available: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -66,9 +69,41 @@ pub fn quote_table(table: &TableName) -> String {
     )
 }
 
+/// How pgrelay captures a table (see `pgrelay.classify` in `sql/install.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableKind {
+    /// A plain table: statement-level triggers.
+    Plain,
+    /// A partitioned table: a row trigger on the root, cloned to every partition.
+    Partitioned,
+    /// An inheritance child: row triggers.
+    Child,
+}
+
+impl TableKind {
+    /// The capture triggers a table of this kind has when installed.
+    pub fn triggers(self) -> &'static [&'static str] {
+        match self {
+            TableKind::Plain => &[
+                "pgrelay_capture_insert",
+                "pgrelay_capture_update",
+                "pgrelay_capture_delete",
+                "pgrelay_capture_truncate",
+            ],
+            TableKind::Partitioned | TableKind::Child => {
+                &["pgrelay_capture_row", "pgrelay_capture_truncate"]
+            }
+        }
+    }
+}
+
 /// An exposed table as the catalog describes it.
 #[derive(Debug, Clone)]
 pub struct TableInfo {
+    /// The table's oid (stable across renames; new when it is re-created).
+    pub relid: u32,
+    /// How it is captured.
+    pub kind: TableKind,
     /// Schema and name.
     pub name: TableName,
     /// Subscriber-facing name.
@@ -80,10 +115,12 @@ pub struct TableInfo {
 }
 
 const COLUMNS: &str = "
-    select a.attname::text, format_type(a.atttypid, -1), base.typname::text, base.typtype = 'e'
+    select a.attname::text, format_type(a.atttypid, -1), base.typname::text, base.typtype = 'e',
+           coalesce(not coll.collisdeterministic, false)
       from pg_attribute a
       join pg_type t on t.oid = a.atttypid
       join pg_type base on base.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
+      left join pg_collation coll on coll.oid = a.attcollation
      where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped
      order by a.attnum";
 
@@ -109,12 +146,19 @@ pub async fn columns(client: &Client, oid: u32) -> Result<Vec<crate::filter::Col
             name: r.get(0),
             sql_type: r.get(1),
             kind: crate::filter::Kind::from_type_name(r.get(2), r.get(3)),
+            nondeterministic: r.get(4),
         })
         .collect())
 }
 
-/// Parses a connection string and names the connection (visible in `pg_stat_activity`)
-/// unless the string already sets `application_name`.
+/// Session settings every relay connection pins: they shape how PostgreSQL renders values as
+/// JSON, and the capture triggers pin the same ones, so initial data, REST and events render
+/// a value identically (and timestamps in UTC).
+const RENDERING: &str =
+    "-c TimeZone=UTC -c extra_float_digits=1 -c bytea_output=hex -c IntervalStyle=postgres";
+
+/// Parses a connection string, pins the rendering settings, and names the connection
+/// (visible in `pg_stat_activity`) unless the string already sets `application_name`.
 pub fn pg_config(
     database_url: &str,
     application_name: &str,
@@ -123,6 +167,11 @@ pub fn pg_config(
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
+    let options = match config.get_options() {
+        Some(own) if !own.trim().is_empty() => format!("{own} {RENDERING}"),
+        _ => RENDERING.to_owned(),
+    };
+    config.options(&options);
     Ok(config)
 }
 
@@ -167,44 +216,71 @@ fn table_error(err: tokio_postgres::Error, table: &TableName) -> SqlError {
         Some(code) if *code == SqlState::INVALID_TABLE_DEFINITION => {
             SqlError::NoPrimaryKey(table.clone())
         }
+        // pgrelay.classify's own message, which names the table and says why.
         Some(code) if *code == SqlState::FEATURE_NOT_SUPPORTED => {
-            SqlError::Partitioned(table.clone())
+            SqlError::Unsupported(err.as_db_error().map_or_else(
+                || format!("Table {table} cannot be captured"),
+                |e| e.message().to_owned(),
+            ))
         }
         _ => SqlError::Db(err),
     }
 }
 
-/// Installs (or refreshes) the capture schema and the triggers of `tables`. Idempotent.
+/// Installs (or refreshes) the capture schema and the triggers of `tables`, in capture mode
+/// `mode` (`notify` or `poll`). Idempotent.
 ///
 /// Safe while writers run: the schema step locks nothing writers use once it exists, every
 /// table is checked (exists, has a primary key) before any trigger is created, and each
 /// table's triggers are created in a transaction of their own, so the installer never holds
 /// one table's lock while waiting for another's (a writer could otherwise deadlock with it).
-pub async fn install(client: &mut Client, tables: &[TableName]) -> Result<(), SqlError> {
+pub async fn install(
+    client: &mut Client,
+    tables: &[TableName],
+    mode: &str,
+) -> Result<(), SqlError> {
+    if mode != "notify" && mode != "poll" {
+        return Err(SqlError::BadMode(mode.to_owned()));
+    }
     let tx = client.transaction().await?;
     tx.batch_execute(INSTALL_LOCK).await?;
     tx.batch_execute(INSTALL_SQL).await?;
     tx.commit().await?;
     for table in tables {
-        let row = client
-            .query_opt(DESCRIBE, &[&table.schema, &table.table])
-            .await?
-            .ok_or_else(|| SqlError::NoSuchTable(table.clone()))?;
-        if row.get::<_, Option<Vec<String>>>("keys").is_none() {
-            return Err(SqlError::NoPrimaryKey(table.clone()));
-        }
+        client
+            .execute(
+                "select pgrelay.classify(c.oid, $3) from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                  where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
+                &[&table.schema, &table.table, &table.to_string()],
+            )
+            .await
+            .map_err(|e| table_error(e, table))
+            .and_then(|n| match n {
+                0 => Err(SqlError::NoSuchTable(table.clone())),
+                _ => Ok(()),
+            })?;
     }
     for table in tables {
-        let tx = client.transaction().await?;
-        tx.batch_execute(INSTALL_LOCK).await?;
-        tx.execute(
-            "select pgrelay.install($1, $2)",
-            &[&table.schema, &table.table],
-        )
-        .await
-        .map_err(|e| table_error(e, table))?;
-        tx.commit().await?;
+        install_one(client, table, mode).await?;
     }
+    Ok(())
+}
+
+/// Installs capture on one table, in a transaction of its own.
+pub async fn install_one(
+    client: &mut Client,
+    table: &TableName,
+    mode: &str,
+) -> Result<(), SqlError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(INSTALL_LOCK).await?;
+    tx.execute(
+        "select pgrelay.install($1, $2, $3)",
+        &[&table.schema, &table.table, &mode],
+    )
+    .await
+    .map_err(|e| table_error(e, table))?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -241,47 +317,108 @@ const DESCRIBE: &str = "
               cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
               join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
              where i.indrelid = c.oid and i.indisprimary) as keys,
-           (select count(*) from pg_trigger t
-             where t.tgrelid = c.oid and t.tgname in
-                   ('pgrelay_capture_insert', 'pgrelay_capture_update', 'pgrelay_capture_delete')
-           ) as triggers
+           c.relkind::text as relkind,
+           c.relispartition,
+           exists (select 1 from pg_inherits h where h.inhparent = c.oid) as has_children,
+           exists (select 1 from pg_inherits h where h.inhrelid = c.oid) as is_child,
+           coalesce((select array_agg(t.tgname::text order by t.tgname) from pg_trigger t
+                      where t.tgrelid = c.oid and t.tgname like 'pgrelay\\_capture\\_%'
+                        and t.tgenabled in ('O', 'A')), '{}') as triggers
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
      where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')";
+
+/// What the catalog says of one table, as capture needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    /// The table's oid.
+    pub relid: u32,
+    /// Primary key columns, if any.
+    pub keys: Option<Vec<String>>,
+    /// How it would be captured, or why it cannot be.
+    pub kind: Result<TableKind, String>,
+    /// Whether every capture trigger of its kind is present and enabled.
+    pub installed: bool,
+}
+
+/// Looks one table up in the catalog (`None`: no such table).
+pub async fn describe_one(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<Described>, SqlError> {
+    let Some(row) = client
+        .query_opt(DESCRIBE, &[&table.schema, &table.table])
+        .await?
+    else {
+        return Ok(None);
+    };
+    let relkind: String = row.get("relkind");
+    let kind = if row.get::<_, bool>("relispartition") {
+        Err(format!(
+            "Table {table} is a partition; expose its partitioned table instead"
+        ))
+    } else if relkind == "p" {
+        Ok(TableKind::Partitioned)
+    } else if row.get::<_, bool>("has_children") {
+        Err(format!(
+            "Table {table} has inheritance children; pgrelay cannot capture writes to them through it (expose the children)"
+        ))
+    } else if row.get::<_, bool>("is_child") {
+        Ok(TableKind::Child)
+    } else {
+        Ok(TableKind::Plain)
+    };
+    let triggers: Vec<String> = row.get("triggers");
+    let installed = kind
+        .as_ref()
+        .is_ok_and(|k| k.triggers().iter().all(|t| triggers.iter().any(|x| x == t)));
+    Ok(Some(Described {
+        relid: row.get("oid"),
+        keys: row.get("keys"),
+        kind,
+        installed,
+    }))
+}
 
 /// Looks the tables up in the catalog and checks that capture is installed on each.
 pub async fn describe(client: &Client, tables: &[TableName]) -> Result<Vec<TableInfo>, SqlError> {
     let mut infos = Vec::with_capacity(tables.len());
     for table in tables {
-        let row = client
-            .query_opt(DESCRIBE, &[&table.schema, &table.table])
-            .await?
-            .ok_or_else(|| SqlError::NoSuchTable(table.clone()))?;
-        let keys: Option<Vec<String>> = row.get("keys");
-        let keys = keys.ok_or_else(|| SqlError::NoPrimaryKey(table.clone()))?;
-        let triggers: i64 = row.get("triggers");
-        if triggers != 3 {
-            return Err(SqlError::NotInstalled(table.clone()));
-        }
-        let oid: u32 = row.get("oid");
-        infos.push(TableInfo {
-            name: table.clone(),
-            resource: table.resource(),
-            key_columns: keys,
-            columns: columns(client, oid).await?,
-        });
+        infos.push(describe_table(client, table).await?);
     }
     Ok(infos)
+}
+
+/// One table, checked: it exists, has a primary key, can be captured, and is installed.
+pub async fn describe_table(client: &Client, table: &TableName) -> Result<TableInfo, SqlError> {
+    let described = describe_one(client, table)
+        .await?
+        .ok_or_else(|| SqlError::NoSuchTable(table.clone()))?;
+    let kind = described.kind.map_err(SqlError::Unsupported)?;
+    let keys = described
+        .keys
+        .ok_or_else(|| SqlError::NoPrimaryKey(table.clone()))?;
+    if !described.installed {
+        return Err(SqlError::NotInstalled(table.clone()));
+    }
+    Ok(TableInfo {
+        relid: described.relid,
+        kind,
+        name: table.clone(),
+        resource: table.resource(),
+        key_columns: keys,
+        columns: columns(client, described.relid).await?,
+    })
 }
 
 /// One line of `pgrelay status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TableStatus {
-    /// `schema.table`.
+    /// `schema.table` (the oid, for log rows of a table that no longer exists).
     pub table: String,
-    /// Whether all three capture triggers are present.
+    /// Whether capture triggers are present.
     pub installed: bool,
-    /// Rows in the log for this table.
-    pub log_rows: i64,
+    /// Events in the log for this table.
+    pub log_events: i64,
     /// Oldest seq in the log for this table.
     pub oldest_seq: Option<i64>,
     /// Newest seq in the log for this table.
@@ -300,43 +437,63 @@ pub struct RelayStatus {
     pub lag_secs: f64,
     /// Seconds since the relay last reported (it reports about once a second).
     pub seen_secs_ago: f64,
+    /// The relay's horizon: log rows of transactions below it are no longer needed by it.
+    pub horizon: String,
+    /// The backend whose open transaction holds the horizon back, if one does.
+    pub held_by: Option<i32>,
 }
 
 const RELAY_STATUS: &str = "
     select r.instance, r.last_seq,
            coalesce(extract(epoch from greatest(interval '0',
                (select max(ts) from pgrelay.changes) - r.last_ts))::float8, 0),
-           extract(epoch from now() - r.seen_at)::float8
+           extract(epoch from now() - r.seen_at)::float8,
+           r.horizon::text, r.held_by
       from pgrelay.relays r order by r.instance";
+
+const TABLE_STATUS: &str = "
+    with installed as (
+        select distinct t.tgrelid as relid from pg_trigger t
+         where t.tgname = 'pgrelay_capture_truncate'),
+    logged as (
+        select relid, sum(n)::int8 as n, min(seq) as lo, max(last_seq) as hi
+          from pgrelay.changes where relid <> 0 group by relid),
+    tables as (select relid from installed union select relid from logged)
+    select coalesce(ns.nspname || '.' || c.relname, 'oid ' || t.relid::text),
+           i.relid is not null, coalesce(l.n, 0), l.lo, l.hi
+      from tables t
+      left join installed i using (relid)
+      left join logged l using (relid)
+      left join pg_class c on c.oid = t.relid
+      left join pg_namespace ns on ns.oid = c.relnamespace
+     order by 1";
 
 /// Capture status of every table that has capture triggers or log rows, and of the relays.
 pub async fn status(client: &Client) -> Result<(Vec<TableStatus>, Vec<RelayStatus>), SqlError> {
     let schema_exists: bool = client
-        .query_one("select to_regclass('pgrelay.changes') is not null", &[])
+        .query_one(
+            "select to_regclass('pgrelay.changes') is not null
+                and exists (select 1 from pg_attribute where attrelid = to_regclass('pgrelay.changes')
+                              and attname = 'relid')",
+            &[],
+        )
         .await?
         .get(0);
     if !schema_exists {
         return Ok((Vec::new(), Vec::new()));
     }
-    let rows = client
-        .query(
-            "with installed as (
-                 select n.nspname::text as schema_name, c.relname::text as table_name
-                   from pg_trigger t
-                   join pg_class c on c.oid = t.tgrelid
-                   join pg_namespace n on n.oid = c.relnamespace
-                  where t.tgname = 'pgrelay_capture_insert'),
-             logged as (
-                 select schema_name, table_name, count(*) as n, min(seq) as lo, max(seq) as hi
-                   from pgrelay.changes group by 1, 2)
-             select coalesce(i.schema_name, l.schema_name) || '.' ||
-                    coalesce(i.table_name, l.table_name),
-                    i.table_name is not null, coalesce(l.n, 0), l.lo, l.hi
-               from installed i full join logged l using (schema_name, table_name)
-              order by 1",
-            &[],
-        )
-        .await?;
+    let tables = client
+        .query(TABLE_STATUS, &[])
+        .await?
+        .iter()
+        .map(|r| TableStatus {
+            table: r.get(0),
+            installed: r.get(1),
+            log_events: r.get(2),
+            oldest_seq: r.get(3),
+            newest_seq: r.get(4),
+        })
+        .collect();
     let relays = client
         .query(RELAY_STATUS, &[])
         .await?
@@ -346,16 +503,8 @@ pub async fn status(client: &Client) -> Result<(Vec<TableStatus>, Vec<RelayStatu
             last_seq: r.get(1),
             lag_secs: r.get(2),
             seen_secs_ago: r.get(3),
-        })
-        .collect();
-    let tables = rows
-        .iter()
-        .map(|r| TableStatus {
-            table: r.get(0),
-            installed: r.get(1),
-            log_rows: r.get(2),
-            oldest_seq: r.get(3),
-            newest_seq: r.get(4),
+            horizon: r.get(4),
+            held_by: r.get(5),
         })
         .collect();
     Ok((tables, relays))

@@ -3,21 +3,33 @@
 //!
 //! With a filter, an update that moves a row into the filter is sent as `create`, one that
 //! moves it out as `delete`, so a client's copy of the filtered rows stays exact; `events=`
-//! applies to the type as sent. Frames are shared: an event that passes a shape unchanged
-//! reuses the table-wide frame, and any other (type as sent, projection) pair is encoded once
-//! per event and cached on the event for every subscriber of that shape.
+//! applies to the type as sent. A projection (`select`) always keeps the primary key columns,
+//! so every row a client holds can be matched by later events. Frames are shared: an event
+//! that passes a shape unchanged reuses the table-wide frame, and any other (type as sent,
+//! projection) pair is encoded once per event and cached on the event for every subscriber of
+//! that shape (projections are canonical: the same columns in any order are one shape).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::event::{ChangeEvent, Op, changed_columns};
+use crate::event::{ChangeParts, FrameParts, Op, change_frame};
 use crate::filter::{self, Filter, FilterError, RawCondition};
-use crate::hub::Entry;
+use crate::hub::{Entry, EntryKind, Topic};
+use crate::row::{Fields, changed_columns, project};
 use crate::sql::TableInfo;
+
+/// Event types a subscription can ask for (`events=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// A row change sent as this type.
+    Change(Op),
+    /// A truncate.
+    Truncate,
+}
 
 /// A subscription request, parsed but not yet checked against the table.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -26,10 +38,10 @@ pub struct Params {
     pub snapshot: bool,
     /// Resume after this event's seq.
     pub since: Option<i64>,
-    /// Columns to send in `data`/`old`.
+    /// Columns to send in `data`/`old` (the key columns are always sent); `None` is all.
     pub select: Option<Vec<String>>,
     /// Event types to send (as sent, after filter conversion); `None` is all.
-    pub events: Option<Vec<Op>>,
+    pub events: Option<Vec<EventType>>,
     /// Row filter conditions, ANDed.
     pub filters: Vec<RawCondition>,
 }
@@ -48,6 +60,10 @@ impl Params {
                     params.since = Some(seq);
                 }
                 "select" => {
+                    if value.trim() == "*" {
+                        params.select = None;
+                        continue;
+                    }
                     let columns: Vec<String> =
                         value.split(',').map(|c| c.trim().to_owned()).collect();
                     if columns.iter().any(String::is_empty) {
@@ -56,20 +72,21 @@ impl Params {
                     params.select = Some(columns);
                 }
                 "events" => {
-                    let mut ops = Vec::new();
+                    let mut types = Vec::new();
                     for name in value.split(',') {
-                        ops.push(match name.trim() {
-                            "create" => Op::Create,
-                            "update" => Op::Update,
-                            "delete" => Op::Delete,
+                        types.push(match name.trim() {
+                            "create" => EventType::Change(Op::Create),
+                            "update" => EventType::Change(Op::Update),
+                            "delete" => EventType::Change(Op::Delete),
+                            "truncate" => EventType::Truncate,
                             other => {
                                 return Err(format!(
-                                    "events takes create, update, delete; not {other:?}"
+                                    "events takes create, update, delete, truncate; not {other:?}"
                                 ));
                             }
                         });
                     }
-                    params.events = Some(ops);
+                    params.events = Some(types);
                 }
                 column => params
                     .filters
@@ -142,122 +159,187 @@ pub enum ShapeError {
     UnknownSelect(String),
 }
 
+/// What a subscriber gets of one entry.
+#[derive(Debug)]
+pub enum Delivery {
+    /// This frame.
+    Send(Utf8Bytes),
+    /// Nothing.
+    Skip,
+    /// The subscription cannot go on (a column it names changed): tell the client why.
+    End(String),
+}
+
 /// What a subscriber receives of each event.
 #[derive(Debug, Clone, Default)]
 pub struct Shape {
     /// Rows must match this.
     pub filter: Filter,
-    /// Columns of `data`/`old`, or all.
-    select: Option<Arc<Vec<String>>>,
-    /// Hash of `select`, the cache key of projected frames.
-    select_key: u64,
-    /// Which types (as sent) to send.
-    events: [bool; 3],
+    /// Columns of `data`/`old` (key columns and the selected ones, in table order), or all.
+    projection: Option<Arc<Vec<String>>>,
+    /// Hash of `projection`, part of the cache key of shaped frames.
+    projection_key: u64,
+    /// Which types (as sent) to send: create, update, delete, truncate.
+    events: [bool; 4],
+    /// Every column the filter or `select` names (a change to one ends the subscription).
+    named: Vec<String>,
 }
 
-fn op_index(op: Op) -> usize {
-    match op {
-        Op::Create => 0,
-        Op::Update => 1,
-        Op::Delete => 2,
+fn type_index(t: EventType) -> usize {
+    match t {
+        EventType::Change(Op::Create) => 0,
+        EventType::Change(Op::Update) => 1,
+        EventType::Change(Op::Delete) => 2,
+        EventType::Truncate => 3,
     }
 }
 
 impl Shape {
     /// Checks `params` against the table; `filter` comes from [`filter::compile`].
     pub fn new(table: &TableInfo, params: &Params, filter: Filter) -> Result<Shape, ShapeError> {
-        if let Some(select) = &params.select {
-            for column in select {
-                if !table.columns.iter().any(|c| &c.name == column) {
-                    return Err(ShapeError::UnknownSelect(column.clone()));
+        let mut named: Vec<String> = params.filters.iter().map(|c| c.column.clone()).collect();
+        let projection = match &params.select {
+            None => None,
+            Some(select) => {
+                for column in select {
+                    if !table.columns.iter().any(|c| &c.name == column) {
+                        return Err(ShapeError::UnknownSelect(column.clone()));
+                    }
                 }
+                named.extend(select.iter().cloned());
+                let columns: Vec<String> = table
+                    .columns
+                    .iter()
+                    .map(|c| &c.name)
+                    .filter(|c| table.key_columns.contains(c) || select.contains(c))
+                    .cloned()
+                    .collect();
+                Some(Arc::new(columns))
+            }
+        };
+        named.sort();
+        named.dedup();
+        let mut events = [true; 4];
+        if let Some(types) = &params.events {
+            events = [false; 4];
+            for t in types {
+                events[type_index(*t)] = true;
             }
         }
-        let mut events = [true; 3];
-        if let Some(ops) = &params.events {
-            events = [false; 3];
-            for op in ops {
-                events[op_index(*op)] = true;
-            }
-        }
-        let select_key = params.select.as_ref().map_or(0, |s| {
+        let projection_key = projection.as_ref().map_or(0, |p| {
             let mut h = DefaultHasher::new();
-            s.hash(&mut h);
-            h.finish() | 1
+            p.hash(&mut h);
+            h.finish()
         });
         Ok(Shape {
             filter,
-            select: params.select.clone().map(Arc::new),
-            select_key,
+            projection,
+            projection_key,
             events,
+            named,
         })
     }
 
-    /// Projects a row to the selected columns.
-    pub fn project(&self, row: Value) -> Value {
-        match (&self.select, row) {
-            (Some(select), Value::Object(mut map)) => {
-                let mut out = Map::with_capacity(select.len());
-                for column in select.iter() {
-                    if let Some(v) = map.remove(column) {
-                        out.insert(column.clone(), v);
-                    }
-                }
-                Value::Object(out)
-            }
-            (_, row) => row,
+    /// The row as this subscriber sees it (initial data): projected.
+    pub fn project_text(&self, row: &str) -> String {
+        match &self.projection {
+            None => row.to_owned(),
+            Some(columns) => match Fields::parse(row) {
+                Ok(fields) => project(&fields, columns),
+                Err(_) => row.to_owned(),
+            },
         }
     }
 
-    /// The frame this subscriber gets for `entry`, or `None` when it gets nothing.
-    pub fn frame(&self, entry: &Entry) -> Option<Utf8Bytes> {
-        let event = &entry.event;
+    /// What this subscriber gets of `entry`.
+    pub fn deliver(&self, entry: &Entry, topic: &Topic) -> Delivery {
+        match &entry.kind {
+            EntryKind::Reset(_) => Delivery::Send(entry.frame.clone()),
+            EntryKind::Truncate if self.events[3] => Delivery::Send(entry.frame.clone()),
+            EntryKind::Truncate => Delivery::Skip,
+            EntryKind::Columns(change) => {
+                match self.named.iter().find(|c| change.columns.contains(c)) {
+                    Some(column) => Delivery::End(format!(
+                        "Column {column:?} of {} was dropped, renamed or retyped; subscribe again",
+                        topic.resource()
+                    )),
+                    None => Delivery::Skip,
+                }
+            }
+            EntryKind::Change(op) => match self.change(*op, entry, topic) {
+                Some(frame) => Delivery::Send(frame),
+                None => Delivery::Skip,
+            },
+        }
+    }
+
+    fn change(&self, op: Op, entry: &Entry, topic: &Topic) -> Option<Utf8Bytes> {
+        if self.filter.is_empty() && self.projection.is_none() {
+            return self.events[type_index(EventType::Change(op))].then(|| entry.frame.clone());
+        }
+        let parts = FrameParts::parse(&entry.frame)?;
         let sent = if self.filter.is_empty() {
-            Some(event.op)
+            op
         } else {
-            let matches =
-                |row: &Option<Value>| row.as_ref().is_some_and(|r| self.filter.matches(r));
-            match event.op {
-                Op::Create => matches(&event.data).then_some(Op::Create),
-                Op::Delete => matches(&event.old).then_some(Op::Delete),
-                Op::Update => match (matches(&event.old), matches(&event.data)) {
-                    (true, true) => Some(Op::Update),
-                    (false, true) => Some(Op::Create),
-                    (true, false) => Some(Op::Delete),
-                    (false, false) => None,
+            let matches = |row: Option<&serde_json::value::RawValue>| {
+                row.and_then(|r| Fields::parse(r.get()).ok())
+                    .is_some_and(|fields| self.filter.matches_fields(&fields))
+            };
+            match op {
+                Op::Create => matches(parts.data).then_some(Op::Create)?,
+                Op::Delete => matches(parts.old).then_some(Op::Delete)?,
+                Op::Update => match (matches(parts.old), matches(parts.data)) {
+                    (true, true) => Op::Update,
+                    (false, true) => Op::Create,
+                    (true, false) => Op::Delete,
+                    (false, false) => return None,
                 },
             }
-        }?;
-        if !self.events[op_index(sent)] {
+        };
+        if !self.events[type_index(EventType::Change(sent))] {
             return None;
         }
-        if sent == event.op && self.select.is_none() {
+        if sent == op && self.projection.is_none() {
             return Some(entry.frame.clone());
         }
-        Some(entry.shaped_frame(sent, self.select_key, || {
-            self.encode(event, sent, &entry.resource)
-        }))
+        let key = (self.projection_key ^ (type_index(EventType::Change(sent)) as u64 + 1))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            | 1;
+        Some(entry.shaped_frame(topic, key, || self.encode(&parts, sent, topic)))
     }
 
-    fn encode(&self, event: &ChangeEvent, sent: Op, resource: &str) -> String {
-        let mut shaped = event.clone();
-        shaped.op = sent;
-        match sent {
-            Op::Create => shaped.old = None,
-            Op::Delete => shaped.data = None,
-            Op::Update => {}
-        }
-        let changed = match (&event.old, &event.data) {
-            (Some(old), Some(new)) if sent == Op::Update => Some(changed_columns(old, new)),
+    fn encode(&self, parts: &FrameParts<'_>, sent: Op, topic: &Topic) -> String {
+        let shape_row = |row: Option<&serde_json::value::RawValue>| -> Option<String> {
+            let row = row?;
+            Some(match &self.projection {
+                None => row.get().to_owned(),
+                Some(columns) => match Fields::parse(row.get()) {
+                    Ok(fields) => project(&fields, columns),
+                    Err(_) => row.get().to_owned(),
+                },
+            })
+        };
+        let data = shape_row(parts.data).filter(|_| sent != Op::Delete);
+        let old = shape_row(parts.old).filter(|_| sent != Op::Create);
+        let changed = match (&old, &data) {
+            (Some(old), Some(new)) if sent == Op::Update => {
+                match (Fields::parse(old), Fields::parse(new)) {
+                    (Ok(old), Ok(new)) => Some(changed_columns(&old, &new)),
+                    _ => Some(Vec::new()),
+                }
+            }
             _ => None,
         };
-        shaped.data = shaped.data.map(|d| self.project(d));
-        shaped.old = shaped.old.map(|d| self.project(d));
-        let changed = changed.map(|c| match &self.select {
-            Some(select) => c.into_iter().filter(|col| select.contains(col)).collect(),
-            None => c,
-        });
-        shaped.to_frame_with(resource, changed)
+        change_frame(&ChangeParts {
+            op: sent,
+            resource: topic.resource_json(),
+            id: parts.id.get(),
+            data: data.as_deref(),
+            old: old.as_deref(),
+            changed: changed.as_deref(),
+            seq: parts.seq,
+            ts: parts.ts,
+        })
     }
 }
 
@@ -277,15 +359,28 @@ mod tests {
             ("snapshot", "true"),
             ("since", "41"),
             ("select", "id,name"),
-            ("events", "create,delete"),
+            ("events", "create,delete,truncate"),
             ("price", "gt.10"),
         ]))
         .unwrap();
         assert!(p.snapshot);
         assert_eq!(p.since, Some(41));
         assert_eq!(p.select, Some(vec!["id".into(), "name".into()]));
-        assert_eq!(p.events, Some(vec![Op::Create, Op::Delete]));
+        assert_eq!(
+            p.events,
+            Some(vec![
+                EventType::Change(Op::Create),
+                EventType::Change(Op::Delete),
+                EventType::Truncate
+            ])
+        );
         assert_eq!(p.filters.len(), 1);
+        assert_eq!(
+            Params::from_pairs(&pairs(&[("select", "*")]))
+                .unwrap()
+                .select,
+            None
+        );
         for bad in [
             ("since", "x"),
             ("snapshot", "maybe"),

@@ -1,52 +1,72 @@
-//! The dedicated LISTEN connection: a driver task polls `Connection::poll_message` and hands
-//! notification payloads over in order; the client half runs capture's own queries.
+//! The dedicated capture connection: a driver task polls `Connection::poll_message`, turns
+//! notifications on `pgrelay` into coalesced wake-ups and reports the connection's end; the
+//! client half runs capture's own queries.
+
+use std::sync::Arc;
 
 use futures_util::future::poll_fn;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use crate::metrics::Metrics;
 
 /// A connected capture connection. Dropping it stops the driver and closes the connection.
 pub struct Listener {
-    client: Client,
-    /// Payloads in arrival order; an `Err` (then the end) when the connection fails.
-    payloads_rx: mpsc::UnboundedReceiver<Result<String, tokio_postgres::Error>>,
+    /// Capture's queries run here.
+    pub client: Client,
+    /// One pending wake-up at most: a notification that finds one pending adds nothing (the
+    /// poll it asks for will see everything committed until then).
+    pub wake_rx: mpsc::Receiver<()>,
+    /// Why the connection ended (an error, or `None` when it simply closed).
+    pub ended_rx: oneshot::Receiver<Option<tokio_postgres::Error>>,
     driver: tokio::task::JoinHandle<()>,
 }
 
 impl Listener {
     /// Connects and starts the driver. Not pooled: a pool drives connections itself and drops
     /// notifications.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Self, tokio_postgres::Error> {
+    pub async fn connect(
+        config: &tokio_postgres::Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, tokio_postgres::Error> {
         let (client, mut connection) = config.connect(NoTls).await?;
-        // Unbounded on purpose: the driver must keep reading the socket whatever capture is
-        // doing, or PostgreSQL's notification queue would fill up instead; capture drains it
-        // without waiting on any subscriber.
-        let (payloads_tx, payloads_rx) = mpsc::unbounded_channel();
+        let (wake_tx, wake_rx) = mpsc::channel(1);
+        let (ended_tx, ended_rx) = oneshot::channel();
+        // The driver keeps reading the socket whatever capture is doing, so PostgreSQL's
+        // notification queue never fills up behind a busy relay.
         let driver = tokio::spawn(async move {
-            loop {
+            let ended = loop {
                 match poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(n))) => {
-                        if n.channel() == "pgrelay"
-                            && payloads_tx.send(Ok(n.payload().to_owned())).is_err()
-                        {
-                            return;
+                        if n.channel() != "pgrelay" {
+                            continue;
                         }
+                        metrics.inc(&metrics.wakes);
+                        if !n.payload().is_empty() {
+                            // Not from a capture trigger: a wake-up all the same (it is
+                            // harmless: polls read the log, never the payload).
+                            metrics.inc(&metrics.bad_payloads);
+                            tracing::debug!(
+                                payload_bytes = n.payload().len(),
+                                "unexpected payload on channel pgrelay"
+                            );
+                        }
+                        let _ = wake_tx.try_send(());
                     }
                     Some(Ok(AsyncMessage::Notice(notice))) => {
                         tracing::info!(notice = %notice, "capture connection notice");
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(err)) => {
-                        let _ = payloads_tx.send(Err(err));
-                        return;
-                    }
-                    None => return,
+                    Some(Err(err)) => break Some(err),
+                    None => break None,
                 }
-            }
+            };
+            let _ = ended_tx.send(ended);
         });
         Ok(Listener {
             client,
-            payloads_rx,
+            wake_rx,
+            ended_rx,
             driver,
         })
     }
@@ -56,9 +76,9 @@ impl Listener {
         &self.client
     }
 
-    /// The next payload; `None` when the connection is gone.
-    pub async fn next(&mut self) -> Option<Result<String, tokio_postgres::Error>> {
-        self.payloads_rx.recv().await
+    /// Drops a pending wake-up (a poll is about to run anyway).
+    pub fn clear_wake(&mut self) {
+        while self.wake_rx.try_recv().is_ok() {}
     }
 }
 

@@ -3,9 +3,8 @@
 pub mod rest;
 pub mod ws;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use serde_json::json;
@@ -18,15 +17,16 @@ use crate::capture::CaptureState;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::schema::Tables;
 use crate::sql::{SqlError, TableInfo};
 
 /// What every request handler and socket task shares.
 pub struct AppState {
     /// Validated configuration.
     pub config: Config,
-    /// Exposed tables by resource name: the catalog's view at start, with columns re-read when
-    /// a request names one it does not know ([`AppState::refresh_columns`]).
-    pub tables: RwLock<HashMap<String, TableInfo>>,
+    /// Exposed tables by resource name, kept current by the schema watcher (and re-read when
+    /// a request names a column the view does not know: [`AppState::refresh_columns`]).
+    pub tables: Arc<Tables>,
     /// Fan-out of captured events.
     pub hub: Arc<Hub>,
     /// Query pool (snapshots).
@@ -44,26 +44,17 @@ pub struct AppState {
 impl AppState {
     /// The exposed table named `resource` (`items`, `shop.orders`), as last read.
     pub fn table(&self, resource: &str) -> Option<TableInfo> {
-        // A panic while holding the lock leaves the map itself intact: keep using it.
-        let tables = self.tables.read().unwrap_or_else(PoisonError::into_inner);
-        tables.get(resource).cloned()
+        self.tables.get(resource)
     }
 
     /// Re-reads a table's columns from the catalog (a column was added or renamed since the
-    /// relay started) and returns the table as it is now.
+    /// relay last looked) and returns the table as it is now.
     pub async fn refresh_columns(
         &self,
         client: &tokio_postgres::Client,
         table: &TableInfo,
     ) -> Result<TableInfo, SqlError> {
-        let columns = crate::sql::describe_columns(client, &table.name).await?;
-        tracing::info!(table = %table.name, "re-read the table's columns");
-        let mut tables = self.tables.write().unwrap_or_else(PoisonError::into_inner);
-        let entry = tables
-            .entry(table.resource.clone())
-            .or_insert_with(|| table.clone());
-        entry.columns = columns;
-        Ok(entry.clone())
+        self.tables.refresh_columns(client, table).await
     }
 }
 

@@ -25,6 +25,7 @@ use warp::{Buf, Filter, Rejection, Reply};
 
 use super::{ApiError, AppState, with_state};
 use crate::filter::{self, FilterError, RawCondition};
+use crate::row::Fields;
 use crate::sql::{TableInfo, quote_ident, quote_table};
 
 /// Rows a list returns when the request sets no `limit`.
@@ -225,7 +226,7 @@ async fn list_rows(
     params.push(Box::new(request.offset));
     let offset = params.len();
     let sql = format!(
-        "select to_jsonb(t.*) from {} as t where {condition} order by {} limit ${limit} offset ${offset}",
+        "select to_json(t.*)::text from {} as t where {condition} order by {} limit ${limit} offset ${offset}",
         quote_table(&table.name),
         order.join(", "),
     );
@@ -233,11 +234,11 @@ async fn list_rows(
         .query(&sql, &refs(&params))
         .await
         .map_err(|err| db_error(&err, &table))?;
-    let rows: Vec<Value> = rows
+    let rows: Vec<String> = rows
         .iter()
         .map(|r| project(r.get(0), request.select.as_deref()))
         .collect();
-    Ok(json(StatusCode::OK, &Value::Array(rows)))
+    Ok(raw_json(StatusCode::OK, json_array(&rows)))
 }
 
 async fn read_row(
@@ -263,7 +264,7 @@ async fn read_row(
     let table = known_columns(&state, &client, table, select.iter().flatten()).await?;
     let mut params: Params = Vec::new();
     let sql = format!(
-        "select to_jsonb(t.*) from {} as t where {}",
+        "select to_json(t.*)::text from {} as t where {}",
         quote_table(&table.name),
         key_condition(&table, &key, &mut params)?
     );
@@ -272,9 +273,9 @@ async fn read_row(
         .await
         .map_err(|err| db_error(&err, &table))?
         .ok_or_else(|| missing_row(&table, &id))?;
-    Ok(json(
+    Ok(raw_json(
         StatusCode::OK,
-        &project(row.get(0), select.as_deref()),
+        project(row.get(0), select.as_deref()),
     ))
 }
 
@@ -292,11 +293,14 @@ async fn insert_rows(
         Err(err) => return Err(write_error(&client, &table, &err, &rows).await),
     };
     let body = if many {
-        Value::Array(stored)
+        json_array(&stored)
     } else {
-        stored.into_iter().next().unwrap_or(Value::Null)
+        stored
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| "null".to_owned())
     };
-    Ok(json(StatusCode::CREATED, &body))
+    Ok(raw_json(StatusCode::CREATED, body))
 }
 
 /// Which update a PATCH or PUT makes.
@@ -337,7 +341,7 @@ async fn update_row(
     let sql = update_sql(&table, &row, write, &key, &mut params)?;
     let result = client.query_opt(&sql, &refs(&params)).await;
     match result {
-        Ok(Some(stored)) => Ok(json(StatusCode::OK, &stored.get::<_, Value>(0))),
+        Ok(Some(stored)) => Ok(raw_json(StatusCode::OK, stored.get(0))),
         Ok(None) => Err(missing_row(&table, &id)),
         Err(err) => Err(write_error(&client, &table, &err, &[row]).await),
     }
@@ -353,7 +357,7 @@ async fn delete_row(
     let client = connection(&state).await?;
     let mut params: Params = Vec::new();
     let sql = format!(
-        "delete from {} as t where {} returning to_jsonb(t.*)",
+        "delete from {} as t where {} returning to_json(t.*)::text",
         quote_table(&table.name),
         key_condition(&table, &key, &mut params)?
     );
@@ -362,7 +366,7 @@ async fn delete_row(
         .await
         .map_err(|err| db_error(&err, &table))?
         .ok_or_else(|| missing_row(&table, &id))?;
-    Ok(json(StatusCode::OK, &row.get::<_, Value>(0)))
+    Ok(raw_json(StatusCode::OK, row.get(0)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,23 +629,36 @@ fn parse_body(body: &[u8]) -> Result<(Vec<Row>, bool), ApiError> {
 }
 
 /// Keeps the selected columns, in the order asked for.
-fn project(row: Value, select: Option<&[String]>) -> Value {
-    match (select, row) {
-        (Some(select), Value::Object(mut map)) => {
-            let mut out = Map::with_capacity(select.len());
-            for column in select {
-                if let Some(v) = map.remove(column) {
-                    out.insert(column.clone(), v);
-                }
-            }
-            Value::Object(out)
-        }
-        (_, row) => row,
+/// A row (JSON text from `to_json`) with only the selected columns, in `select` order.
+fn project(row: String, select: Option<&[String]>) -> String {
+    match select {
+        None => row,
+        Some(select) => match Fields::parse(&row) {
+            Ok(fields) => crate::row::project(&fields, select),
+            Err(_) => row,
+        },
     }
 }
 
-fn json(status: StatusCode, body: &Value) -> warp::reply::Response {
-    warp::reply::with_status(warp::reply::json(body), status).into_response()
+/// `[a,b,…]` from rows already encoded as JSON.
+fn json_array(rows: &[String]) -> String {
+    let mut out = String::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
+    out.push('[');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(row);
+    }
+    out.push(']');
+    out
+}
+
+/// A response whose body is JSON text already encoded (rows stay text end to end, so any
+/// stored value, however deeply nested, is returned whole).
+fn raw_json(status: StatusCode, body: String) -> warp::reply::Response {
+    let reply = warp::reply::with_header(body, "content-type", "application/json");
+    warp::reply::with_status(reply, status).into_response()
 }
 
 fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
@@ -669,11 +686,11 @@ fn named_columns(table: &TableInfo, row: &Row) -> Vec<String> {
 fn insert_one_sql(table: &TableInfo, columns: &[String]) -> String {
     let target = quote_table(&table.name);
     if columns.is_empty() {
-        return format!("insert into {target} as t default values returning to_jsonb(t.*)");
+        return format!("insert into {target} as t default values returning to_json(t.*)::text");
     }
     let from_r: Vec<String> = columns.iter().map(|c| format!("r.{c}")).collect();
     format!(
-        "insert into {target} as t ({}) select {} from jsonb_populate_record(null::{target}, $1::jsonb) as r returning to_jsonb(t.*)",
+        "insert into {target} as t ({}) select {} from jsonb_populate_record(null::{target}, $1::jsonb) as r returning to_json(t.*)::text",
         columns.join(", "),
         from_r.join(", "),
     )
@@ -685,7 +702,7 @@ fn insert_many_sql(table: &TableInfo, columns: &[String]) -> String {
     let from_r: Vec<String> = columns.iter().map(|c| format!("r.{c}")).collect();
     format!(
         "insert into {target} as t ({}) select {} from jsonb_array_elements($1::jsonb) with ordinality as e(item, n) \
-         cross join lateral jsonb_populate_record(null::{target}, e.item) as r order by e.n returning to_jsonb(t.*)",
+         cross join lateral jsonb_populate_record(null::{target}, e.item) as r order by e.n returning to_json(t.*)::text",
         columns.join(", "),
         from_r.join(", "),
     )
@@ -696,7 +713,7 @@ async fn insert(
     client: &mut deadpool_postgres::Object,
     table: &TableInfo,
     rows: &[Row],
-) -> Result<Vec<Value>, tokio_postgres::Error> {
+) -> Result<Vec<String>, tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -732,7 +749,7 @@ async fn insert(
     Ok(out)
 }
 
-/// `update … set … from jsonb_populate_record(…) as r where <key> returning to_jsonb(t.*)`, with
+/// `update … set … from jsonb_populate_record(…) as r where <key> returning to_json(t.*)::text`, with
 /// the body bound as `$1`.
 fn update_sql(
     table: &TableInfo,
@@ -757,7 +774,7 @@ fn update_sql(
         sets.push(format!("{name} = t.{name}"));
     }
     Ok(format!(
-        "update {target} as t set {} from jsonb_populate_record(null::{target}, $1::jsonb) as r where {} returning to_jsonb(t.*)",
+        "update {target} as t set {} from jsonb_populate_record(null::{target}, $1::jsonb) as r where {} returning to_json(t.*)::text",
         sets.join(", "),
         key_condition(table, key, params)?
     ))
@@ -904,6 +921,8 @@ mod tests {
 
     fn table(name: &str, keys: &[&str], columns: &[(&str, &str)]) -> TableInfo {
         TableInfo {
+            relid: 1,
+            kind: crate::sql::TableKind::Plain,
             name: TableName::parse(name).unwrap(),
             resource: name.to_owned(),
             key_columns: keys.iter().map(|k| (*k).to_owned()).collect(),
@@ -913,6 +932,7 @@ mod tests {
                     name: (*n).to_owned(),
                     sql_type: (*t).to_owned(),
                     kind: Kind::Other,
+                    nondeterministic: false,
                 })
                 .collect(),
         }
@@ -1028,10 +1048,10 @@ mod tests {
 
     #[test]
     fn projection_keeps_the_selected_columns_in_order() {
-        let row = serde_json::json!({"id": 1, "name": "a", "price": 2});
+        let row = r#"{"id":1,"name":"a","price":2}"#.to_owned();
         let selected = ["price".to_owned(), "id".to_owned()];
         let out = project(row.clone(), Some(&selected));
-        assert_eq!(out.to_string(), r#"{"price":2,"id":1}"#);
+        assert_eq!(out, r#"{"price":2,"id":1}"#);
         assert_eq!(project(row.clone(), None), row);
     }
 }

@@ -7,6 +7,7 @@
 //! reaches it. Writes are batched: up to `WRITE_BATCH` frames are fed, then flushed once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::select_all;
@@ -14,7 +15,7 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -26,10 +27,10 @@ use warp::{Filter, Rejection, Reply};
 use super::{ApiError, AppState, with_state};
 use crate::event::control;
 use crate::filter;
-use crate::hub::{Cursor, Entry, Overflow, Topic};
-use crate::snapshot::{self, Snapshot};
+use crate::hub::{Cursor, Entry, Overflow, Resume, Topic};
+use crate::snapshot::{self, Snapshot, Upkeep};
 use crate::sql::TableInfo;
-use crate::subscription::{Params, Shape, ShapeError, message_pairs};
+use crate::subscription::{Delivery, Params, Shape, ShapeError, message_pairs};
 
 /// A WebSocket after pgrelay's own upgrade (see [`handshake`]).
 type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
@@ -57,19 +58,43 @@ mod close {
     pub const GOING_AWAY: u16 = 1001;
     pub const INTERNAL: u16 = 1011;
     pub const TOO_BIG: u16 = 1009;
+    pub const BAD_REQUEST: u16 = 4400;
+    pub const NOT_FOUND: u16 = 4004;
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 
-/// Where a subscription starts reading: at the head, or just after the `since` event. The
-/// flag is true when `since` is not in the retained history (the client must get a `reset`).
-fn open_cursor(topic: &Arc<Topic>, since: Option<i64>) -> (Cursor, bool) {
-    match since {
-        None => (topic.subscribe(), false),
-        Some(seq) => match topic.subscribe_after_seq(seq) {
-            Some(cursor) => (cursor, false),
-            None => (topic.subscribe(), true),
-        },
+/// Where a subscription starts reading: at the head, or where a client that saw `since`
+/// (on this relay or another one) resumes. The flag is true when the relay cannot prove it
+/// holds everything after `since` (the client must get a `reset`).
+async fn open_cursor(state: &AppState, topic: &Arc<Topic>, since: Option<i64>) -> (Cursor, bool) {
+    let Some(seq) = since else {
+        return (topic.subscribe(), false);
+    };
+    match state.hub.resume(topic, seq) {
+        Resume::From(cursor) => (cursor, false),
+        Resume::Reset => (topic.subscribe(), true),
+        Resume::Ahead(cursor) => {
+            // Above every seq this relay published: another relay may be ahead of it (the
+            // events will come), or the seq was never drawn at all.
+            match drawn(state, seq).await {
+                Some(true) => (cursor, false),
+                _ => (topic.subscribe(), true),
+            }
+        }
     }
+}
+
+/// Whether `seq` has been drawn from the log's sequence (`None`: the database cannot say).
+async fn drawn(state: &AppState, seq: i64) -> Option<bool> {
+    let client = state.pool.get().await.ok()?;
+    let row = client
+        .query_one(
+            "select case when is_called then last_value else 0 end from pgrelay.changes_seq",
+            &[],
+        )
+        .await
+        .ok()?;
+    Some(seq <= row.get::<_, i64>(0))
 }
 
 /// Why a subscription could not be set up, as the client is told.
@@ -146,16 +171,35 @@ pub fn table_route(
              params: Params,
              shape: Shape,
              ws: Handshake| {
-                // Subscribe before the upgrade reply goes out: events from now on are ours.
-                let topic = state
-                    .hub
-                    .topic(&table.resource)
-                    .expect("every exposed table has a topic");
-                let (cursor, reset) = open_cursor(topic, params.since);
-                let first = Subscription::new(table, cursor, params.clone(), shape);
-                upgrade(ws, state, Some((first, params, reset)))
+                // Subscribe before the upgrade reply goes out: events from now on are ours
+                // (a resume's cursor is placed once the socket is up; its replay is in the
+                // ring either way).
+                let topic = state.hub.topic(&table.resource);
+                let cursor = match (&topic, params.since) {
+                    (Some(topic), None) => Some(topic.subscribe()),
+                    _ => None,
+                };
+                upgrade(
+                    ws,
+                    state,
+                    Some(First {
+                        table,
+                        params,
+                        shape,
+                        cursor,
+                    }),
+                )
             },
         )
+}
+
+/// The subscription a `/ws/{table}` socket starts with.
+struct First {
+    table: TableInfo,
+    params: Params,
+    shape: Shape,
+    /// Its cursor, when placed before the upgrade (no `since`).
+    cursor: Option<Cursor>,
 }
 
 /// GET /ws: subscriptions come by message.
@@ -216,11 +260,7 @@ fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone
 }
 
 /// Replies 101 and runs the session on the upgraded connection, as a task of the tracker.
-fn upgrade(
-    handshake: Handshake,
-    state: Arc<AppState>,
-    first: Option<(Subscription, Params, bool)>,
-) -> impl Reply {
+fn upgrade(handshake: Handshake, state: Arc<AppState>, first: Option<First>) -> impl Reply {
     let limit = state.config.max_client_frame;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -233,7 +273,7 @@ fn upgrade(
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                let single = first.as_ref().map(|(s, _, _)| s.table.resource.clone());
+                let single = first.as_ref().map(|f| f.table.resource.clone());
                 Session::new(socket, state, single).run(first).await;
             }
             Err(err) => tracing::debug!(error = %err, "websocket upgrade did not complete"),
@@ -249,6 +289,7 @@ fn upgrade(
 /// One table subscription on a socket.
 struct Subscription {
     table: TableInfo,
+    topic: Arc<Topic>,
     cursor: Cursor,
     /// What the client asked for (a subscribe message on `/ws/{table}` overrides parts).
     params: Params,
@@ -263,6 +304,7 @@ impl Subscription {
     fn new(table: TableInfo, cursor: Cursor, params: Params, shape: Shape) -> Self {
         Subscription {
             table,
+            topic: Arc::clone(cursor.topic()),
             cursor,
             params,
             shape,
@@ -280,8 +322,31 @@ enum End {
     Gone,
 }
 
+/// Milliseconds since `epoch` when the client was last heard from (written by the reader
+/// task, which sees every frame, pongs included, even while the session is busy).
+struct Heard {
+    epoch: Instant,
+    millis: AtomicU64,
+}
+
+impl Heard {
+    fn now(&self) {
+        let elapsed = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis.store(elapsed, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.millis.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
 struct Session {
     sink: SplitSink<WebSocket, Message>,
+    /// When the client was last heard from.
+    heard: Arc<Heard>,
+    /// When the next heartbeat ping is due.
+    next_ping: Instant,
     /// Client frames, read by a task of their own (see `Session::new`); `None` once the
     /// client is gone.
     frames_rx: tokio::sync::mpsc::Receiver<Result<Message, WsError>>,
@@ -302,8 +367,14 @@ impl Session {
         // below would otherwise poll it once per event written (measured: 40% of the relay's
         // CPU at 1,000 events/s to 100 subscribers).
         let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(16);
+        let heard = Arc::new(Heard {
+            epoch: Instant::now(),
+            millis: AtomicU64::new(0),
+        });
+        let reader_heard = Arc::clone(&heard);
         let reader = tokio::spawn(async move {
             while let Some(frame) = stream.next().await {
+                reader_heard.now();
                 let failed = frame.is_err();
                 if frames_tx.send(frame).await.is_err() || failed {
                     break;
@@ -311,8 +382,11 @@ impl Session {
             }
         });
         state.metrics.add(&state.metrics.ws_connections, 1);
+        let next_ping = Instant::now() + state.config.ping_interval;
         Session {
             sink,
+            heard,
+            next_ping,
             frames_rx,
             reader,
             state,
@@ -323,7 +397,7 @@ impl Session {
     }
 
     #[tracing::instrument(name = "ws", skip_all, fields(table = ?self.single))]
-    async fn run(mut self, first: Option<(Subscription, Params, bool)>) {
+    async fn run(mut self, first: Option<First>) {
         let end = match self.serve(first).await {
             Ok(end) | Err(end) => end,
         };
@@ -353,16 +427,20 @@ impl Session {
         tracing::debug!("socket closed");
     }
 
-    async fn serve(&mut self, first: Option<(Subscription, Params, bool)>) -> Result<End, End> {
-        if let Some((sub, params, reset)) = first {
+    async fn serve(&mut self, first: Option<First>) -> Result<End, End> {
+        if let Some(first) = first {
+            let Some(topic) = self.state.hub.topic(&first.table.resource) else {
+                return Ok(End::Close(close::NOT_FOUND, "table not exposed"));
+            };
+            let (cursor, reset) = match first.cursor {
+                Some(cursor) => (cursor, false),
+                None => open_cursor(&self.state, &topic, first.params.since).await,
+            };
+            let sub = Subscription::new(first.table, cursor, first.params.clone(), first.shape);
             self.subs.push(sub);
-            self.start(0, &params, reset).await?;
+            self.start(0, &first.params, reset).await?;
         }
-        let config = &self.state.config;
-        let (ping_interval, ping_timeout) = (config.ping_interval, config.ping_timeout);
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
+        let ping_interval = self.state.config.ping_interval;
         let token = self.state.token.clone();
         loop {
             tokio::select! {
@@ -371,24 +449,48 @@ impl Session {
                 _ = token.cancelled() => return Ok(End::Close(close::GOING_AWAY, "server shutting down")),
                 // priority 2: what the client says
                 frame = self.frames_rx.recv() => {
-                    last_heard = Instant::now();
                     self.on_client_frame(frame).await?;
                 }
                 // priority 3: heartbeat
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() >= ping_timeout {
-                        return Ok(End::Close(close::NORMAL, "heartbeat timeout"));
-                    }
-                    self.send(Message::Ping(Default::default())).await?;
+                _ = tokio::time::sleep_until(self.next_ping) => {
+                    self.heartbeat().await?;
+                    self.next_ping = Instant::now() + ping_interval;
                 }
                 // priority 4: events
                 (index, result) = next_batch(&mut self.subs, self.next_first) => {
                     self.next_first = index + 1;
                     result.map_err(overflow_end)?;
-                    write_events(&mut self.sink, &mut self.subs[index], &self.state).await?;
+                    if let Some(reason) = write_events(&mut self.sink, &mut self.subs[index], &self.state).await? {
+                        self.end_subscription(index, &reason).await?;
+                    }
                 }
             }
         }
+    }
+
+    /// Pings, or closes a peer that has not been heard from for the ping timeout.
+    async fn heartbeat(&mut self) -> Result<(), End> {
+        if self.heard.silent_for() >= self.state.config.ping_timeout {
+            return Err(End::Close(close::NORMAL, "heartbeat timeout"));
+        }
+        self.send(Message::Ping(Default::default())).await
+    }
+
+    /// A subscription that cannot go on (a column it names changed): the client is told; a
+    /// `/ws/{table}` socket closes with 4400, a `/ws` socket keeps its other subscriptions.
+    async fn end_subscription(&mut self, index: usize, reason: &str) -> Result<(), End> {
+        let resource = self.subs[index].table.resource.clone();
+        self.send_text(control::resource_error(
+            &resource,
+            "subscription_ended",
+            reason,
+        ))
+        .await?;
+        if self.single.is_some() {
+            return Err(End::Close(close::BAD_REQUEST, "subscription ended"));
+        }
+        self.subs.remove(index);
+        Ok(())
     }
 
     async fn on_client_frame(
@@ -490,14 +592,19 @@ impl Session {
                     .await;
             }
         };
+        let Some(topic) = self.state.hub.topic(&resource) else {
+            let m = format!("Unknown resource {resource:?}");
+            return self.send_error("not_found", &m).await;
+        };
         if self.single.is_some() {
             // On /ws/{table} the subscription exists; the message replaces its keys and, unless
             // it resumes with `since`, asks for the initial rows.
             let index = existing.expect("a /ws/{table} socket always has its subscription");
             self.subs[index].shape = shape;
             self.subs[index].params = params.clone();
+            self.subs[index].table = table;
             if params.since.is_some() {
-                let (cursor, reset) = open_cursor(self.subs[index].cursor.topic(), params.since);
+                let (cursor, reset) = open_cursor(&self.state, &topic, params.since).await;
                 self.subs[index].cursor = cursor;
                 self.subs[index].seen_in = None;
                 self.start(index, &params, reset).await
@@ -515,12 +622,7 @@ impl Session {
                     (index, false)
                 }
                 existing => {
-                    let topic = self
-                        .state
-                        .hub
-                        .topic(&resource)
-                        .expect("every exposed table has a topic");
-                    let (cursor, reset) = open_cursor(topic, params.since);
+                    let (cursor, reset) = open_cursor(&self.state, &topic, params.since).await;
                     let sub = Subscription::new(table, cursor, params.clone(), shape);
                     match existing {
                         Some(index) => {
@@ -583,16 +685,46 @@ impl Session {
     /// Sends the initial rows and from then on drops events the snapshot contains.
     async fn send_initial(&mut self, index: usize) -> Result<(), End> {
         let state = Arc::clone(&self.state);
-        let sub = &mut self.subs[index];
+        // The table as it is now (it may have been dropped, or its columns changed).
+        let Some(table) = state.table(&self.subs[index].table.resource) else {
+            let resource = self.subs[index].table.resource.clone();
+            let m = format!("Table {resource:?} is not exposed by this relay");
+            self.send_text(control::resource_error(&resource, "not_found", &m))
+                .await?;
+            if self.single.is_some() {
+                return Err(End::Close(close::NOT_FOUND, "table not exposed"));
+            }
+            self.subs.remove(index);
+            return Ok(());
+        };
         let batch_rows = state.config.snapshot_batch_rows;
-        let write_timeout = state.config.ping_timeout;
+        let (ping_interval, ping_timeout) = (state.config.ping_interval, state.config.ping_timeout);
+        // Read before the snapshot is taken: every event up to it is in the snapshot.
+        let position = state.hub.position();
+        let heard = Arc::clone(&self.heard);
+        let mut next_ping = self.next_ping;
+        let mut upkeep = move || {
+            if heard.silent_for() >= ping_timeout {
+                Upkeep::PeerSilent
+            } else if Instant::now() >= next_ping {
+                next_ping = Instant::now() + ping_interval;
+                Upkeep::Ping
+            } else {
+                Upkeep::Nothing
+            }
+        };
+        let sub = &mut self.subs[index];
         let sending = snapshot::send_initial(
             &state.pool,
-            &sub.table,
+            &table,
             &sub.shape,
             batch_rows,
-            write_timeout,
-            &mut self.sink,
+            position,
+            snapshot::Target {
+                sink: &mut self.sink,
+                upkeep: &mut upkeep,
+                write_timeout: ping_timeout,
+            },
         );
         let result = tokio::select! {
             biased;
@@ -611,6 +743,9 @@ impl Session {
             Err(snapshot::SnapshotError::Socket(_)) => Err(End::Gone),
             Err(snapshot::SnapshotError::Stalled) => {
                 Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))
+            }
+            Err(snapshot::SnapshotError::PeerSilent) => {
+                Err(End::Close(close::NORMAL, "heartbeat timeout"))
             }
             Err(err) => {
                 tracing::error!(error = %crate::error::chain(&err), "initial data failed");
@@ -680,13 +815,14 @@ async fn next_batch(subs: &mut [Subscription], first: usize) -> (usize, Result<(
 
 /// Feeds the subscription's batch (each entry shaped for it, minus what its initial data
 /// holds), then flushes once; gives up with 4008 when the cursor overflows while the socket
-/// is slow.
+/// is slow. Returns why the subscription ends, when an entry ends it.
 async fn write_events(
     sink: &mut SplitSink<WebSocket, Message>,
     sub: &mut Subscription,
     state: &AppState,
-) -> Result<(), End> {
+) -> Result<Option<String>, End> {
     let Subscription {
+        topic,
         cursor,
         shape,
         seen_in,
@@ -694,26 +830,27 @@ async fn write_events(
         ..
     } = sub;
     let metrics = &state.metrics;
+    let mut ended = None;
     let write = async {
         let mut sent = 0u64;
         for entry in batch.iter() {
-            if entry.gap {
-                sink.feed(Message::Text(entry.frame.clone())).await?;
-                sent += 1;
-                continue;
-            }
-            if seen_in
-                .as_ref()
-                .is_some_and(|s| s.contains(entry.event.xid))
+            if entry
+                .xid
+                .is_some_and(|xid| seen_in.as_ref().is_some_and(|s| s.contains(xid)))
             {
                 continue;
             }
-            let Some(frame) = shape.frame(entry) else {
-                continue;
-            };
-            // One copy of the shared frame per socket: warp's text messages own a String.
-            sink.feed(Message::Text(frame)).await?;
-            sent += 1;
+            match shape.deliver(entry, topic) {
+                Delivery::Send(frame) => {
+                    sink.feed(Message::Text(frame)).await?;
+                    sent += 1;
+                }
+                Delivery::Skip => {}
+                Delivery::End(reason) => {
+                    ended = Some(reason);
+                    break;
+                }
+            }
         }
         sink.flush().await?;
         metrics.add(&metrics.frames_sent, sent);
@@ -744,7 +881,7 @@ async fn write_events(
         }
     };
     batch.clear();
-    result
+    result.map(|()| ended)
 }
 
 fn overflow_end(overflow: Overflow) -> End {

@@ -578,9 +578,13 @@ async fn hostile_values_are_stored_and_matched_exactly() {
     db.exec("create table tags(name text primary key, n int)")
         .await;
     let mut client = db.client().await;
-    pgrelay::sql::install(&mut client, &[pgrelay::TableName::parse("tags").unwrap()])
-        .await
-        .unwrap();
+    pgrelay::sql::install(
+        &mut client,
+        &[pgrelay::TableName::parse("tags").unwrap()],
+        "notify",
+    )
+    .await
+    .unwrap();
     drop(relay);
     let relay = Relay::start(&db, &["items", "tags"]).await;
     let key = "a,b/c ü'\"";

@@ -76,9 +76,15 @@ async fn an_empty_table_sends_one_done_message() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     let relay = Relay::start(&db, &["items"]).await;
     let mut ws = relay.ws("/ws/items?snapshot=true").await;
+    let initial = ws.next_json().await;
+    assert!(
+        initial["seq"].is_i64(),
+        "initial data carries a position: {initial}"
+    );
     assert_eq!(
-        ws.next_json().await,
-        json!({"type": "initial", "resource": "items", "data": [], "done": true})
+        initial,
+        json!({"type": "initial", "resource": "items", "data": [], "done": true,
+               "seq": initial["seq"]})
     );
 }
 

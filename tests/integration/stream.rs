@@ -273,24 +273,34 @@ async fn a_bad_notify_payload_is_counted_and_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_key_update_and_a_no_op_update_are_sent_as_updates() {
+async fn a_key_update_is_a_delete_then_a_create_and_a_no_op_update_is_an_update() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     let relay = Relay::start(&db, &["items"]).await;
     let mut ws = relay.ws("/ws/items").await;
     db.exec("insert into items(name) select 'n' || g from generate_series(1, 3) g")
         .await;
     assert!(ws.events(3).await.iter().all(|e| e["type"] == "create"));
+    // Keys 1, 2, 3 become 11, 12, 13 (2 -> 12 while 12 is free, so any order is valid).
     db.exec("update items set id = id + 10").await;
     db.exec("update items set name = name where id = 11").await;
-    let events = ws.events(4).await;
-    for (e, n) in events[..3].iter().zip(1..) {
-        assert_eq!(e["type"], "update");
-        assert_eq!(e["old"]["id"], e["data"]["id"].as_i64().unwrap() - 10);
-        assert_eq!(e["old"]["name"], e["data"]["name"]);
-        assert_eq!(e["data"]["name"], format!("n{n}"));
-        assert_eq!(e["changed"], json!(["id"]));
+    let events = ws.events(7).await;
+    // The statement's deletes of old keys come first, then the creates of new ones.
+    for (e, id) in events[..3].iter().zip(1..) {
+        assert_eq!(e["type"], "delete");
+        assert_eq!(e["id"], id);
+        assert_eq!(e["old"]["name"], format!("n{id}"));
+        assert!(e.get("data").is_none());
     }
-    assert_eq!(events[3]["changed"], json!([]));
+    for (e, id) in events[3..6].iter().zip(11..) {
+        assert_eq!(e["type"], "create");
+        assert_eq!(e["id"], id);
+        assert_eq!(e["data"]["name"], format!("n{}", id - 10));
+        assert!(e.get("old").is_none());
+    }
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(events[6]["type"], "update");
+    assert_eq!(events[6]["changed"], json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,22 +414,54 @@ async fn columns_named_like_the_triggers_aliases_are_captured_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn log_rows_gone_before_capture_reads_them_reset_subscribers_not_silently() {
+async fn log_rows_pruned_before_a_relay_read_them_reset_its_subscribers_not_silently() {
+    use std::time::Duration;
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     let relay = Relay::start(&db, &["items"]).await;
     let mut ws = relay.ws("/ws/items").await;
-    // Hold capture back (a session queues for an exclusive lock on the log behind the writer),
-    // then delete the statement's log rows, as a too-short retention would.
-    let locker = crate::support::commit_with_capture_held_back(
-        &db,
-        "insert into items(name) select 'n' || g from generate_series(1, 10) g",
-    )
-    .await;
-    locker
-        .batch_execute("delete from pgrelay.changes; commit")
+    // Connections of our own, opened before the relay is cut off from the database.
+    let writer = db.client().await;
+    // (Named so that terminating the relay's connections leaves it alone.)
+    let url = format!("{} application_name=test_pool", db.url);
+    let pool = pgrelay::sql::pool(&url, 1, Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+    drop(pool.get().await.unwrap());
+    let admin = crate::support::connect(&crate::support::admin_url()).await;
+    let quoted = format!("\"{}\"", db.name);
+    admin
+        .batch_execute(&format!(
+            "alter database {quoted} with allow_connections false"
+        ))
         .await
         .unwrap();
-    crate::support::wait_for_metrics(relay.addr, &["pgrelay_missing_log_rows_total 10"]).await;
+    crate::support::terminate_relay_connections(&db).await;
+    crate::support::wait_for_metrics(relay.addr, &["pgrelay_capture_listening 0"]).await;
+    // Rows are written while the relay is away for longer than retention waits for a relay
+    // (faked: its last report is made old), and retention prunes them.
+    writer
+        .batch_execute(
+            "insert into items(name) select 'n' || g from generate_series(1, 10) g;
+             update pgrelay.relays set seen_at = now() - interval '10 minutes'",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let retention = pgrelay::retention::Retention {
+        max_age: Some(Duration::from_millis(1)),
+        max_rows: None,
+        interval: Duration::from_secs(60),
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let pruned = pgrelay::retention::prune(&pool, &retention, &token)
+        .await
+        .unwrap();
+    assert!(pruned >= 1, "the statement's log row was pruned");
+    admin
+        .batch_execute(&format!(
+            "alter database {quoted} with allow_connections true"
+        ))
+        .await
+        .unwrap();
+    relay.wait_ready().await;
     // The subscriber is told its copy has a hole, in stream order, then the stream goes on.
     assert_eq!(
         ws.next_json().await,

@@ -60,8 +60,19 @@ pub struct TestDb {
     owned: bool,
 }
 
+/// Logs of the relays under test, shown for failing tests (`RUST_LOG` filters; default: warn).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 impl TestDb {
     pub async fn new() -> Self {
+        init_logs();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "pgrelay_test_{}_{}_{}",
@@ -115,7 +126,7 @@ impl TestDb {
             .iter()
             .map(|t| TableName::parse(t).unwrap())
             .collect();
-        pgrelay::sql::install(&mut client, &names)
+        pgrelay::sql::install(&mut client, &names, "notify")
             .await
             .expect("install capture");
         self
@@ -182,7 +193,8 @@ impl Relay {
             .collect();
         let mut config = Config::new(db.url.clone(), names);
         config.pool_size = 4;
-        config.horizon_interval = Duration::from_millis(200);
+        config.report_interval = Duration::from_millis(200);
+        config.schema_interval = Duration::from_millis(200);
         config.max_backoff = Duration::from_millis(500);
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,348 @@
+//! The exposed tables as the catalog describes them now, and the task that keeps that view
+//! current while the relay runs.
+//!
+//! Every `interval`, the watcher reads the catalog for each configured table (one small
+//! query per table) and compares it with what it saw last:
+//! - renamed (same oid, new name) or dropped: subscribers get `reset` (`table_renamed`,
+//!   `table_dropped`), the name stops resolving, capture stops routing its rows;
+//! - re-created (the name is back with a new oid, capture installed, or installed now with
+//!   `--install`): picked up again;
+//! - capture triggers removed or disabled: `reset` (`table_changed`), and with `--install`
+//!   they are put back; without, the table stops resolving until they are;
+//! - primary key changed, or partitions attached or detached: `reset` (`table_changed`);
+//!   new partitions get their TRUNCATE trigger;
+//! - columns dropped, renamed or retyped: subscriptions naming them end with an error (in
+//!   stream order); new columns appear in `data` anyway (rows are rendered by the trigger).
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TableName;
+use crate::hub::{ColumnsChanged, Hub};
+use crate::sql::{self, SqlError, TableInfo, TableKind};
+
+/// The exposed tables that resolve now, by resource name.
+#[derive(Debug, Default)]
+pub struct Tables {
+    map: RwLock<HashMap<String, TableInfo>>,
+}
+
+impl Tables {
+    /// The tables described at start.
+    pub fn new(infos: Vec<TableInfo>) -> Self {
+        Tables {
+            map: RwLock::new(infos.into_iter().map(|t| (t.resource.clone(), t)).collect()),
+        }
+    }
+
+    /// The exposed table named `resource` (`items`, `shop.orders`), as last read.
+    pub fn get(&self, resource: &str) -> Option<TableInfo> {
+        // A panic while holding the lock leaves the map itself intact: keep using it.
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(resource).cloned()
+    }
+
+    /// Every table that resolves now.
+    pub fn all(&self) -> Vec<TableInfo> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.values().cloned().collect()
+    }
+
+    fn set(&self, info: TableInfo) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        map.insert(info.resource.clone(), info);
+    }
+
+    fn remove(&self, resource: &str) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        map.remove(resource);
+    }
+
+    /// Re-reads a table's columns from the catalog (a column was added or renamed since the
+    /// last check) and returns the table as it is now.
+    pub async fn refresh_columns(
+        &self,
+        client: &Client,
+        table: &TableInfo,
+    ) -> Result<TableInfo, SqlError> {
+        let columns = sql::columns(client, table.relid).await?;
+        tracing::info!(table = %table.name, "re-read the table's columns");
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        let entry = map
+            .entry(table.resource.clone())
+            .or_insert_with(|| table.clone());
+        entry.columns = columns;
+        Ok(entry.clone())
+    }
+}
+
+/// What the watcher last saw of one configured table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    relid: u32,
+    /// `(attnum, name, type)` of every column.
+    columns: Vec<(i16, String, String)>,
+    /// Attnums of the primary key, in key order.
+    key: Vec<i16>,
+    /// Partitions (and sub-partitioned tables) of a partitioned table.
+    partitions: Vec<u32>,
+    installed: bool,
+}
+
+const SIGNATURE: &str = "
+    select (select coalesce(array_agg(a.attnum::int4 order by a.attnum), '{}')
+              from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped),
+           (select coalesce(array_agg(a.attname::text order by a.attnum), '{}')
+              from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped),
+           (select coalesce(array_agg(format_type(a.atttypid, a.atttypmod) order by a.attnum), '{}')
+              from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped),
+           (select coalesce(array_agg(k.attnum::int4 order by k.ord), '{}')
+              from pg_index i cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
+             where i.indrelid = c.oid and i.indisprimary),
+           (select coalesce(array_agg(p.relid::oid order by p.relid::oid), '{}')
+              from pg_partition_tree(c.oid) p where c.relkind = 'p' and p.relid <> c.oid)
+      from pg_class c where c.oid = $1";
+
+const NAME_OF: &str = "
+    select n.nspname::text, c.relname::text from pg_class c
+      join pg_namespace n on n.oid = c.relnamespace where c.oid = $1";
+
+const INSTALL_PARTITION: &str = "select pgrelay.install_partition($1, $2, $3)";
+
+/// Keeps [`Tables`] and the hub's routing current (see the module docs).
+pub struct Watcher {
+    /// The configured tables.
+    pub names: Vec<TableName>,
+    /// Where the current view goes.
+    pub tables: Arc<Tables>,
+    /// Where resets go, and how capture routes rows.
+    pub hub: Arc<Hub>,
+    /// Catalog reads and installs.
+    pub pool: Pool,
+    /// Reinstall capture where it is missing (`--install`).
+    pub install: bool,
+    /// Capture mode, for installs.
+    pub mode: &'static str,
+    /// Time between checks.
+    pub interval: Duration,
+}
+
+impl Watcher {
+    /// Checks every `interval` until `token` is cancelled. Failures are logged and retried:
+    /// the watcher is never a reason to stop serving.
+    pub async fn run(self, token: CancellationToken) {
+        let mut seen: HashMap<String, Seen> = HashMap::new();
+        // What the tables were at start.
+        if let Ok(client) = self.pool.get().await {
+            for info in self.tables.all() {
+                if let Ok(Some(s)) = signature(&client, info.relid, true).await {
+                    seen.insert(info.resource.clone(), s);
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+            let mut client = match self.pool.get().await {
+                Ok(client) => client,
+                Err(err) => {
+                    tracing::debug!(error = %err, "schema check skipped: no database connection");
+                    continue;
+                }
+            };
+            for name in &self.names {
+                if let Err(err) = self.check(&mut client, name, &mut seen).await {
+                    tracing::warn!(table = %name, error = %crate::error::chain(&err), "schema check failed");
+                }
+            }
+        }
+    }
+
+    async fn check(
+        &self,
+        client: &mut Client,
+        name: &TableName,
+        seen: &mut HashMap<String, Seen>,
+    ) -> Result<(), SqlError> {
+        let resource = name.resource();
+        let previous = seen.get(&resource).cloned();
+        let now = sql::describe_one(client, name).await?;
+
+        // The table we were following: gone, or renamed?
+        if let Some(prev) = &previous
+            && now.as_ref().is_none_or(|d| d.relid != prev.relid)
+        {
+            let renamed_to = client
+                .query_opt(NAME_OF, &[&prev.relid])
+                .await?
+                .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)));
+            let reason = match &renamed_to {
+                Some(to) => {
+                    tracing::warn!(table = %name, renamed_to = %to, "an exposed table was renamed; its subscribers are reset");
+                    "table_renamed"
+                }
+                None => {
+                    tracing::warn!(table = %name, "an exposed table was dropped; its subscribers are reset");
+                    "table_dropped"
+                }
+            };
+            self.hub.publish_reset(&resource, reason);
+            self.hub.route(prev.relid, None);
+            self.tables.remove(&resource);
+            seen.remove(&resource);
+        }
+        let Some(described) = now else {
+            return Ok(());
+        };
+        let Ok(kind) = described.kind.clone() else {
+            return Ok(());
+        };
+        let previous = seen.get(&resource).cloned();
+
+        // Capture triggers removed or disabled.
+        if !described.installed {
+            if previous.as_ref().is_some_and(|p| p.installed) {
+                tracing::warn!(table = %name, "capture triggers of an exposed table were removed or disabled; its subscribers are reset");
+                self.hub.publish_reset(&resource, "table_changed");
+                if let Some(p) = seen.get_mut(&resource) {
+                    p.installed = false;
+                }
+            }
+            if self.install {
+                sql::install_one(client, name, self.mode).await?;
+                tracing::info!(table = %name, "capture reinstalled");
+            } else {
+                self.tables.remove(&resource);
+                return Ok(());
+            }
+        }
+        let Some(mut current) = signature(client, described.relid, true).await? else {
+            return Ok(());
+        };
+        match previous {
+            None => {
+                // New to the watcher: re-created (or capture just installed).
+                let info = sql::describe_table(client, name).await?;
+                self.hub.route(info.relid, Some(&resource));
+                self.tables.set(info);
+                tracing::info!(table = %name, "exposed table picked up");
+            }
+            Some(prev) => {
+                if prev.key != current.key {
+                    tracing::warn!(table = %name, "the primary key of an exposed table changed; its subscribers are reset");
+                    self.hub.publish_reset(&resource, "table_changed");
+                }
+                if kind == TableKind::Partitioned && prev.partitions != current.partitions {
+                    for part in current
+                        .partitions
+                        .iter()
+                        .filter(|p| !prev.partitions.contains(p))
+                    {
+                        if let Err(err) = client
+                            .execute(INSTALL_PARTITION, &[part, &described.relid, &self.mode])
+                            .await
+                        {
+                            tracing::warn!(table = %name, partition = part, error = %crate::error::chain(&err),
+                                "could not install the TRUNCATE trigger of a new partition");
+                        }
+                    }
+                    tracing::info!(table = %name, "partitions of an exposed table changed; its subscribers are reset");
+                    self.hub.publish_reset(&resource, "table_changed");
+                }
+                let changed = changed_columns(&prev.columns, &current.columns);
+                if !changed.is_empty() {
+                    tracing::info!(table = %name, columns = ?changed, "columns of an exposed table were dropped, renamed or retyped");
+                    self.hub
+                        .publish_columns_changed(&resource, ColumnsChanged { columns: changed });
+                }
+                if prev.columns != current.columns || prev.key != current.key {
+                    let info = sql::describe_table(client, name).await?;
+                    self.tables.set(info);
+                } else if self.tables.get(&resource).is_none() {
+                    let info = sql::describe_table(client, name).await?;
+                    self.hub.route(info.relid, Some(&resource));
+                    self.tables.set(info);
+                }
+            }
+        }
+        current.installed = true;
+        seen.insert(resource, current);
+        Ok(())
+    }
+}
+
+/// The catalog signature of a table (`None` once it is gone).
+async fn signature(client: &Client, relid: u32, installed: bool) -> Result<Option<Seen>, SqlError> {
+    let Some(row) = client.query_opt(SIGNATURE, &[&relid]).await? else {
+        return Ok(None);
+    };
+    let attnums: Vec<i32> = row.get(0);
+    let names: Vec<String> = row.get(1);
+    let types: Vec<String> = row.get(2);
+    let key: Vec<i32> = row.get(3);
+    let to_i16 = |n: i32| i16::try_from(n).unwrap_or(i16::MAX);
+    Ok(Some(Seen {
+        relid,
+        columns: attnums
+            .into_iter()
+            .zip(names)
+            .zip(types)
+            .map(|((a, n), t)| (to_i16(a), n, t))
+            .collect(),
+        key: key.into_iter().map(to_i16).collect(),
+        partitions: row.get(4),
+        installed,
+    }))
+}
+
+/// Names (as they were) of the columns dropped, renamed or retyped between two signatures.
+fn changed_columns(
+    before: &[(i16, String, String)],
+    after: &[(i16, String, String)],
+) -> Vec<String> {
+    before
+        .iter()
+        .filter(|(attnum, name, ty)| {
+            after
+                .iter()
+                .find(|(a, _, _)| a == attnum)
+                .is_none_or(|(_, n, t)| n != name || t != ty)
+        })
+        .map(|(_, name, _)| name.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(attnum: i16, name: &str, ty: &str) -> (i16, String, String) {
+        (attnum, name.into(), ty.into())
+    }
+
+    #[test]
+    fn dropped_renamed_and_retyped_columns_are_named_as_they_were() {
+        let before = [
+            col(1, "id", "integer"),
+            col(2, "name", "text"),
+            col(3, "price", "numeric"),
+            col(4, "gone", "text"),
+        ];
+        let after = [
+            col(1, "id", "integer"),
+            col(2, "title", "text"),
+            col(3, "price", "text"),
+            col(5, "added", "text"),
+        ];
+        assert_eq!(changed_columns(&before, &after), ["name", "price", "gone"]);
+        assert!(changed_columns(&before, &before).is_empty());
+    }
+}
