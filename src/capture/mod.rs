@@ -104,8 +104,8 @@ const PRUNED_WHILE_AWAY: &str = "
            coalesce((select seen_at < now() - interval '5 minutes' from pgrelay.relays
                       where instance = $1), true)";
 
-/// Seconds a horizon may stay put before capture looks for the transaction holding it.
-const HELD_AFTER: Duration = Duration::from_secs(5);
+/// Reports a horizon may stay put before capture looks for the transaction holding it.
+const HELD_AFTER_REPORTS: u32 = 5;
 
 /// Why a capture session ended (it reconnects after each of these).
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +283,12 @@ impl Capture {
 
         let mut report_tick = tokio::time::interval(self.report_interval);
         report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Poll mode waits `wait` between polls (back to `poll_min` after a poll that found
+        // rows, doubling up to `poll_max` while idle); notify mode waits `poll_max` after the
+        // last poll, whatever woke it. A deadline, not a sleep per loop turn: progress reports
+        // must not keep pushing the next poll back.
         let mut wait = self.poll_min;
+        let mut next_poll = Instant::now() + self.poll_max;
         let Listener {
             client,
             wake_rx,
@@ -291,10 +296,6 @@ impl Capture {
             ..
         } = &mut listener;
         loop {
-            let idle = match self.mode {
-                Mode::Notify => self.poll_max,
-                Mode::Poll => wait,
-            };
             tokio::select! {
                 biased;
                 // priority 1: shutdown
@@ -313,12 +314,19 @@ impl Capture {
                 Some(()) = wake_rx.recv() => {
                     while wake_rx.try_recv().is_ok() {}
                     self.poll(client, progress).await?;
+                    if self.mode == Mode::Notify {
+                        next_poll = Instant::now() + self.poll_max;
+                    }
                 }
                 // priority 5: the timer
-                _ = tokio::time::sleep(idle) => {
+                _ = tokio::time::sleep_until(next_poll.into()) => {
                     while wake_rx.try_recv().is_ok() {}
                     let polled = self.poll(client, progress).await?;
                     wait = if polled.events > 0 { self.poll_min } else { (wait * 2).min(self.poll_max) };
+                    next_poll = Instant::now() + match self.mode {
+                        Mode::Notify => self.poll_max,
+                        Mode::Poll => wait,
+                    };
                 }
             }
         }
@@ -383,7 +391,7 @@ impl Capture {
             .store(stuck.as_secs(), Ordering::Relaxed);
         let horizon = xmin.to_string();
         let mut holder: Option<i32> = None;
-        if stuck >= HELD_AFTER {
+        if stuck >= self.report_interval * HELD_AFTER_REPORTS {
             match client.query_opt(HOLDER, &[&horizon]).await {
                 Ok(row) => holder = row.map(|r| r.get(0)),
                 Err(err) => {

@@ -563,7 +563,12 @@ impl Session {
         };
         let Some(table) = lookup(&self.state, &resource) else {
             let m = format!("Unknown resource {resource:?}");
-            return self.send_error("not_found", &m).await;
+            self.send_error("not_found", &m).await?;
+            if self.single.is_some() {
+                // This socket's own table is gone (dropped or renamed): nothing left to stream.
+                return Err(End::Close(close::NOT_FOUND, "table not exposed"));
+            }
+            return Ok(());
         };
         let mut params = match message_pairs(message).and_then(|pairs| Params::from_pairs(&pairs)) {
             Ok(params) => params,

@@ -6,13 +6,15 @@ use pgrelay::filter::{self, Filter, Kind};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 
 use crate::support::TestDb;
 
-const PROPERTY_TABLE: &str = "create table p(
+const PROPERTY_TABLE: &str = "
+    create collation ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+    create table p(
     id serial primary key, n int, x numeric, f float8, s text, v varchar(20),
-    t timestamptz, ts timestamp, d date, b boolean, u uuid, c char(4))";
+    t timestamptz, ts timestamp, d date, b boolean, u uuid, c char(4), tm time,
+    ci text collate ci)";
 
 /// Values per column: rows and filters draw from the same pools, so equalities happen.
 fn pool(column: &str) -> &'static [&'static str] {
@@ -31,7 +33,7 @@ fn pool(column: &str) -> &'static [&'static str] {
             "12345678901234567890.1",
         ],
         "f" => &["0.1", "1e300", "-1e-300", "NaN", "Infinity", "3", "-0.5"],
-        "s" | "v" | "c" => &[
+        "s" | "v" | "c" | "ci" => &[
             "a", "B", "it's", "\"q\"", "é", "É", "日本", "a%b", "", "zz", "ab", "Ab", "a_b", "a,b",
             "(x)",
         ],
@@ -42,14 +44,40 @@ fn pool(column: &str) -> &'static [&'static str] {
             "infinity",
             "-infinity",
             "2026-06-01 12:00:00-07",
+            // Local mean time offsets (+00:19:32 in Amsterdam), BC, the far future.
+            "1800-01-01 00:00:00+00",
+            "1800-01-01 00:19:32+00",
+            "0044-03-15 12:00:00+00 BC",
+            "294276-12-31 23:59:59+00",
+            "2026-01-01 00:00:00.123456+00",
         ],
         "ts" => &[
             "2026-01-01 00:00:00",
             "2026-01-01T00:00:00.5",
             "1999-12-31 23:59:59",
             "infinity",
+            "0001-01-01 00:00:00 BC",
+            "0001-01-01 00:00:00",
+            "294276-12-31 23:59:59",
+            "2000-01-01 24:00:00",
         ],
-        "d" => &["2026-01-01", "2025-06-30", "infinity", "2000-02-29"],
+        "d" => &[
+            "2026-01-01",
+            "2025-06-30",
+            "infinity",
+            "2000-02-29",
+            "0044-03-15 BC",
+            "4713-01-01 BC",
+            "5874897-12-31",
+            "0001-01-01",
+        ],
+        "tm" => &[
+            "24:00:00",
+            "00:00:00",
+            "23:59:59.999999",
+            "12:00:00.5",
+            "12:00:00",
+        ],
         "b" => &["true", "false"],
         "u" => &[
             "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
@@ -102,11 +130,13 @@ async fn sql_and_rust_agree_on_random_filters_over_random_rows() {
     let db = TestDb::new().await;
     db.exec(PROPERTY_TABLE).await;
     let client = db.client().await;
-    let names = ["n", "x", "f", "s", "v", "t", "ts", "d", "b", "u", "c"];
-    let insert =
-        "insert into p(n, x, f, s, v, t, ts, d, b, u, c) values ($1::text::int, $2::text::numeric,
-        $3::text::float8, $4, $5, $6::text::timestamptz, $7::text::timestamp, $8::text::date,
-        $9::text::boolean, $10::text::uuid, $11::text::char(4))";
+    let names = [
+        "n", "x", "f", "s", "v", "t", "ts", "d", "b", "u", "c", "tm", "ci",
+    ];
+    let insert = "insert into p(n, x, f, s, v, t, ts, d, b, u, c, tm, ci) values
+        ($1::text::int, $2::text::numeric, $3::text::float8, $4, $5, $6::text::timestamptz,
+         $7::text::timestamp, $8::text::date, $9::text::boolean, $10::text::uuid,
+         $11::text::char(4), $12::text::time, $13)";
     for _ in 0..300 {
         let values: Vec<Option<String>> = names
             .iter()
@@ -120,19 +150,33 @@ async fn sql_and_rust_agree_on_random_filters_over_random_rows() {
             .collect();
         client.execute(insert, &params).await.unwrap();
     }
-    // Rows rendered by a session in another time zone, as a writer's trigger could.
-    client
-        .batch_execute("set timezone = 'Asia/Kolkata'")
-        .await
-        .unwrap();
-    let rows: Vec<(i32, Value)> = client
-        .query("select id, to_jsonb(p) from p", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    client.batch_execute("reset timezone").await.unwrap();
+    // Rows as events carry them (rendered by the capture trigger's pinned settings, UTC), and
+    // as a session in a zone with local-mean-time offsets (+00:19:32) renders them: the relay
+    // compares both exactly.
+    let render = |zone: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .batch_execute(&format!("set timezone = '{zone}'"))
+                .await
+                .unwrap();
+            let rows: Vec<(i32, String)> = client
+                .query("select id, to_json(p)::text from p", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            client.batch_execute("reset timezone").await.unwrap();
+            rows
+        }
+    };
+    let mut rows = render("UTC").await;
+    rows.extend(render("Europe/Amsterdam").await);
+    assert!(
+        rows.iter().any(|(_, r)| r.contains("+00:19:32")),
+        "the Amsterdam rendering has local-mean-time offsets"
+    );
 
     let table = pgrelay::TableName::parse("p").unwrap();
     let info = pgrelay::sql::describe_columns(&client, &table)
@@ -170,18 +214,14 @@ async fn sql_and_rust_agree_on_random_filters_over_random_rows() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let in_rust: BTreeSet<i32> = rows
+        // Every rendering of a row must agree with SQL.
+        let differ: Vec<&String> = rows
             .iter()
-            .filter(|(_, row)| filter.matches(row))
-            .map(|(id, _)| *id)
+            .filter(|(id, row)| in_sql.contains(id) != filter.matches_text(row))
+            .map(|(_, r)| r)
+            .take(3)
             .collect();
-        if in_sql != in_rust {
-            let differ: Vec<&Value> = rows
-                .iter()
-                .filter(|(id, _)| in_sql.contains(id) != in_rust.contains(id))
-                .map(|(_, r)| r)
-                .take(3)
-                .collect();
+        if !differ.is_empty() {
             panic!("seed {seed}: filter {text:?} disagrees (sql: {sql}); rows: {differ:?}");
         }
         checked += 1;
@@ -242,6 +282,42 @@ mod live {
         );
         assert!(events[1].get("data").is_none());
         assert_eq!(events[2]["changed"], json!(["price"]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_change_reaches_a_filtered_projected_copy_as_a_delete_and_a_create_by_key() {
+        let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+        db.exec("insert into items(id, name, price) values (1, 'x', 1), (2, 'y', 2), (3, 'x', 3)")
+            .await;
+        let relay = Relay::start(&db, &["items"]).await;
+        let mut ws = relay
+            .ws("/ws/items?name=eq.x&select=price&snapshot=true")
+            .await;
+        // Initial rows carry the key whatever `select` asks for.
+        assert_eq!(
+            ws.initial_rows().await,
+            [json!({"id": 1, "price": 1}), json!({"id": 3, "price": 3})]
+        );
+        db.exec("update items set id = 10 where id = 1").await; // in the filter: moves key
+        db.exec("update items set id = 20 where id = 2").await; // outside it: nothing
+        db.exec("update items set id = 30, name = 'y' where id = 3")
+            .await; // leaves it
+        db.exec("delete from items where id = 10").await;
+        let events = ws.events(4).await;
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e["type"].as_str().unwrap(), e["id"].as_i64().unwrap()))
+                .collect::<Vec<_>>(),
+            [("delete", 1), ("create", 10), ("delete", 3), ("delete", 10)]
+        );
+        assert_eq!(events[0]["old"], json!({"id": 1, "price": 1}));
+        assert_eq!(events[1]["data"], json!({"id": 10, "price": 1}));
+        assert_eq!(events[2]["old"], json!({"id": 3, "price": 3}));
+        // Nothing for key 20, which this copy never held.
+        db.exec("insert into items(id, name, price) values (99, 'x', 9)")
+            .await;
+        assert_eq!(ws.next_json().await["id"], 99);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,12 +6,18 @@
 
 mod filters;
 mod install;
+mod long;
+mod model;
+mod partitions;
 mod protocol;
 mod recovery;
+mod replicas;
 mod rest;
 mod resume;
+mod schema;
 mod shutdown;
 mod slow;
 mod snapshot;
 mod stream;
 mod support;
+mod values;

@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::{Frame, Relay, TestDb, http_get, within};
+use crate::support::{Frame, Relay, STEP, TestDb, http_get, within};
 
 const ITEMS: &str = "create table items(id serial primary key, name text)";
 
@@ -144,4 +144,82 @@ async fn health_readiness_and_metrics_are_served() {
     let (status, body) = http_get(relay.addr, "/nope").await.unwrap();
     assert_eq!(status, 404);
     assert!(body.contains("not_found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_initial_is_kept_alive_by_pings_and_the_socket_lives_on_after_it() {
+    use futures_util::StreamExt;
+    let db = TestDb::new()
+        .await
+        .with_tables("create table big(id int primary key, pad text)", &["big"])
+        .await;
+    db.exec("insert into big select g, repeat('x', 1000) from generate_series(1, 16000) g")
+        .await;
+    let relay = Relay::start_with(&db, &["big"], |c| {
+        c.ping_interval = Duration::from_secs(1);
+        c.ping_timeout = Duration::from_secs(3);
+        c.snapshot_batch_rows = 100;
+    })
+    .await;
+    // A client with a small receive buffer that reads slowly: 16 MB of initial data take
+    // longer than the ping timeout to go out. It answers pings as it reads them.
+    let mut ws = crate::support::stalled_client(relay.addr, "/ws").await;
+    ws.send(Message::text(
+        r#"{"type":"subscribe","resource":"big","snapshot":true}"#,
+    ))
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut rows = 0;
+    let mut pings = 0;
+    within(Duration::from_secs(60), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] == "initial" {
+                        rows += v["data"].as_array().unwrap().len();
+                        if v["done"] == true {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(40)).await;
+                    }
+                }
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(other)) => panic!("unexpected {other:?}"),
+                other => panic!("socket ended during the initial data: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(rows, 16000);
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "the initial took longer than the ping timeout"
+    );
+    assert!(
+        pings >= 2,
+        "pings went out while the initial streamed ({pings})"
+    );
+    // Still alive well past the timeout, and streaming.
+    let idle = std::time::Instant::now();
+    within(Duration::from_secs(20), async {
+        while idle.elapsed() < Duration::from_secs(4) {
+            match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+                Err(_) | Ok(Some(Ok(Message::Ping(_)))) => {}
+                other => panic!("closed after the initial: {other:?}"),
+            }
+        }
+    })
+    .await;
+    db.exec("insert into big values (0, 'live')").await;
+    let event = within(STEP, async {
+        loop {
+            if let Some(Ok(Message::Text(t))) = ws.next().await {
+                return serde_json::from_str::<Value>(t.as_str()).unwrap();
+            }
+        }
+    })
+    .await;
+    assert_eq!(event["data"]["pad"], "live");
 }

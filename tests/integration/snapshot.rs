@@ -133,6 +133,10 @@ impl Copy {
                     "delete of a row not held: {m}"
                 );
             }
+            "truncate" => {
+                assert!(self.initial_done, "event before initial data finished");
+                self.rows.clear();
+            }
             other => panic!("unexpected message type {other}: {m}"),
         }
     }
@@ -176,6 +180,20 @@ async fn sixteen_staggered_subscribers_end_holding_exactly_the_tables_rows() {
                     .execute("insert into items(name, price) select 'bulk', g from generate_series(1, 40) g", &[])
                     .await
                     .expect("bulk insert");
+            }
+            // A truncate is handed over like any other change (alone, and with rows after it
+            // in the same transaction).
+            if i % 200 == 120 {
+                writer_client
+                    .batch_execute("truncate items")
+                    .await
+                    .expect("truncate");
+            }
+            if i % 200 == 170 {
+                writer_client
+                    .batch_execute("begin; truncate items; insert into items(name, price) select 'after', g from generate_series(1, 30) g; commit")
+                    .await
+                    .expect("truncate and insert");
             }
         }
     });

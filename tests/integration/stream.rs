@@ -470,3 +470,37 @@ async fn log_rows_pruned_before_a_relay_read_them_reset_its_subscribers_not_sile
     db.exec("insert into items(name) values ('after')").await;
     assert_eq!(ws.next_json().await["data"]["name"], "after");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_is_an_event_in_stream_order_for_every_subscriber_that_wants_it() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut plain = relay.ws("/ws/items").await;
+    let mut filtered = relay.ws("/ws/items?name=eq.b&select=name").await;
+    let mut creates_only = relay.ws("/ws/items?events=create").await;
+    let mut truncates = relay.ws("/ws/items?events=truncate,delete").await;
+    db.exec("insert into items(name) values ('a'), ('b'); truncate items; insert into items(name) values ('c')")
+        .await;
+    let events = plain.events(4).await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["create", "create", "truncate", "create"]);
+    let truncate = &events[2];
+    assert_eq!(
+        truncate,
+        &json!({"type": "truncate", "resource": "items", "seq": truncate["seq"], "ts": truncate["ts"]})
+    );
+    assert!(truncate["seq"].as_i64().unwrap() > events[1]["seq"].as_i64().unwrap());
+    assert!(truncate["ts"].as_str().unwrap().ends_with("+00:00"));
+    // A filtered subscriber's copy is emptied too.
+    assert_eq!(
+        filtered.next_json().await["data"],
+        json!({"id": 2, "name": "b"})
+    );
+    assert_eq!(filtered.next_json().await["type"], "truncate");
+    // `events=` lists it like the other types.
+    let creates: Vec<Value> = creates_only.events(3).await;
+    assert!(creates.iter().all(|e| e["type"] == "create"));
+    assert_eq!(truncates.next_json().await["type"], "truncate");
+    db.exec("delete from items").await;
+    assert_eq!(truncates.next_json().await["type"], "delete");
+}

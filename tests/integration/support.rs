@@ -306,6 +306,26 @@ impl Ws {
         }
     }
 
+    /// The next text frame as it came (for values too deep for a JSON tree); fails on close.
+    #[track_caller]
+    pub fn next_text(&mut self) -> impl Future<Output = String> + '_ {
+        let caller = Location::caller();
+        async move {
+            within(STEP, async {
+                loop {
+                    match self.socket.next().await {
+                        Some(Ok(Message::Text(t))) => return t.as_str().to_owned(),
+                        Some(Ok(Message::Close(f))) => panic!("closed ({f:?}) at {caller}"),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => panic!("socket error {e} at {caller}"),
+                        None => panic!("socket ended at {caller}"),
+                    }
+                }
+            })
+            .await
+        }
+    }
+
     /// The next JSON message; fails on close or after [`STEP`].
     #[track_caller]
     pub fn next_json(&mut self) -> impl Future<Output = Value> + '_ {
@@ -535,7 +555,7 @@ impl Cluster {
 
     fn pg_ctl(&self, action: &str) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_prepared_transactions=5",
             self.port,
             self.dir.display()
         );

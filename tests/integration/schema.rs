@@ -1,0 +1,248 @@
+//! Schema changes never fail a write and never go unnoticed (issue 9, item 3).
+
+use serde_json::json;
+
+use crate::support::{Relay, TestDb, http, wait_for_metrics};
+
+const ITEMS: &str = "create table items(id int primary key, name text, price numeric);
+                     create table other(id int primary key)";
+
+fn fast_schema_checks(c: &mut pgrelay::Config) {
+    c.schema_interval = std::time::Duration::from_millis(100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_the_key_column_fails_no_write_and_ends_only_subscriptions_that_name_it() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], fast_schema_checks).await;
+    let mut plain = relay.ws("/ws/items").await;
+    let mut filtered = relay.ws("/ws/items?id=gt.0").await;
+    let mut on_ws = relay.ws("/ws").await;
+    on_ws
+        .send_json(json!({"type": "subscribe", "resource": "items", "select": "name,id"}))
+        .await;
+    assert_eq!(on_ws.next_json().await["type"], "subscribed");
+    db.exec("insert into items values (1, 'a', 1)").await;
+    assert_eq!(plain.next_json().await["id"], 1);
+    assert_eq!(filtered.next_json().await["id"], 1);
+    assert_eq!(on_ws.next_json().await["id"], 1);
+
+    db.exec("alter table items rename column id to item_id")
+        .await;
+    // Writes go on, with the key as it is now.
+    db.exec(
+        "insert into items values (2, 'b', 2);
+         update items set name = 'bb' where item_id = 2;
+         update items set item_id = 3 where item_id = 2;
+         delete from items where item_id = 1",
+    )
+    .await;
+    let events = plain.events(5).await;
+    let summary: Vec<(String, i64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("create".into(), 2),
+            ("update".into(), 2),
+            ("delete".into(), 2),
+            ("create".into(), 3),
+            ("delete".into(), 1)
+        ]
+    );
+    assert_eq!(
+        events[0]["data"],
+        json!({"item_id": 2, "name": "b", "price": 2})
+    );
+    // A subscription whose filter or select names the old column ends, saying why.
+    let ended = filtered.next_json().await;
+    assert_eq!(ended["type"], "error");
+    assert_eq!(ended["code"], "subscription_ended");
+    assert!(
+        ended["message"].as_str().unwrap().contains("\"id\""),
+        "{ended}"
+    );
+    assert_eq!(filtered.expect_close().await, Some(4400));
+    // (The projected subscription may get the writes first: the schema check notices the
+    // rename within its interval; the writes themselves never waited for it.)
+    let ended = loop {
+        let message = on_ws.next_json().await;
+        if message["type"] == "error" {
+            break message;
+        }
+        assert!(
+            message["data"].get("item_id").is_none(),
+            "projected: {message}"
+        );
+    };
+    assert_eq!(ended["code"], "subscription_ended");
+    assert_eq!(ended["resource"], "items");
+    // The /ws socket stays open.
+    on_ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(on_ws.next_json().await["type"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_table_resets_its_subscribers_and_a_recreated_one_is_picked_up() {
+    let db = TestDb::new()
+        .await
+        .with_tables(ITEMS, &["items", "other"])
+        .await;
+    let relay = Relay::start_with(&db, &["items", "other"], |c| {
+        fast_schema_checks(c);
+        c.install = true;
+    })
+    .await;
+    let mut ws = relay.ws("/ws/items").await;
+    let mut other = relay.ws("/ws/other").await;
+    db.exec("alter table items rename to goods").await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "reset", "resource": "items", "reason": "table_renamed"})
+    );
+    // The name no longer resolves; the other table streams on.
+    assert_eq!(
+        http(relay.addr, "GET", "/api/items", None).await.status,
+        404
+    );
+    db.exec("insert into other values (1)").await;
+    assert_eq!(other.next_json().await["id"], 1);
+    // Re-created under the old name: picked up (capture installed, since --install).
+    db.exec("create table items(id int primary key, name text)")
+        .await;
+    crate::support::within(crate::support::STEP, async {
+        while http(relay.addr, "GET", "/api/items", None).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut fresh = relay.ws("/ws/items?snapshot=true").await;
+    assert!(fresh.initial_rows().await.is_empty());
+    db.exec("insert into items values (5, 'new')").await;
+    assert_eq!(
+        fresh.next_json().await["data"],
+        json!({"id": 5, "name": "new"})
+    );
+    // The old socket follows the resource too, after its reset.
+    assert_eq!(ws.next_json().await["id"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_table_resets_its_subscribers_and_capture_goes_on_for_the_rest() {
+    let db = TestDb::new()
+        .await
+        .with_tables(ITEMS, &["items", "other"])
+        .await;
+    let relay = Relay::start_with(&db, &["items", "other"], fast_schema_checks).await;
+    let mut ws = relay.ws("/ws/items").await;
+    let mut other = relay.ws("/ws/other").await;
+    db.exec("insert into items values (1, 'a', 1); drop table items")
+        .await;
+    assert_eq!(ws.next_json().await["type"], "create");
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "reset", "resource": "items", "reason": "table_dropped"})
+    );
+    // Asking for fresh data about a table that is gone: an error and a 4004 close.
+    ws.send_json(json!({"type": "subscribe"})).await;
+    let error = ws.next_json().await;
+    assert_eq!(error["code"], "not_found");
+    assert_eq!(ws.expect_close().await, Some(4004));
+    db.exec("insert into other values (1)").await;
+    assert_eq!(other.next_json().await["id"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_or_disabled_capture_triggers_reset_subscribers_and_install_puts_them_back() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        fast_schema_checks(c);
+        c.install = true;
+    })
+    .await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("drop trigger pgrelay_capture_insert on items")
+        .await;
+    // The write succeeds; it is not captured, so subscribers are told their copy is stale…
+    db.exec("insert into items values (1, 'lost', 1)").await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "reset", "resource": "items", "reason": "table_changed"})
+    );
+    // …and capture is back (reinstalled), so writes stream again.
+    crate::support::within(crate::support::STEP, async {
+        loop {
+            let n: i64 = db
+                .client()
+                .await
+                .query_one(
+                    "select count(*) from pg_trigger where tgname = 'pgrelay_capture_insert'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    db.exec("insert into items values (2, 'seen', 2)").await;
+    assert_eq!(ws.next_json().await["id"], 2);
+    // Disabled triggers count as removed.
+    db.exec("alter table items disable trigger pgrelay_capture_update")
+        .await;
+    assert_eq!(ws.next_json().await["reason"], "table_changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_added_dropped_and_retyped_while_streaming() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], fast_schema_checks).await;
+    let mut plain = relay.ws("/ws/items").await;
+    let mut by_price = relay.ws("/ws/items?price=gt.0").await;
+    let mut name_only = relay.ws("/ws/items?select=name").await;
+    db.exec(
+        "alter table items add column colour text; insert into items values (1, 'a', 1, 'red')",
+    )
+    .await;
+    assert_eq!(
+        plain.next_json().await["data"],
+        json!({"id": 1, "name": "a", "price": 1, "colour": "red"})
+    );
+    assert_eq!(by_price.next_json().await["id"], 1);
+    // A projection keeps the key.
+    assert_eq!(
+        name_only.next_json().await["data"],
+        json!({"id": 1, "name": "a"})
+    );
+
+    db.exec("alter table items alter column price type text")
+        .await;
+    let ended = by_price.next_json().await;
+    assert_eq!(ended["code"], "subscription_ended", "{ended}");
+    assert_eq!(by_price.expect_close().await, Some(4400));
+    db.exec("alter table items drop column name").await;
+    assert_eq!(name_only.next_json().await["code"], "subscription_ended");
+    db.exec("insert into items values (2, 'x', 'blue')").await;
+    assert_eq!(
+        plain.next_json().await["data"],
+        json!({"id": 2, "price": "x", "colour": "blue"})
+    );
+    // REST sees the table as it is now.
+    let rows = http(relay.addr, "GET", "/api/items?colour=eq.blue", None).await;
+    assert_eq!(
+        rows.json,
+        json!([{"id": 2, "price": "x", "colour": "blue"}])
+    );
+    wait_for_metrics(relay.addr, &["pgrelay_capture_listening 1"]).await;
+}
