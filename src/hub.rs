@@ -73,14 +73,16 @@ pub enum EntryKind {
     Truncate,
     /// Every subscriber's copy is stale: the frame is a `reset` with this reason.
     Reset(&'static str),
-    /// Columns changed; subscriptions that name these columns end. No frame is sent.
+    /// Columns changed: subscriptions that name a changed column end; the others get the
+    /// frame, a `reset` (`table_changed`).
     Columns(Arc<ColumnsChanged>),
 }
 
-/// Columns of a table that were dropped, renamed or retyped.
+/// Columns of a table were added, dropped, renamed or retyped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ColumnsChanged {
-    /// Names (as subscriptions know them) that no longer mean what they did.
+    /// Names (as subscriptions know them) that no longer mean what they did (dropped,
+    /// renamed or retyped; empty when columns were only added).
     pub columns: Vec<String>,
 }
 
@@ -657,12 +659,14 @@ impl Hub {
         }
     }
 
-    /// Tells a table's subscriptions that columns changed (they end if they name one).
+    /// Tells a table's subscriptions that columns changed (they end if they name one, and
+    /// start over otherwise).
     pub fn publish_columns_changed(&self, resource: &str, change: ColumnsChanged) {
         if let Some(topic) = self.topic(resource) {
             let batch = self.current_batch();
+            let frame = control::reset(&topic.resource, "table_changed");
             let kind = EntryKind::Columns(Arc::new(change));
-            topic.push(0, None, batch, kind, Utf8Bytes::from_static(""));
+            topic.push(0, None, batch, kind, frame.into());
         }
     }
 

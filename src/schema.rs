@@ -11,8 +11,10 @@
 //!   they are put back; without, the table stops resolving until they are;
 //! - primary key changed, or partitions attached or detached: `reset` (`table_changed`);
 //!   new partitions get their TRUNCATE trigger;
-//! - columns dropped, renamed or retyped: subscriptions naming them end with an error (in
-//!   stream order); new columns appear in `data` anyway (rows are rendered by the trigger).
+//! - columns added, dropped, renamed or retyped: subscriptions naming a changed column end
+//!   with an error, the others get `reset` (`table_changed`: rows the change did not rewrite
+//!   differ from their copies now), in stream order. Rows written after the change carry
+//!   the new columns anyway (they are rendered by the trigger).
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -257,9 +259,10 @@ impl Watcher {
                     tracing::info!(table = %name, "partitions of an exposed table changed; its subscribers are reset");
                     self.hub.publish_reset(&resource, "table_changed");
                 }
-                let changed = changed_columns(&prev.columns, &current.columns);
-                if !changed.is_empty() {
-                    tracing::info!(table = %name, columns = ?changed, "columns of an exposed table were dropped, renamed or retyped");
+                if prev.columns != current.columns {
+                    let changed = changed_columns(&prev.columns, &current.columns);
+                    tracing::info!(table = %name, changed = ?changed,
+                        "columns of an exposed table changed; its subscribers start over");
                     self.hub
                         .publish_columns_changed(&resource, ColumnsChanged { columns: changed });
                 }

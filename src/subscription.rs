@@ -263,7 +263,9 @@ impl Shape {
                         "Column {column:?} of {} was dropped, renamed or retyped; subscribe again",
                         topic.resource()
                     )),
-                    None => Delivery::Skip,
+                    // Rows the change did not rewrite differ from the client's copy now (a
+                    // column more or less, another type): it starts over.
+                    None => Delivery::Send(entry.frame.clone()),
                 }
             }
             EntryKind::Change(op) => match self.change(*op, entry, topic) {

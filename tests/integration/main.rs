@@ -18,6 +18,7 @@ mod schema;
 mod shutdown;
 mod slow;
 mod snapshot;
+mod soak;
 mod stream;
 mod support;
 mod values;

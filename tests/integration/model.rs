@@ -22,10 +22,9 @@ pub struct Copy {
     /// Key columns, to key initial rows.
     pub keys: Vec<String>,
     pub rows: BTreeMap<String, Value>,
-    /// Highest seq applied (the position to resume from).
+    /// The position to resume from: the seq of the last event received (or of the initial
+    /// data).
     pub seq: Option<i64>,
-    /// Seqs applied since the last initial data (events are at-least-once across resumes).
-    applied: std::collections::BTreeSet<i64>,
     /// True between `initial` messages of one snapshot.
     in_initial: bool,
 }
@@ -55,13 +54,13 @@ impl Copy {
         if kind != "initial" {
             self.in_initial = false;
         }
+        // A resume may repeat events this copy has: they are applied again, in order (a
+        // replay is a suffix of the stream: every repeated event is followed by all later
+        // changes of its row), so the copy ends exact. Skipping repeats by seq would not.
         if let Some(seq) = message["seq"].as_i64()
             && matches!(kind, "create" | "update" | "delete" | "truncate")
         {
-            if !self.applied.insert(seq) {
-                return Next::Continue; // a repeat from a resume
-            }
-            self.seq = Some(self.seq.map_or(seq, |s| s.max(seq)));
+            self.seq = Some(seq);
         }
         match kind {
             "initial" => {
@@ -76,7 +75,6 @@ impl Copy {
                 if message["done"] == true {
                     self.in_initial = false;
                     self.seq = message["seq"].as_i64();
-                    self.applied.clear();
                 }
             }
             "create" | "update" => {
