@@ -87,6 +87,13 @@ const MARKER: &str = "
     select s, s, 0, 1, json_build_array(json_build_array(s, 'm', null, null, null))
       from (select nextval('pgrelay.changes_seq') as s) as x";
 
+/// Settings of the capture connection. Its only writes are the progress row and the start
+/// marker, which need not wait for a WAL flush (losing the last report in a crash is
+/// harmless). Its reads are index lookups by transaction: the log's statistics (one huge
+/// transaction can make an xid look like it matches every row) must never talk the planner
+/// into a sequential scan of the log, which grows with retention.
+pub const SESSION_SETTINGS: &str = "set synchronous_commit = off; set enable_seqscan = off";
+
 /// Who holds the horizon back: a session's open transaction, or a prepared one.
 const HOLDER: &str = "
     select pid from pg_stat_activity where backend_xid = xid($1::text::xid8)
@@ -231,12 +238,7 @@ impl Capture {
             _ = token.cancelled() => return Ok(()),
             listener = Listener::connect(&self.pg_config, Arc::clone(&self.metrics)) => listener?,
         };
-        // The only writes on this connection are the progress row and the start marker
-        // (losing the last report in a crash is harmless; the marker only positions).
-        listener
-            .client()
-            .batch_execute("set synchronous_commit = off")
-            .await?;
+        listener.client().batch_execute(SESSION_SETTINGS).await?;
         let first = progress.is_none();
         if first {
             let row = listener.client().query_one(START, &[]).await?;
@@ -268,7 +270,8 @@ impl Capture {
             listener.client().execute(MARKER, &[]).await?;
         }
         listener.clear_wake();
-        let caught_up = self.poll(listener.client(), progress).await?;
+        let statements = poll::Statements::prepare(listener.client()).await?;
+        let caught_up = self.poll(listener.client(), &statements, progress).await?;
         if caught_up.events > 0 && !first {
             tracing::info!(events = caught_up.events, "capture caught up from the log");
         }
@@ -313,7 +316,7 @@ impl Capture {
                 // priority 4: something committed
                 Some(()) = wake_rx.recv() => {
                     while wake_rx.try_recv().is_ok() {}
-                    self.poll(client, progress).await?;
+                    self.poll(client, &statements, progress).await?;
                     if self.mode == Mode::Notify {
                         next_poll = Instant::now() + self.poll_max;
                     }
@@ -321,7 +324,7 @@ impl Capture {
                 // priority 5: the timer
                 _ = tokio::time::sleep_until(next_poll.into()) => {
                     while wake_rx.try_recv().is_ok() {}
-                    let polled = self.poll(client, progress).await?;
+                    let polled = self.poll(client, &statements, progress).await?;
                     wait = if polled.events > 0 { self.poll_min } else { (wait * 2).min(self.poll_max) };
                     next_poll = Instant::now() + match self.mode {
                         Mode::Notify => self.poll_max,
@@ -371,10 +374,11 @@ impl Capture {
     async fn poll(
         &self,
         client: &Client,
+        statements: &poll::Statements,
         progress: &mut Progress,
     ) -> Result<poll::Polled, CaptureError> {
         self.metrics.inc(&self.metrics.polls);
-        poll::poll(client, progress, &self.hub, &self.metrics).await
+        poll::poll(client, statements, progress, &self.hub, &self.metrics).await
     }
 
     /// Records this relay's progress for `pgrelay status` and retention, and notices a

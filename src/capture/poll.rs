@@ -40,25 +40,40 @@ const GROUP_CHUNKS: i64 = 16;
 /// Group reads in flight at once.
 const PIPELINE: usize = 3;
 
-const CANDIDATES: &str = "(c.xid in (select x from unnest($1::text[]::xid8[]) as x
-                                    where pg_xact_status(x) <> 'in progress')
-                          or c.xid >= $2::text::xid8)
-                         and c.relid = any($3::oid[])";
+// The candidates of a poll, as two index range scans (an `or` of the two would make
+// PostgreSQL walk the whole log): the transactions the last snapshot saw in progress that are
+// no longer running (one index lookup each: a lateral subquery that `offset 0` keeps from
+// being flattened into a join the planner may answer with a sequential scan), and those
+// that started after it. `$1` xip, `$2` xmax, `$3` relids.
+const FINISHED: &str = "unnest($1::text[]::xid8[]) as d(x)
+      cross join lateral (select * from pgrelay.changes c
+                           where c.xid = d.x and c.relid = any($3::oid[]) offset 0) as c
+      where coalesce(pg_xact_status(d.x), 'committed') <> 'in progress'";
+const STARTED_AFTER: &str =
+    "pgrelay.changes c where c.xid >= $2::text::xid8 and c.relid = any($3::oid[])";
 
-fn small_poll() -> String {
+/// The chunks of the candidates, at most `$4` of each kind (more means the batched path),
+/// with the snapshot they were read in (one row with nulls when there are none). Public for
+/// the test that checks its plan stays index-only however long the log grows.
+pub fn small_poll() -> String {
     format!(
         "with snap as (select pg_current_snapshot() as s)
          select snap.s::text, c.xid::text, c.seq, c.last_seq, c.relid, to_json(c.ts)::text, c.body::text
            from snap left join lateral (
-                select * from pgrelay.changes c where {CANDIDATES}
-                 order by c.xid, c.seq limit $4) as c on true"
+                (select c.* from {FINISHED} limit $4)
+                union all
+                (select c.* from {STARTED_AFTER} order by c.xid, c.seq limit $4)) as c on true"
     )
 }
 
+/// The candidate transactions, in publishing order.
 fn list_transactions() -> String {
     format!(
-        "select c.xid::text, max(c.last_seq), count(*) from pgrelay.changes c
-          where {CANDIDATES} group by c.xid order by 2, 1"
+        "select c.xid::text, max(c.last_seq), count(*) from (
+             select c.xid, c.last_seq from {FINISHED}
+             union all
+             select c.xid, c.last_seq from {STARTED_AFTER}) as c
+          group by c.xid order by 2, 1"
     )
 }
 
@@ -73,6 +88,26 @@ const TXN_WINDOW: &str = "
       from pgrelay.changes c
      where c.xid = $1::text::xid8 and c.relid = any($2::oid[]) and c.seq > $3
      order by c.seq limit $4";
+
+/// The poll's statements, prepared once per connection (one round trip per poll).
+pub struct Statements {
+    small: tokio_postgres::Statement,
+    list: tokio_postgres::Statement,
+    group: tokio_postgres::Statement,
+    window: tokio_postgres::Statement,
+}
+
+impl Statements {
+    /// Prepares them on the capture connection.
+    pub async fn prepare(client: &Client) -> Result<Self, tokio_postgres::Error> {
+        Ok(Statements {
+            small: client.prepare(&small_poll()).await?,
+            list: client.prepare(&list_transactions()).await?,
+            group: client.prepare(GROUP_ROWS).await?,
+            window: client.prepare(TXN_WINDOW).await?,
+        })
+    }
+}
 
 /// A transaction's place in a batch: by its highest seq, then its xid.
 pub type TxnKey = (i64, u64);
@@ -258,24 +293,33 @@ fn transactions(chunks: Vec<Chunk>, last_seqs: &[i64]) -> Vec<(TxnKey, Vec<Chunk
 /// Polls once: finishes an interrupted batch first, then reads what is new.
 pub async fn poll(
     client: &Client,
+    statements: &Statements,
     progress: &mut Progress,
     hub: &Hub,
     metrics: &Metrics,
 ) -> Result<Polled, CaptureError> {
     let mut polled = Polled::default();
     if let Some(interrupted) = progress.interrupted.clone() {
-        polled.events += batched(client, progress, hub, metrics, Some(interrupted)).await?;
+        polled.events += batched(
+            client,
+            statements,
+            progress,
+            hub,
+            metrics,
+            Some(interrupted),
+        )
+        .await?;
     }
     let relids = relids(hub);
     let handled = Arc::clone(&progress.handled);
     let rows = client
         .query(
-            &small_poll(),
+            &statements.small,
             &[
                 &handled.xip_text(),
                 &handled.xmax_text(),
                 &relids,
-                &(SMALL_POLL + 1),
+                &SMALL_POLL,
             ],
         )
         .await?;
@@ -285,18 +329,24 @@ pub async fn poll(
         .ok_or(CaptureError::Invariant("poll returned no snapshot"))?;
     let snapshot = Snapshot::parse(snapshot_text)
         .ok_or(CaptureError::Invariant("poll returned a bad snapshot"))?;
-    if rows.len() as i64 > SMALL_POLL {
-        polled.events += batched(client, progress, hub, metrics, None).await?;
+    let finished = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<&str>>(1).is_some())
+        .count();
+    if finished as i64 >= SMALL_POLL {
+        polled.events += batched(client, statements, progress, hub, metrics, None).await?;
         return Ok(polled);
     }
-    let mut chunks = Vec::with_capacity(rows.len());
-    let mut last_seqs = Vec::with_capacity(rows.len());
+    let mut read = Vec::with_capacity(rows.len());
     for row in &rows {
         if let Some(chunk) = chunk(row)? {
-            last_seqs.push(row.get::<_, i64>(3));
-            chunks.push(chunk);
+            read.push((chunk, row.get::<_, i64>(2), row.get::<_, i64>(3)));
         }
     }
+    // The two kinds of candidates come separately: in (xid, seq) order for grouping.
+    read.sort_by_key(|(c, seq, _)| (c.xid, *seq));
+    let (chunks, last_seqs): (Vec<Chunk>, Vec<i64>) =
+        read.into_iter().map(|(c, _, last)| (c, last)).unzip();
     // Nothing below awaits: a small batch is published whole or not at all.
     let mut publisher = Publisher::new(hub, metrics, None);
     for (key, chunks) in transactions(chunks, &last_seqs) {
@@ -319,6 +369,7 @@ fn relids(hub: &Hub) -> Vec<u32> {
 /// interrupted batch (its transactions are those its snapshot sees).
 async fn batched(
     client: &Client,
+    statements: &Statements,
     progress: &mut Progress,
     hub: &Hub,
     metrics: &Metrics,
@@ -340,7 +391,7 @@ async fn batched(
     let handled = Arc::clone(&progress.handled);
     let listed = client
         .query(
-            &list_transactions(),
+            &statements.list,
             &[&handled.xip_text(), &handled.xmax_text(), &relids],
         )
         .await?;
@@ -364,7 +415,7 @@ async fn batched(
     drop(listed);
 
     let mut publisher = Publisher::new(hub, metrics, continuing);
-    let result = publish_groups(client, &mut publisher, &txns, &relids).await;
+    let result = publish_groups(client, statements, &mut publisher, &txns, &relids).await;
     if let Err(err) = result {
         progress.interrupted = publisher.interrupted(&batch_snapshot);
         return Err(err);
@@ -379,6 +430,7 @@ async fn batched(
 /// Reads the transactions' chunks in groups (pipelined) and publishes them in order.
 async fn publish_groups(
     client: &Client,
+    statements: &Statements,
     publisher: &mut Publisher<'_>,
     txns: &[(TxnKey, i64)],
     relids: &[u32],
@@ -403,7 +455,7 @@ async fn publish_groups(
             return Ok::<_, tokio_postgres::Error>((group, None));
         }
         let xids: Vec<String> = group.iter().map(|((_, x), _)| x.to_string()).collect();
-        let rows = client.query(GROUP_ROWS, &[&xids, &relids]).await?;
+        let rows = client.query(&statements.group, &[&xids, &relids]).await?;
         Ok((group, Some(rows)))
     };
     let mut reads = futures_util::stream::iter(groups)
@@ -434,7 +486,7 @@ async fn publish_groups(
                 let mut after = i64::MIN;
                 loop {
                     let rows = client
-                        .query(TXN_WINDOW, &[&xid, &relids, &after, &GROUP_CHUNKS])
+                        .query(&statements.window, &[&xid, &relids, &after, &GROUP_CHUNKS])
                         .await?;
                     let mut list = Vec::with_capacity(rows.len());
                     for row in &rows {

@@ -504,3 +504,67 @@ async fn truncate_is_an_event_in_stream_order_for_every_subscriber_that_wants_it
     db.exec("delete from items").await;
     assert_eq!(truncates.next_json().await["type"], "delete");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_reads_only_new_rows_however_long_the_log_is() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    // 20,000 single-row statements: 20,000 log rows.
+    db.exec("do $$ begin for i in 1..20000 loop insert into items(name) values ('x'); end loop; end $$; analyze pgrelay.changes")
+        .await;
+    let client = db.client().await;
+    // With the capture connection's settings.
+    client
+        .batch_execute(pgrelay::capture::SESSION_SETTINGS)
+        .await
+        .unwrap();
+    let relid: u32 = client
+        .query_one("select 'items'::regclass::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // As a poll runs once it has read all that: candidates are two transactions the last
+    // snapshot saw in progress (committed since) and everything from now on.
+    let mut xip = Vec::new();
+    for _ in 0..2 {
+        let xid: String = client
+            .query_one("select pg_current_xact_id()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        xip.push(xid);
+    }
+    let xmax: String = client
+        .query_one("select pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let statement = client
+        .prepare(&format!(
+            "explain (analyze, format json) {}",
+            pgrelay::capture::poll::small_poll()
+        ))
+        .await
+        .unwrap();
+    let plan: String = client
+        .query_one(&statement, &[&xip, &xmax, &vec![relid, 0u32], &64i64])
+        .await
+        .unwrap()
+        .get::<_, serde_json::Value>(0)
+        .to_string();
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    let walked: u64 = plan
+        .split("\"Rows Removed by Filter\":")
+        .skip(1)
+        .map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        walked < 100,
+        "the poll walked the log ({walked} rows): {plan}"
+    );
+}
