@@ -129,8 +129,8 @@ impl Config {
         if self.tables.is_empty() {
             return Err(ConfigError::NoTables);
         }
-        if self.database_url.parse::<tokio_postgres::Config>().is_err() {
-            return Err(ConfigError::BadDatabaseUrl);
+        if let Err(err) = crate::tls::target(&self.database_url) {
+            return Err(ConfigError::BadDatabaseUrl(err.to_string()));
         }
         if self.ping_timeout <= self.ping_interval {
             return Err(ConfigError::Invalid(
@@ -176,9 +176,9 @@ pub enum ConfigError {
     /// A table name that is not `table` or `schema.table`.
     #[error("Table name {0:?} is not `table` or `schema.table`")]
     BadTable(String),
-    /// The database URL does not parse.
-    #[error("The database URL is not a valid PostgreSQL connection string")]
-    BadDatabaseUrl,
+    /// The database URL does not parse, or its TLS settings cannot be used.
+    #[error("Bad --database-url: {0}")]
+    BadDatabaseUrl(String),
     /// Some other value is out of range.
     #[error("Invalid configuration: {0}")]
     Invalid(&'static str),

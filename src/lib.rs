@@ -21,7 +21,7 @@
 //! - [`filter`], [`subscription`] — what a subscriber asks for and what it receives.
 //! - [`schema`] — the exposed tables as they are now.
 //! - [`http`] — routes, the per-socket task and the REST API.
-//! - [`sql`] — install/uninstall, catalog, pool, identifier quoting.
+//! - [`sql`], [`tls`] — install/uninstall, catalog, pool, identifier quoting; TLS to PostgreSQL.
 //! - [`retention`] — pruning the change log.
 //! - [`config`], [`error`], [`metrics`].
 //!
@@ -41,6 +41,7 @@ pub mod schema;
 pub mod snapshot;
 pub mod sql;
 pub mod subscription;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -96,7 +97,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
 
     let capture = capture::Capture {
-        pg_config: sql::pg_config(&config.database_url, "pgrelay capture")?,
+        target: sql::target(&config.database_url, "pgrelay capture")?,
         mode: config.capture_mode,
         hub: Arc::clone(&hub),
         state: Arc::clone(&capture_state),

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
 
 use crate::config::TableName;
 
@@ -41,6 +41,9 @@ pub enum SqlError {
     /// Could not build the pool.
     #[error("Cannot build the connection pool: {0}")]
     BuildPool(#[from] deadpool_postgres::BuildError),
+    /// The connection string or its TLS settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Any other database error.
     #[error("Database error: {0}")]
     Db(#[from] tokio_postgres::Error),
@@ -157,13 +160,12 @@ pub async fn columns(client: &Client, oid: u32) -> Result<Vec<crate::filter::Col
 const RENDERING: &str =
     "-c TimeZone=UTC -c extra_float_digits=1 -c bytea_output=hex -c IntervalStyle=postgres";
 
-/// Parses a connection string, pins the rendering settings, and names the connection
-/// (visible in `pg_stat_activity`) unless the string already sets `application_name`.
-pub fn pg_config(
-    database_url: &str,
-    application_name: &str,
-) -> Result<tokio_postgres::Config, SqlError> {
-    let mut config: tokio_postgres::Config = database_url.parse()?;
+/// Parses a connection string (TLS settings included, see [`crate::tls`]), pins the rendering
+/// settings, and names the connection (visible in `pg_stat_activity`) unless the string
+/// already sets `application_name`.
+pub fn target(database_url: &str, application_name: &str) -> Result<crate::tls::Target, SqlError> {
+    let mut target = crate::tls::target(database_url)?;
+    let config = &mut target.config;
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
@@ -172,12 +174,13 @@ pub fn pg_config(
         _ => RENDERING.to_owned(),
     };
     config.options(&options);
-    Ok(config)
+    Ok(target)
 }
 
 /// Opens a plain connection and drives it on a task (for commands and setup).
 pub async fn connect(database_url: &str) -> Result<Client, SqlError> {
-    let (client, connection) = pg_config(database_url, "pgrelay")?.connect(NoTls).await?;
+    let target = target(database_url, "pgrelay")?;
+    let (client, connection) = target.config.connect(target.tls).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "database connection closed");
@@ -194,9 +197,10 @@ pub fn pool(
     wait: Duration,
     connect: Duration,
 ) -> Result<Pool, SqlError> {
+    let target = target(database_url, "pgrelay")?;
     let manager = Manager::from_config(
-        pg_config(database_url, "pgrelay")?,
-        NoTls,
+        target.config,
+        target.tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

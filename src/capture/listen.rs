@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::metrics::Metrics;
 
@@ -26,10 +26,10 @@ impl Listener {
     /// Connects and starts the driver. Not pooled: a pool drives connections itself and drops
     /// notifications.
     pub async fn connect(
-        config: &tokio_postgres::Config,
+        target: &crate::tls::Target,
         metrics: Arc<Metrics>,
     ) -> Result<Self, tokio_postgres::Error> {
-        let (client, mut connection) = config.connect(NoTls).await?;
+        let (client, mut connection) = target.config.connect(target.tls.clone()).await?;
         let (wake_tx, wake_rx) = mpsc::channel(1);
         let (ended_tx, ended_rx) = oneshot::channel();
         // The driver keeps reading the socket whatever capture is doing, so PostgreSQL's

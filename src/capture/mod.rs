@@ -181,8 +181,8 @@ pub struct Progress {
 
 /// Everything the capture task needs.
 pub struct Capture {
-    /// Settings of the dedicated connection.
-    pub pg_config: tokio_postgres::Config,
+    /// The dedicated connection's settings and TLS.
+    pub target: crate::tls::Target,
     /// Notify or poll.
     pub mode: Mode,
     /// Where events go.
@@ -236,7 +236,7 @@ impl Capture {
         let mut listener = tokio::select! {
             biased;
             _ = token.cancelled() => return Ok(()),
-            listener = Listener::connect(&self.pg_config, Arc::clone(&self.metrics)) => listener?,
+            listener = Listener::connect(&self.target, Arc::clone(&self.metrics)) => listener?,
         };
         listener.client().batch_execute(SESSION_SETTINGS).await?;
         let first = progress.is_none();
