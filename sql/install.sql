@@ -7,17 +7,26 @@
 -- capture trigger in the writer's transaction:
 --   xid       the writer's transaction (xid8)
 --   seq       seq of the chunk's first event; last_seq of its last
+--   stmt      the statement's own seq, drawn when it started (BEFORE STATEMENT): a
+--             transaction's events are ordered by (stmt, seq), so the changes a nested
+--             statement makes (a user trigger updating the same table) come after those of
+--             the statement that fired it, as they happened
 --   relid     the exposed table (the partitioned root for a partition's rows)
+--   keys      the table's primary key columns when the trigger fired (a renamed key column
+--             is picked up by the next statement)
 --   n         events in the chunk
---   body      a JSON array of events, each [seq, op, id, data, old]:
+--   body      a JSON array of events, each [seq, op, seq2, data, old]:
 --               op 'c' create, 'u' update, 'd' delete, 't' truncate,
 --               'p' a partition of relid was truncated (its rows are gone, unlisted);
---             id is the primary key (the bare value, or an object for a composite key) as
---             it was when the trigger fired; data / old are the new / old row (to_json,
---             columns in table order), null where they do not apply.
--- An update that changes the primary key is logged as a delete of the old key and a create
--- of the new one, and a statement's deletes of old keys come before its other events, so a
--- client that applies events by key stays exact.
+--             data / old are the new / old row (to_json, columns in table order), null where
+--             they do not apply; seq2 (updates only) is a second seq: an update that changes
+--             the key is sent as a delete of the old key (seq) and a create of the new (seq2).
+-- The trigger never parses the rows it renders (a json value holding \u0000 could not be
+-- parsed back): the relay reads keys out of the rows, as text.
+--
+-- Row-by-row order is the order the statement changed the rows in; with a primary key that
+-- is not DEFERRABLE every step of that order is a valid table, so applying events by key is
+-- exact. Tables with a DEFERRABLE primary key are refused.
 --
 -- Notifications carry nothing: a capture trigger in 'notify' mode calls
 -- pg_notify('pgrelay', ''), which PostgreSQL folds to one notification per transaction,
@@ -28,6 +37,11 @@
 -- Rendering: the capture functions pin the settings that shape to_json's text (TimeZone UTC,
 -- extra_float_digits, bytea_output, IntervalStyle), so events look the same whatever the
 -- writer's session settings, and the same as the relay's own reads.
+--
+-- Triggers on a plain table: statement-level AFTER triggers with transition tables (fast for
+-- bulk statements), enabled for ordinary sessions; a row-level AFTER trigger enabled only
+-- under session_replication_role = replica, where logical-replication apply workers fire
+-- row triggers and nothing else; BEFORE STATEMENT and TRUNCATE triggers always.
 
 create schema if not exists pgrelay;
 
@@ -37,7 +51,7 @@ do $$
 begin
     if to_regclass('pgrelay.changes') is not null and not exists (
         select 1 from pg_attribute
-         where attrelid = to_regclass('pgrelay.changes') and attname = 'relid' and not attisdropped)
+         where attrelid = to_regclass('pgrelay.changes') and attname = 'stmt' and not attisdropped)
     then
         raise notice 'pgrelay: replacing the change log of an earlier version (its rows are dropped)';
         drop table pgrelay.changes cascade;
@@ -51,19 +65,21 @@ create table if not exists pgrelay.changes (
     xid      xid8        not null default pg_current_xact_id(),
     seq      bigint      not null,
     last_seq bigint      not null,
+    stmt     bigint      not null,
     relid    oid         not null,
+    keys     text[],
     ts       timestamptz not null default clock_timestamp(),
     n        integer     not null,
     body     json        not null
 );
 
 -- Relays read the log by transaction: the rows of transactions that committed since their
--- last read, in seq order. (Created only when missing: CREATE INDEX IF NOT EXISTS would still
+-- last read, in (stmt, seq) order. (Created only when missing: CREATE INDEX IF NOT EXISTS would still
 -- lock the log, and a reinstall must not lock anything writers use.)
 do $$
 begin
-    if to_regclass('pgrelay.changes_xid_seq_idx') is null then
-        create index changes_xid_seq_idx on pgrelay.changes (xid, seq);
+    if to_regclass('pgrelay.changes_xid_stmt_seq_idx') is null then
+        create index changes_xid_stmt_seq_idx on pgrelay.changes (xid, stmt, seq);
     end if;
 end
 $$;
@@ -105,12 +121,28 @@ language sql stable as $$
      where i.indrelid = rel and i.indisprimary
 $$;
 
--- The key of a row (rendered by to_json) given its key columns.
-create or replace function pgrelay.key_of(r json, keys text[]) returns json
-language sql immutable as $$
-    select case when cardinality(keys) = 1 then r -> keys[1]
-           else (select json_object_agg(k, r -> k order by o) from unnest(keys) with ordinality as u(k, o))
-           end
+drop function if exists pgrelay.key_of(json, text[]);
+
+-- The seq of the statement now running on `root` at this trigger depth (drawn by its BEFORE
+-- STATEMENT trigger), or `fallback` when it has none (a logical-replication apply worker
+-- fires row triggers only).
+create or replace function pgrelay.statement_seq(root oid, fallback bigint) returns bigint
+language sql stable as $$
+    select coalesce(nullif(current_setting(format('pgrelay.s_%s_%s', root, pg_trigger_depth()), true), '')::bigint,
+                    fallback)
+$$;
+
+-- BEFORE STATEMENT (and BEFORE TRUNCATE): draws the statement's seq. Argument: the oid of the
+-- exposed table (the root for a partition).
+create or replace function pgrelay.capture_statement() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform set_config(format('pgrelay.s_%s_%s', tg_argv[0], pg_trigger_depth()),
+                       nextval('pgrelay.changes_seq')::text, true);
+    return null;
+end
 $$;
 
 -- Statement-level AFTER trigger for INSERT, UPDATE, DELETE and TRUNCATE on a plain table.
@@ -126,12 +158,14 @@ set timezone = 'UTC' set extra_float_digits = 1 set bytea_output = 'hex' set int
 as $$
 #variable_conflict use_column
 declare
-    keys   text[];
+    keys   text[] := pgrelay.key_columns(tg_relid);
+    stmt   bigint;
     logged bigint := 0;
 begin
     if tg_op = 'TRUNCATE' then
-        insert into pgrelay.changes (seq, last_seq, relid, n, body)
-        select s, s, tg_relid, 1, json_build_array(json_build_array(s, 't', null, null, null))
+        stmt := pgrelay.statement_seq(tg_relid, null);
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        select s, s, coalesce(stmt, s), tg_relid, keys, 1, json_build_array(json_build_array(s, 't', null, null, null))
           from (select nextval('pgrelay.changes_seq') as s) as x;
         if tg_argv[0] = 'notify' then
             perform pg_notify('pgrelay', '');
@@ -139,54 +173,51 @@ begin
         return null;
     end if;
 
-    keys := pgrelay.key_columns(tg_relid);
+    stmt := pgrelay.statement_seq(tg_relid, null);
     if tg_op = 'INSERT' then
         with ev as (
-            select nextval('pgrelay.changes_seq') as s, 'c' as op, pgrelay.key_of(r, keys) as id,
+            select nextval('pgrelay.changes_seq') as s, 'c' as op, null::bigint as s2,
                    r as data, null::json as old
               from (select to_json(t.*) as r from pgrelay_new as t) as x
         )
-        insert into pgrelay.changes (seq, last_seq, relid, n, body)
-        select min(s), max(s), tg_relid, count(*), json_agg(json_build_array(s, op, id, data, old) order by s)
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        select min(s), max(s), coalesce(stmt, min(s)), tg_relid, keys, count(*),
+               json_agg(json_build_array(s, op, s2, data, old) order by s)
           from (select ev.*, row_number() over (order by s) as rn,
-                       sum(octet_length(data::text)) over (order by s) as bytes from ev) as e
+                       sum(pg_column_size(data)) over (order by s) as bytes from ev) as e
          group by (rn - 1) / 1000 + bytes / 1048576;
     elsif tg_op = 'UPDATE' then
         -- The old and new transition tables hold the rows in the same order: pair them by
-        -- position, which stays right when an update changes the primary key.
-        with p as (
-            select n.i, o.r as old, n.r as new,
-                   pgrelay.key_of(o.r, keys) as ok, pgrelay.key_of(n.r, keys) as nk
+        -- position, which stays right when an update changes the primary key. (When old and
+        -- new together would pass PostgreSQL's 1 GB value limit, old is left out.)
+        with ev as (
+            select nextval('pgrelay.changes_seq') as s, 'u' as op,
+                   nextval('pgrelay.changes_seq') as s2, n.r as data,
+                   case when pg_column_size(n.r)::bigint + pg_column_size(o.r) > 536870912
+                        then null else o.r end as old
               from (select row_number() over () as i, to_json(t.*) as r from pgrelay_new as t) as n
               join (select row_number() over () as i, to_json(t.*) as r from pgrelay_old as t) as o
              using (i)
-        ), ordered as (
-            select 0 as part, i, 'd' as op, ok as id, null::json as data, old
-              from p where ok::text <> nk::text
-            union all
-            select 1, i, case when ok::text = nk::text then 'u' else 'c' end, nk, new,
-                   case when ok::text = nk::text then old end
-              from p
-             order by 1, 2
-        ), ev as (
-            select nextval('pgrelay.changes_seq') as s, op, id, data, old from ordered
+             order by n.i
         )
-        insert into pgrelay.changes (seq, last_seq, relid, n, body)
-        select min(s), max(s), tg_relid, count(*), json_agg(json_build_array(s, op, id, data, old) order by s)
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        select min(s), max(s2), coalesce(stmt, min(s)), tg_relid, keys, count(*),
+               json_agg(json_build_array(s, op, s2, data, old) order by s)
           from (select ev.*, row_number() over (order by s) as rn,
-                       sum(coalesce(octet_length(data::text), 0) + coalesce(octet_length(old::text), 0))
+                       sum(pg_column_size(data)::bigint + coalesce(pg_column_size(old), 0))
                            over (order by s) as bytes from ev) as e
          group by (rn - 1) / 1000 + bytes / 1048576;
     else
         with ev as (
-            select nextval('pgrelay.changes_seq') as s, 'd' as op, pgrelay.key_of(r, keys) as id,
+            select nextval('pgrelay.changes_seq') as s, 'd' as op, null::bigint as s2,
                    null::json as data, r as old
               from (select to_json(t.*) as r from pgrelay_old as t) as x
         )
-        insert into pgrelay.changes (seq, last_seq, relid, n, body)
-        select min(s), max(s), tg_relid, count(*), json_agg(json_build_array(s, op, id, data, old) order by s)
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        select min(s), max(s), coalesce(stmt, min(s)), tg_relid, keys, count(*),
+               json_agg(json_build_array(s, op, s2, data, old) order by s)
           from (select ev.*, row_number() over (order by s) as rn,
-                       sum(octet_length(old::text)) over (order by s) as bytes from ev) as e
+                       sum(pg_column_size(old)) over (order by s) as bytes from ev) as e
          group by (rn - 1) / 1000 + bytes / 1048576;
     end if;
     get diagnostics logged = row_count;
@@ -197,15 +228,13 @@ begin
 end
 $$;
 
--- Row-level AFTER trigger for a partitioned table (defined on the root, cloned by PostgreSQL
--- to every partition, present and future) and for an inheritance child. Statement-level
--- triggers cannot serve them: a partition's own statement triggers do not fire for writes
--- made through the root, and the root's do not fire for writes made straight into a
--- partition. Arguments: the capture mode, and the oid of the exposed table.
---
--- Row triggers fire in the order the statement processed the rows; with a primary key that
--- is not DEFERRABLE every step of that order is a valid table, so a key change logged as
--- delete + create row by row stays exact.
+-- Row-level AFTER trigger: a partitioned table's (defined on the root, cloned by PostgreSQL to
+-- every partition, present and future), an inheritance child's, and a plain table's under
+-- session_replication_role = replica. Statement-level triggers cannot serve them: a
+-- partition's own statement triggers do not fire for writes made through the root, the
+-- root's do not fire for writes made straight into a partition, and logical-replication
+-- apply fires no statement triggers. Arguments: the capture mode, and the oid of the exposed
+-- table.
 create or replace function pgrelay.capture_row() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -216,38 +245,29 @@ declare
     keys   text[] := pgrelay.key_columns(tg_relid);
     r_new  json;
     r_old  json;
-    k_new  json;
-    k_old  json;
-    s1     bigint;
+    s1     bigint := nextval('pgrelay.changes_seq');
     s2     bigint;
 begin
     if tg_op = 'INSERT' then
         r_new := to_json(new);
-        s1 := nextval('pgrelay.changes_seq');
-        insert into pgrelay.changes (seq, last_seq, relid, n, body)
-        values (s1, s1, root, 1,
-                json_build_array(json_build_array(s1, 'c', pgrelay.key_of(r_new, keys), r_new, null)));
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        values (s1, s1, pgrelay.statement_seq(root, s1), root, keys, 1,
+                json_build_array(json_build_array(s1, 'c', null, r_new, null)));
     elsif tg_op = 'UPDATE' then
         r_new := to_json(new);
         r_old := to_json(old);
-        k_new := pgrelay.key_of(r_new, keys);
-        k_old := pgrelay.key_of(r_old, keys);
-        s1 := nextval('pgrelay.changes_seq');
-        if k_new::text = k_old::text then
-            insert into pgrelay.changes (seq, last_seq, relid, n, body)
-            values (s1, s1, root, 1, json_build_array(json_build_array(s1, 'u', k_new, r_new, r_old)));
-        else
-            s2 := nextval('pgrelay.changes_seq');
-            insert into pgrelay.changes (seq, last_seq, relid, n, body)
-            values (s1, s2, root, 2, json_build_array(json_build_array(s1, 'd', k_old, null, r_old),
-                                                       json_build_array(s2, 'c', k_new, r_new, null)));
+        if pg_column_size(r_new)::bigint + pg_column_size(r_old) > 536870912 then
+            r_old := null;
         end if;
+        s2 := nextval('pgrelay.changes_seq');
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        values (s1, s2, pgrelay.statement_seq(root, s1), root, keys, 1,
+                json_build_array(json_build_array(s1, 'u', s2, r_new, r_old)));
     else
         r_old := to_json(old);
-        s1 := nextval('pgrelay.changes_seq');
-        insert into pgrelay.changes (seq, last_seq, relid, n, body)
-        values (s1, s1, root, 1,
-                json_build_array(json_build_array(s1, 'd', pgrelay.key_of(r_old, keys), null, r_old)));
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        values (s1, s1, pgrelay.statement_seq(root, s1), root, keys, 1,
+                json_build_array(json_build_array(s1, 'd', null, null, r_old)));
     end if;
     if tg_argv[0] = 'notify' then
         perform pg_notify('pgrelay', '');
@@ -264,9 +284,12 @@ create or replace function pgrelay.capture_partition_truncate() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 as $$
+declare
+    root oid := tg_argv[1]::oid;
 begin
-    insert into pgrelay.changes (seq, last_seq, relid, n, body)
-    select s, s, tg_argv[1]::oid, 1, json_build_array(json_build_array(s, 'p', null, null, null))
+    insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+    select s, s, pgrelay.statement_seq(root, s), root, null, 1,
+           json_build_array(json_build_array(s, 'p', null, null, null))
       from (select nextval('pgrelay.changes_seq') as s) as x;
     if tg_argv[0] = 'notify' then
         perform pg_notify('pgrelay', '');
@@ -290,6 +313,11 @@ begin
     if pgrelay.key_columns(rel) is null then
         raise exception 'table % has no primary key; pgrelay needs one to identify rows', label
             using errcode = 'invalid_table_definition';
+    end if;
+    if exists (select 1 from pg_catalog.pg_constraint
+                where conrelid = rel and contype = 'p' and condeferrable) then
+        raise exception 'table % has a DEFERRABLE primary key; pgrelay needs keys that are unique after every statement to keep copies exact', label
+            using errcode = 'feature_not_supported';
     end if;
     if exists (select 1 from pg_catalog.pg_class where oid = rel and relispartition) then
         raise exception 'table % is a partition; expose its partitioned table (%) instead', label,
@@ -332,6 +360,9 @@ begin
     end if;
     kind := pgrelay.classify(rel, label);
     perform pgrelay.uninstall(p_schema, p_table);
+    execute format('create trigger pgrelay_capture_before before insert or update or delete or truncate on %I.%I '
+                   'for each statement execute function pgrelay.capture_statement(%L)', p_schema, p_table, rel);
+    execute format('alter table %I.%I enable always trigger pgrelay_capture_before', p_schema, p_table);
     if kind = 'plain' then
         execute format('create trigger pgrelay_capture_insert after insert on %I.%I '
                        'referencing new table as pgrelay_new '
@@ -342,6 +373,12 @@ begin
         execute format('create trigger pgrelay_capture_delete after delete on %I.%I '
                        'referencing old table as pgrelay_old '
                        'for each statement execute function pgrelay.capture(%L)', p_schema, p_table, p_mode);
+        -- Logical-replication apply (and other session_replication_role = replica writers)
+        -- fire row triggers only: this one, then, and not the statement triggers above.
+        execute format('create trigger pgrelay_capture_replica after insert or update or delete on %I.%I '
+                       'for each row execute function pgrelay.capture_row(%L, %L)',
+                       p_schema, p_table, p_mode, rel);
+        execute format('alter table %I.%I enable replica trigger pgrelay_capture_replica', p_schema, p_table);
     else
         execute format('create trigger pgrelay_capture_row after insert or update or delete on %I.%I '
                        'for each row execute function pgrelay.capture_row(%L, %L)',
@@ -351,11 +388,6 @@ begin
     execute format('create trigger pgrelay_capture_truncate after truncate on %I.%I '
                    'for each statement execute function pgrelay.capture(%L)', p_schema, p_table, p_mode);
     execute format('alter table %I.%I enable always trigger pgrelay_capture_truncate', p_schema, p_table);
-    if kind = 'plain' then
-        execute format('alter table %I.%I enable always trigger pgrelay_capture_insert', p_schema, p_table);
-        execute format('alter table %I.%I enable always trigger pgrelay_capture_update', p_schema, p_table);
-        execute format('alter table %I.%I enable always trigger pgrelay_capture_delete', p_schema, p_table);
-    end if;
     if kind = 'partitioned' then
         for part in select relid from pg_catalog.pg_partition_tree(rel) where relid <> rel loop
             perform pgrelay.install_partition(part, rel, p_mode);
@@ -364,7 +396,9 @@ begin
 end
 $$;
 
--- The TRUNCATE trigger of one partition (or sub-partitioned table) of an exposed root.
+-- The statement triggers of one partition (or sub-partitioned table) of an exposed root: its
+-- TRUNCATE, and the BEFORE STATEMENT trigger that orders nested statements for statements
+-- made straight into it.
 create or replace function pgrelay.install_partition(part oid, root oid, p_mode text)
 returns void language plpgsql as $$
 begin
@@ -373,6 +407,21 @@ begin
                    part::regclass, p_mode, root);
     execute format('alter table %s enable always trigger pgrelay_capture_partition_truncate',
                    part::regclass);
+    execute format('create or replace trigger pgrelay_capture_before before insert or update or delete or truncate on %s '
+                   'for each statement execute function pgrelay.capture_statement(%L)',
+                   part::regclass, root);
+    execute format('alter table %s enable always trigger pgrelay_capture_before', part::regclass);
+end
+$$;
+
+-- Removes the statement triggers of a table that is no longer a partition of an exposed root.
+create or replace function pgrelay.uninstall_partition(part oid) returns void
+language plpgsql as $$
+begin
+    if to_regclass(part::regclass::text) is not null then
+        execute format('drop trigger if exists pgrelay_capture_partition_truncate on %s', part::regclass);
+        execute format('drop trigger if exists pgrelay_capture_before on %s', part::regclass);
+    end if;
 end
 $$;
 
@@ -392,11 +441,23 @@ begin
     end if;
     foreach trg in array array['pgrelay_capture_insert', 'pgrelay_capture_update',
                                'pgrelay_capture_delete', 'pgrelay_capture_truncate',
-                               'pgrelay_capture_row'] loop
+                               'pgrelay_capture_row', 'pgrelay_capture_replica',
+                               'pgrelay_capture_before'] loop
         execute format('drop trigger if exists %I on %I.%I', trg, p_schema, p_table);
     end loop;
-    for part in select relid from pg_catalog.pg_partition_tree(rel) where relid <> rel loop
-        execute format('drop trigger if exists pgrelay_capture_partition_truncate on %s', part::regclass);
+    -- Partitions: those in the tree now, and any table still carrying a trigger for this root
+    -- (detached since).
+    for part in select relid from pg_catalog.pg_partition_tree(rel) where relid <> rel
+                union
+                select tgrelid from pg_catalog.pg_trigger
+                 where tgname = 'pgrelay_capture_partition_truncate'
+                   and encode(tgargs, 'escape') like '%' || rel::text || E'\\000' loop
+        perform pgrelay.uninstall_partition(part);
     end loop;
 end
 $$;
+
+-- Nothing here is for other roles to call: capture functions run as triggers (firing does not
+-- check EXECUTE; creating a trigger does), the rest is for the installing role.
+revoke all on all functions in schema pgrelay from public;
+revoke all on schema pgrelay from public;

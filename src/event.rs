@@ -66,8 +66,8 @@ pub struct LogEvent<'a> {
     pub seq: i64,
     /// What happened.
     pub op: LogOp,
-    /// Primary key: the bare value, or an object for a composite key (`null` when none).
-    pub id: &'a RawValue,
+    /// An update's second seq: the create's, when the update changed the key.
+    pub seq2: Option<i64>,
     /// New row (create, update).
     pub data: Option<&'a RawValue>,
     /// Old row (update, delete).
@@ -85,29 +85,48 @@ pub enum BodyError {
     UnknownOp(String),
 }
 
-/// Splits a chunk body (`[[seq, op, id, data, old], …]`) into its events, in body order.
+/// Splits a chunk body (`[[seq, op, seq2, data, old], …]`) into its events, in body order.
 pub fn parse_body(body: &str) -> Result<Vec<LogEvent<'_>>, BodyError> {
     type Element<'a> = (
         i64,
         &'a str,
-        &'a RawValue,
+        Option<i64>,
         Option<&'a RawValue>,
         Option<&'a RawValue>,
     );
     let elements: Vec<Element<'_>> = serde_json::from_str(body)?;
     elements
         .into_iter()
-        .map(|(seq, code, id, data, old)| {
+        .map(|(seq, code, seq2, data, old)| {
             let op = LogOp::from_code(code).ok_or_else(|| BodyError::UnknownOp(code.into()))?;
             Ok(LogEvent {
                 seq,
                 op,
-                id,
-                data: data.filter(|v| v.get() != "null"),
-                old: old.filter(|v| v.get() != "null"),
+                seq2,
+                data,
+                old,
             })
         })
         .collect()
+}
+
+/// The key of a row (JSON text of an object) as the wire's `id`: the bare value of a
+/// one-column key, an object of the key columns otherwise. `None` when a key column is missing.
+pub fn key_of(row: &crate::row::Fields<'_>, keys: &[String]) -> Option<String> {
+    if let [key] = keys {
+        return row.get(key).map(|v| v.get().to_owned());
+    }
+    let mut out = String::from("{");
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        crate::row::push_json_string(&mut out, key);
+        out.push(':');
+        out.push_str(row.get(key)?.get());
+    }
+    out.push('}');
+    Some(out)
 }
 
 /// The subscriber-facing name of a table: `items` in `public`, `schema.table` elsewhere.
@@ -286,14 +305,21 @@ mod tests {
 
     #[test]
     fn bodies_split_into_events_with_raw_rows() {
-        let body = r#"[[3, "d", 1, null, {"id":1,"name":"a"}], [4, "c", { "id" : 2 }, {"id":2}, null], [5, "t", null, null, null]]"#;
+        let body = r#"[[3, "d", null, null, {"id":1,"name":"a"}], [4, "u", 5, {"id":2}, {"id":1}], [6, "t", null, null, null]]"#;
         let events = parse_body(body).unwrap();
         assert_eq!(events.len(), 3);
         assert_eq!(events[0].op, LogOp::Change(Op::Delete));
         assert!(events[0].data.is_none());
         assert_eq!(events[0].old.unwrap().get(), r#"{"id":1,"name":"a"}"#);
-        assert_eq!(events[1].seq, 4);
+        assert_eq!((events[1].seq, events[1].seq2), (4, Some(5)));
         assert_eq!(events[2].op, LogOp::Truncate);
+        let row = crate::row::Fields::parse(r#"{"a":1,"b":"x","c":[1]}"#).unwrap();
+        assert_eq!(key_of(&row, &["b".into()]).unwrap(), r#""x""#);
+        assert_eq!(
+            key_of(&row, &["c".into(), "a".into()]).unwrap(),
+            r#"{"c":[1],"a":1}"#
+        );
+        assert!(key_of(&row, &["z".into()]).is_none());
         for bad in [
             "",
             "{}",

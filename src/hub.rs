@@ -39,8 +39,8 @@ use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::event::{ChangeParts, LogEvent, LogOp, Op, change_frame, control};
-use crate::row::{Fields, changed_columns, compact};
+use crate::event::{ChangeParts, Op, change_frame, control};
+use crate::row::{Fields, changed_columns};
 
 /// Bytes an entry costs besides its frame (the `Entry` itself, its `Arc` and ring slot):
 /// counted against the history budget so that it bounds memory, not just frame bytes.
@@ -48,10 +48,6 @@ const ENTRY_OVERHEAD: usize = 144;
 
 /// Most projected frames cached per entry; more distinct shapes are encoded for each reader.
 const MAX_SHAPES: usize = 8;
-
-/// Most entries a resume looks at to find the `since` event in its batch (the lookup runs
-/// under the ring's lock; past it, the client just gets a few more duplicates).
-const SINCE_LOOKUP: usize = 4096;
 
 /// Limits of the per-table rings.
 #[derive(Debug, Clone, Copy)]
@@ -214,6 +210,12 @@ impl Topic {
 
     fn push(&self, seq: i64, xid: Option<u64>, batch: u64, kind: EntryKind, frame: Utf8Bytes) {
         let mut ring = self.lock();
+        // Batches never go back along a ring (resume bisects on them): an entry published
+        // by another task (a reset) after capture opened a newer batch takes that batch.
+        let batch = ring
+            .entries
+            .back()
+            .map_or(batch, |last| last.batch.max(batch));
         ring.published_bytes += frame.len() as u64;
         let end_offset = ring.published_bytes;
         let entry = Arc::new(Entry {
@@ -263,7 +265,6 @@ impl Topic {
             pos,
             offset,
             base,
-            seen: None,
             head_rx: self.head_tx.subscribe(),
         }
     }
@@ -286,9 +287,6 @@ pub struct Cursor {
     /// (a resume's replay, what came during initial data) is bounded by the ring and does
     /// not count against the queue limit; only what is published after it does.
     base: u64,
-    /// A resume's `(batch, xid, seq)`: the client has this transaction's events up to `seq`
-    /// (in every relay's order), so they are skipped in that batch.
-    seen: Option<(u64, u64, i64)>,
     head_rx: watch::Receiver<u64>,
 }
 
@@ -320,23 +318,9 @@ impl Cursor {
                 if self.pos < ring.next() {
                     let start = (self.pos - ring.first) as usize;
                     let end = ring.entries.len().min(start + max);
-                    let entries = ring.entries.range(start..end);
-                    let before = out.len();
-                    match self.seen {
-                        Some((batch, xid, seq)) => out.extend(
-                            entries
-                                .filter(|e| {
-                                    !(e.batch == batch && e.xid == Some(xid) && e.seq <= seq)
-                                })
-                                .cloned(),
-                        ),
-                        None => out.extend(entries.cloned()),
-                    }
+                    out.extend(ring.entries.range(start..end).cloned());
                     self.pos = ring.first + end as u64;
                     self.offset = ring.entries[end - 1].end_offset;
-                    if out.len() == before {
-                        continue;
-                    }
                     return Ok(());
                 }
             }
@@ -579,18 +563,11 @@ impl Hub {
             i => ring.entries[i - 1].end_offset,
         };
         let base = ring.published_bytes;
-        // The `since` event itself, near the start of its batch: the client has it and the
-        // events of its transaction before it.
-        let seen = ring
-            .entries
-            .range(index..)
-            .take(SINCE_LOOKUP)
-            .take_while(|e| e.batch == from_batch)
-            .find(|e| e.seq == since)
-            .and_then(|e| e.xid.map(|xid| (from_batch, xid, since)));
         drop(ring);
-        let mut cursor = topic.cursor_at(pos, offset, base);
-        cursor.seen = seen;
+        // The whole tail from that batch's start: a replay must be a suffix of the stream
+        // (skipping anything in it, even events the client surely has, could leave a later
+        // change of a row out while an earlier one is sent again).
+        let cursor = topic.cursor_at(pos, offset, base);
         if ahead {
             Resume::Ahead(cursor)
         } else {
@@ -598,47 +575,52 @@ impl Hub {
         }
     }
 
-    /// Publishes one log event of table `relid` in `batch`. Returns false when the table is
+    /// Publishes a row change of table `relid` in `batch`. Returns false when the table is
     /// not exposed (the event is dropped).
-    pub fn publish(
+    pub fn publish_change(
         &self,
         relid: u32,
         batch: u64,
         xid: u64,
         ts: &str,
-        event: &LogEvent<'_>,
+        change: &Change<'_>,
     ) -> bool {
         let Some(topic) = self.topic_by_relid(relid) else {
             return false;
         };
-        match event.op {
-            LogOp::Change(op) => {
-                let frame = encode_change(&topic, op, ts, event);
-                topic.push(
-                    event.seq,
-                    Some(xid),
-                    batch,
-                    EntryKind::Change(op),
-                    frame.into(),
-                );
-            }
-            LogOp::Truncate => {
-                let frame = control::truncate(&topic.resource, event.seq, ts);
-                topic.push(
-                    event.seq,
-                    Some(xid),
-                    batch,
-                    EntryKind::Truncate,
-                    frame.into(),
-                );
-            }
-            LogOp::PartitionTruncate => {
-                let frame = control::reset(&topic.resource, "table_changed");
-                let kind = EntryKind::Reset("table_changed");
-                topic.push(event.seq, Some(xid), batch, kind, frame.into());
-            }
-            LogOp::Marker => return false,
-        }
+        let frame = encode_change(&topic, ts, change);
+        let kind = EntryKind::Change(change.op);
+        topic.push(change.seq, Some(xid), batch, kind, frame.into());
+        true
+    }
+
+    /// Publishes a truncate of table `relid` (or, with `partition`, of one of its partitions:
+    /// subscribers start over).
+    pub fn publish_truncate(
+        &self,
+        relid: u32,
+        batch: u64,
+        xid: u64,
+        ts: &str,
+        seq: i64,
+        partition: bool,
+    ) -> bool {
+        let Some(topic) = self.topic_by_relid(relid) else {
+            return false;
+        };
+        let (kind, frame) = if partition {
+            let reason = "table_changed";
+            (
+                EntryKind::Reset(reason),
+                control::reset(&topic.resource, reason),
+            )
+        } else {
+            (
+                EntryKind::Truncate,
+                control::truncate(&topic.resource, seq, ts),
+            )
+        };
+        topic.push(seq, Some(xid), batch, kind, frame.into());
         true
     }
 
@@ -676,10 +658,24 @@ impl Hub {
     }
 }
 
+/// A row change ready to publish: its type as logged, key and rows as JSON text.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// Create, update or delete.
+    pub op: Op,
+    /// Log position.
+    pub seq: i64,
+    /// The key, as the wire's `id`.
+    pub id: &'a str,
+    /// New row.
+    pub data: Option<&'a RawValue>,
+    /// Old row.
+    pub old: Option<&'a RawValue>,
+}
+
 /// The full frame of a change event.
-fn encode_change(topic: &Topic, op: Op, ts: &str, event: &LogEvent<'_>) -> String {
-    let id = compact(event.id.get());
-    let changed = match (op, event.old, event.data) {
+fn encode_change(topic: &Topic, ts: &str, change: &Change<'_>) -> String {
+    let changed = match (change.op, change.old, change.data) {
         (Op::Update, Some(old), Some(new)) => {
             match (Fields::parse(old.get()), Fields::parse(new.get())) {
                 (Ok(old), Ok(new)) => Some(changed_columns(&old, &new)),
@@ -690,13 +686,13 @@ fn encode_change(topic: &Topic, op: Op, ts: &str, event: &LogEvent<'_>) -> Strin
         _ => None,
     };
     change_frame(&ChangeParts {
-        op,
+        op: change.op,
         resource: &topic.resource_json,
-        id: &id,
-        data: event.data.map(RawValue::get),
-        old: event.old.map(RawValue::get),
+        id: change.id,
+        data: change.data.map(RawValue::get),
+        old: change.old.map(RawValue::get),
         changed: changed.as_deref(),
-        seq: event.seq,
+        seq: change.seq,
         ts,
     })
 }
@@ -719,17 +715,29 @@ mod tests {
 
     fn body(seq: i64, pad: usize) -> String {
         format!(
-            r#"[[{seq}, "c", {seq}, {{"id":{seq},"pad":"{}"}}, null]]"#,
+            r#"[[{seq}, "c", null, {{"id":{seq},"pad":"{}"}}, null]]"#,
             "x".repeat(pad)
         )
     }
 
-    /// Publishes one create of `relid` with `seq` in its own batch.
-    fn publish(hub: &Hub, relid: u32, seq: i64, pad: usize) -> bool {
+    fn create(hub: &Hub, relid: u32, batch: u64, xid: u64, seq: i64, pad: usize) -> bool {
         let text = body(seq, pad);
         let events = crate::event::parse_body(&text).unwrap();
+        let id = seq.to_string();
+        let change = Change {
+            op: Op::Create,
+            seq,
+            id: &id,
+            data: events[0].data,
+            old: None,
+        };
+        hub.publish_change(relid, batch, xid, "t", &change)
+    }
+
+    /// Publishes one create of `relid` with `seq` in its own batch.
+    fn publish(hub: &Hub, relid: u32, seq: i64, pad: usize) -> bool {
         let batch = hub.begin_batch();
-        let published = hub.publish(relid, batch, seq as u64, "t", &events[0]);
+        let published = create(hub, relid, batch, seq as u64, seq, pad);
         hub.end_batch(batch, seq);
         published
     }
@@ -794,22 +802,15 @@ mod tests {
         // another relay may have sent 3 before 5, so a client that saw 3 gets 5 again.
         let batch = hub.begin_batch();
         for (xid, seq) in [(20, 5), (10, 3), (10, 4)] {
-            let text = body(seq, 1);
-            hub.publish(
-                1,
-                batch,
-                xid,
-                "t",
-                &crate::event::parse_body(&text).unwrap()[0],
-            );
+            create(&hub, 1, batch, xid, seq, 1);
         }
         hub.end_batch(batch, 5);
         publish(&hub, 1, 8, 1);
-        // …while seq 3's own transaction is sent in seq order everywhere: 3 is not resent.
+        // The whole batch again, 3 included: a replay is a suffix of the stream.
         let Resume::From(mut cursor) = hub.resume(&topic, 3) else {
             panic!("resumable")
         };
-        assert_eq!(seqs(&mut cursor).await, [5, 4, 8]);
+        assert_eq!(seqs(&mut cursor).await, [5, 3, 4, 8]);
         let Resume::From(mut cursor) = hub.resume(&topic, 6) else {
             panic!("resumable")
         };
@@ -834,10 +835,11 @@ mod tests {
             Err(Overflow::Evicted)
         );
         assert!(matches!(hub.resume(&topic, 1), Resume::Reset));
+        // (From seq 3's batch, which holds seq 3 itself: at least once.)
         let Resume::From(mut resumed) = hub.resume(&topic, 3) else {
             panic!("resumable")
         };
-        assert_eq!(seqs(&mut resumed).await, [4, 5]);
+        assert_eq!(seqs(&mut resumed).await, [3, 4, 5]);
     }
 
     #[test]

@@ -93,6 +93,9 @@ struct Seen {
     key: Vec<i16>,
     /// Partitions (and sub-partitioned tables) of a partitioned table.
     partitions: Vec<u32>,
+    /// The row versions of its capture triggers: any change (disabled and enabled again,
+    /// dropped and re-created) may have let writes through uncaptured in between.
+    triggers: Vec<String>,
     installed: bool,
 }
 
@@ -107,7 +110,9 @@ const SIGNATURE: &str = "
               from pg_index i cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
              where i.indrelid = c.oid and i.indisprimary),
            (select coalesce(array_agg(p.relid::oid order by p.relid::oid), '{}')
-              from pg_partition_tree(c.oid) p where c.relkind = 'p' and p.relid <> c.oid)
+              from pg_partition_tree(c.oid) p where c.relkind = 'p' and p.relid <> c.oid),
+           (select coalesce(array_agg(t.tgname || ':' || t.xmin::text order by t.tgname), '{}')
+              from pg_trigger t where t.tgrelid = c.oid and t.tgname like 'pgrelay\\_capture\\_%')
       from pg_class c where c.oid = $1";
 
 const NAME_OF: &str = "
@@ -115,6 +120,7 @@ const NAME_OF: &str = "
       join pg_namespace n on n.oid = c.relnamespace where c.oid = $1";
 
 const INSTALL_PARTITION: &str = "select pgrelay.install_partition($1, $2, $3)";
+const UNINSTALL_PARTITION: &str = "select pgrelay.uninstall_partition($1)";
 
 /// Keeps [`Tables`] and the hub's routing current (see the module docs).
 pub struct Watcher {
@@ -204,12 +210,32 @@ impl Watcher {
         let Some(described) = now else {
             return Ok(());
         };
+        // No longer something pgrelay can capture exactly (it became a partition, gained
+        // inheritance children, lost its primary key, made it DEFERRABLE): the subscribers
+        // are told once, and the table stops being exposed until it can be again.
+        let refusal = match (&described.kind, &described.keys) {
+            (Err(why), _) => Some(why.clone()),
+            (Ok(_), None) => Some(format!("Table {name} has no primary key")),
+            _ => None,
+        };
+        if let Some(why) = refusal {
+            if self.tables.get(&resource).is_some() || seen.contains_key(&resource) {
+                tracing::warn!(table = %name, reason = %why,
+                    "an exposed table can no longer be captured; its subscribers are reset and it is no longer served");
+                self.hub.publish_reset(&resource, "table_changed");
+                self.hub.route(described.relid, None);
+                self.tables.remove(&resource);
+                seen.remove(&resource);
+            }
+            return Ok(());
+        }
         let Ok(kind) = described.kind.clone() else {
             return Ok(());
         };
         let previous = seen.get(&resource).cloned();
 
         // Capture triggers removed or disabled.
+        let reinstalled = !described.installed;
         if !described.installed {
             if previous.as_ref().is_some_and(|p| p.installed) {
                 tracing::warn!(table = %name, "capture triggers of an exposed table were removed or disabled; its subscribers are reset");
@@ -238,11 +264,29 @@ impl Watcher {
                 tracing::info!(table = %name, "exposed table picked up");
             }
             Some(prev) => {
+                if !reinstalled
+                    && prev.installed
+                    && !prev.triggers.is_empty()
+                    && prev.triggers != current.triggers
+                {
+                    tracing::warn!(table = %name, "capture triggers of an exposed table changed; its subscribers are reset");
+                    self.hub.publish_reset(&resource, "table_changed");
+                }
                 if prev.key != current.key {
                     tracing::warn!(table = %name, "the primary key of an exposed table changed; its subscribers are reset");
                     self.hub.publish_reset(&resource, "table_changed");
                 }
                 if kind == TableKind::Partitioned && prev.partitions != current.partitions {
+                    let detached = prev
+                        .partitions
+                        .iter()
+                        .filter(|p| !current.partitions.contains(p));
+                    for part in detached {
+                        if let Err(err) = client.execute(UNINSTALL_PARTITION, &[part]).await {
+                            tracing::debug!(table = %name, partition = part, error = %crate::error::chain(&err),
+                                "could not remove the triggers of a detached partition");
+                        }
+                    }
                     for part in current
                         .partitions
                         .iter()
@@ -302,6 +346,7 @@ async fn signature(client: &Client, relid: u32, installed: bool) -> Result<Optio
             .collect(),
         key: key.into_iter().map(to_i16).collect(),
         partitions: row.get(4),
+        triggers: row.get(5),
         installed,
     }))
 }

@@ -88,14 +88,18 @@ impl TableKind {
     pub fn triggers(self) -> &'static [&'static str] {
         match self {
             TableKind::Plain => &[
+                "pgrelay_capture_before",
                 "pgrelay_capture_insert",
                 "pgrelay_capture_update",
                 "pgrelay_capture_delete",
+                "pgrelay_capture_replica",
                 "pgrelay_capture_truncate",
             ],
-            TableKind::Partitioned | TableKind::Child => {
-                &["pgrelay_capture_row", "pgrelay_capture_truncate"]
-            }
+            TableKind::Partitioned | TableKind::Child => &[
+                "pgrelay_capture_before",
+                "pgrelay_capture_row",
+                "pgrelay_capture_truncate",
+            ],
         }
     }
 }
@@ -327,7 +331,7 @@ const DESCRIBE: &str = "
            exists (select 1 from pg_inherits h where h.inhrelid = c.oid) as is_child,
            coalesce((select array_agg(t.tgname::text order by t.tgname) from pg_trigger t
                       where t.tgrelid = c.oid and t.tgname like 'pgrelay\\_capture\\_%'
-                        and t.tgenabled in ('O', 'A')), '{}') as triggers
+                        and t.tgenabled <> 'D'), '{}') as triggers
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
      where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')";
 

@@ -83,8 +83,8 @@ const START: &str = "
 /// A relay's start marker: a log event of no table, so that the relay has a position to
 /// give initial data even before any table changes (see `hub::Hub::position`).
 const MARKER: &str = "
-    insert into pgrelay.changes (seq, last_seq, relid, n, body)
-    select s, s, 0, 1, json_build_array(json_build_array(s, 'm', null, null, null))
+    insert into pgrelay.changes (seq, last_seq, stmt, relid, n, body)
+    select s, s, s, 0, 1, json_build_array(json_build_array(s, 'm', null, null, null))
       from (select nextval('pgrelay.changes_seq') as s) as x";
 
 /// Settings of the capture connection. Its only writes are the progress row and the start
@@ -92,7 +92,11 @@ const MARKER: &str = "
 /// harmless). Its reads are index lookups by transaction: the log's statistics (one huge
 /// transaction can make an xid look like it matches every row) must never talk the planner
 /// into a sequential scan of the log, which grows with retention.
-pub const SESSION_SETTINGS: &str = "set synchronous_commit = off; set enable_seqscan = off";
+///
+/// Timeouts a role or database may set for ordinary sessions do not apply here: a poll of a
+/// large batch is one long read, and capture must not fail on it forever.
+pub const SESSION_SETTINGS: &str = "set synchronous_commit = off; set enable_seqscan = off;
+    set statement_timeout = 0; set lock_timeout = 0; set idle_in_transaction_session_timeout = 0";
 
 /// Who holds the horizon back: a session's open transaction, or a prepared one.
 const HOLDER: &str = "

@@ -9,10 +9,16 @@
 //! on notifications having arrived, or on their order, or on their content.
 //!
 //! Order: a batch publishes whole transactions ordered by their highest seq, each
-//! transaction's events in seq order. Seqs are drawn when a statement's capture trigger
-//! runs, while the statement holds its row locks, so a transaction that changes a row after
-//! another committed it draws higher seqs: every row's changes keep their commit order, and
-//! so does every chain of transactions where one wrote what it read from another.
+//! transaction's events in (statement, seq) order. Seqs are drawn when a statement's capture
+//! trigger runs, while the statement holds its row locks, so a transaction that changes a row
+//! after another committed it draws higher seqs: every row's changes keep their commit order,
+//! and so does every chain of transactions where one wrote what it read from another. Within
+//! a transaction, a statement's seq is drawn when it starts, so a nested statement (a user
+//! trigger writing the same table) comes after the statement that fired it.
+//!
+//! Every relay reads the chunk headers of every table (bodies only for the tables it
+//! exposes), so transaction keys and batch positions mean the same on relays that expose
+//! different tables, and a client can resume on any of them.
 //!
 //! A poll that finds more than a few chunks reads them in a REPEATABLE READ transaction,
 //! group by group, publishing as it goes (bounded memory). If the connection drops
@@ -26,9 +32,10 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
 use super::{CaptureError, Progress};
-use crate::event::{LogOp, parse_body};
-use crate::hub::Hub;
+use crate::event::{LogOp, Op, key_of, parse_body};
+use crate::hub::{Change, Hub};
 use crate::metrics::Metrics;
+use crate::row::Fields;
 use crate::snapshot::Snapshot;
 
 /// Chunks read by the single-statement poll; more means the batched path.
@@ -44,13 +51,15 @@ const PIPELINE: usize = 3;
 // PostgreSQL walk the whole log): the transactions the last snapshot saw in progress that are
 // no longer running (one index lookup each: a lateral subquery that `offset 0` keeps from
 // being flattened into a join the planner may answer with a sequential scan), and those
-// that started after it. `$1` xip, `$2` xmax, `$3` relids.
+// that started after it. `$1` xip, `$2` xmax, `$3` exposed relids (only their bodies are read).
 const FINISHED: &str = "unnest($1::text[]::xid8[]) as d(x)
-      cross join lateral (select * from pgrelay.changes c
-                           where c.xid = d.x and c.relid = any($3::oid[]) offset 0) as c
+      cross join lateral (select * from pgrelay.changes c where c.xid = d.x offset 0) as c
       where coalesce(pg_xact_status(d.x), 'committed') <> 'in progress'";
-const STARTED_AFTER: &str =
-    "pgrelay.changes c where c.xid >= $2::text::xid8 and c.relid = any($3::oid[])";
+const STARTED_AFTER: &str = "pgrelay.changes c where c.xid >= $2::text::xid8";
+
+/// The columns every read returns (after the snapshot text or a null in its place).
+const COLUMNS: &str = "c.xid::text, c.seq, c.last_seq, c.stmt, c.relid, to_json(c.ts)::text,
+    c.keys, case when c.relid = any($3::oid[]) then c.body::text end";
 
 /// The chunks of the candidates, at most `$4` of each kind (more means the batched path),
 /// with the snapshot they were read in (one row with nulls when there are none). Public for
@@ -58,11 +67,11 @@ const STARTED_AFTER: &str =
 pub fn small_poll() -> String {
     format!(
         "with snap as (select pg_current_snapshot() as s)
-         select snap.s::text, c.xid::text, c.seq, c.last_seq, c.relid, to_json(c.ts)::text, c.body::text
+         select snap.s::text, {COLUMNS}
            from snap left join lateral (
                 (select c.* from {FINISHED} limit $4)
                 union all
-                (select c.* from {STARTED_AFTER} order by c.xid, c.seq limit $4)) as c on true"
+                (select c.* from {STARTED_AFTER} order by c.xid, c.stmt, c.seq limit $4)) as c on true"
     )
 }
 
@@ -77,17 +86,21 @@ fn list_transactions() -> String {
     )
 }
 
-const GROUP_ROWS: &str = "
-    select null::text, c.xid::text, c.seq, c.last_seq, c.relid, to_json(c.ts)::text, c.body::text
-      from pgrelay.changes c
-     where c.xid = any($1::text[]::xid8[]) and c.relid = any($2::oid[])
-     order by c.xid, c.seq";
+fn group_rows() -> String {
+    format!(
+        "select null::text, {COLUMNS} from pgrelay.changes c
+          where c.xid = any($1::text[]::xid8[]) and $2::int8 is not null
+          order by c.xid, c.stmt, c.seq"
+    )
+}
 
-const TXN_WINDOW: &str = "
-    select null::text, c.xid::text, c.seq, c.last_seq, c.relid, to_json(c.ts)::text, c.body::text
-      from pgrelay.changes c
-     where c.xid = $1::text::xid8 and c.relid = any($2::oid[]) and c.seq > $3
-     order by c.seq limit $4";
+fn txn_window() -> String {
+    format!(
+        "select null::text, {COLUMNS} from pgrelay.changes c
+          where c.xid = $1::text::xid8 and (c.stmt, c.seq) > ($4, $5) and $2::int8 is not null
+          order by c.stmt, c.seq limit $6"
+    )
+}
 
 /// The poll's statements, prepared once per connection (one round trip per poll).
 pub struct Statements {
@@ -103,14 +116,17 @@ impl Statements {
         Ok(Statements {
             small: client.prepare(&small_poll()).await?,
             list: client.prepare(&list_transactions()).await?,
-            group: client.prepare(GROUP_ROWS).await?,
-            window: client.prepare(TXN_WINDOW).await?,
+            group: client.prepare(&group_rows()).await?,
+            window: client.prepare(&txn_window()).await?,
         })
     }
 }
 
 /// A transaction's place in a batch: by its highest seq, then its xid.
 pub type TxnKey = (i64, u64);
+
+/// A chunk's place in its transaction.
+type ChunkPos = (i64, i64);
 
 /// A batch the connection dropped in the middle of.
 #[derive(Debug, Clone)]
@@ -119,18 +135,18 @@ pub struct Interrupted {
     pub snapshot: Arc<Snapshot>,
     /// The batch's id in the hub (still open).
     pub batch: u64,
-    /// The last transaction published from (at least partly) and its last published seq.
-    pub last: Option<(TxnKey, i64)>,
+    /// The last transaction published from (at least partly) and its last chunk published.
+    pub last: Option<(TxnKey, ChunkPos)>,
     /// Highest seq published in the batch.
     pub max_seq: i64,
 }
 
 impl Interrupted {
-    /// Whether an event of transaction `key` with `seq` was already published.
-    fn published(&self, key: TxnKey, seq: i64) -> bool {
+    /// Whether the chunk at `pos` of transaction `key` was already published.
+    fn published(&self, key: TxnKey, pos: ChunkPos) -> bool {
         match self.last {
             None => false,
-            Some((last, last_seq)) => key < last || (key == last && seq <= last_seq),
+            Some((last, last_pos)) => key < last || (key == last && pos <= last_pos),
         }
     }
 }
@@ -138,23 +154,38 @@ impl Interrupted {
 /// A log row (chunk) as read.
 struct Chunk {
     xid: u64,
+    seq: i64,
+    last_seq: i64,
+    stmt: i64,
     relid: u32,
     ts: String,
-    body: String,
+    keys: Option<Vec<String>>,
+    /// `None` for a table this relay does not expose.
+    body: Option<String>,
+}
+
+impl Chunk {
+    fn pos(&self) -> ChunkPos {
+        (self.stmt, self.seq)
+    }
 }
 
 fn chunk(row: &tokio_postgres::Row) -> Result<Option<Chunk>, CaptureError> {
     let Some(xid) = row.get::<_, Option<&str>>(1) else {
         return Ok(None);
     };
-    let ts: &str = row.get(5);
+    let ts: &str = row.get(6);
     Ok(Some(Chunk {
         xid: xid
             .parse()
             .map_err(|_| CaptureError::Invariant("xid is not a number"))?,
-        relid: row.get(4),
+        seq: row.get(2),
+        last_seq: row.get(3),
+        stmt: row.get(4),
+        relid: row.get(5),
         ts: ts.trim_matches('"').to_owned(),
-        body: row.get(6),
+        keys: row.get(7),
+        body: row.get(8),
     }))
 }
 
@@ -174,8 +205,8 @@ struct Publisher<'a> {
     events: u64,
     /// Set when continuing an interrupted batch: skip what it published.
     skip: Option<Interrupted>,
-    /// Progress for a new interruption: the transaction and seq last published.
-    last: Option<(TxnKey, i64)>,
+    /// Progress for a new interruption: the transaction and chunk last published.
+    last: Option<(TxnKey, ChunkPos)>,
     /// Last published (seq, capture time), for `pgrelay status`.
     newest: Option<(i64, String)>,
 }
@@ -202,46 +233,64 @@ impl<'a> Publisher<'a> {
         *self.batch.get_or_insert_with(|| self.hub.begin_batch())
     }
 
-    /// Publishes one transaction's chunks (in seq order).
+    /// Publishes one transaction's chunks (in (stmt, seq) order). Runs to the end without
+    /// awaiting: a chunk is published whole or not at all.
     fn transaction(&mut self, key: TxnKey, chunks: &[Chunk]) {
         // A partition truncated right after its root in the same transaction adds nothing.
         let mut truncated: Vec<u32> = Vec::new();
         for chunk in chunks {
-            let events = match parse_body(&chunk.body) {
+            if self
+                .skip
+                .as_ref()
+                .is_some_and(|s| s.published(key, chunk.pos()))
+            {
+                continue;
+            }
+            // Every chunk counts for positions, exposed or not (see the module docs).
+            let batch = self.batch();
+            self.max_seq = self.max_seq.max(chunk.last_seq);
+            self.last = Some((key, chunk.pos()));
+            let Some(body) = &chunk.body else { continue };
+            let events = match parse_body(body) {
                 Ok(events) => events,
                 Err(err) => {
-                    self.metrics.inc(&self.metrics.bad_log_rows);
-                    tracing::error!(xid = chunk.xid, relid = chunk.relid, error = %err,
-                        "a log row could not be read; its table's subscribers are reset");
-                    self.batch();
-                    self.hub.publish_reset_relid(chunk.relid, "events_missing");
+                    self.unreadable(chunk, &err.to_string());
                     continue;
                 }
             };
             for event in &events {
-                if self
-                    .skip
-                    .as_ref()
-                    .is_some_and(|s| s.published(key, event.seq))
-                {
-                    continue;
-                }
                 match event.op {
-                    LogOp::Truncate => truncated.push(chunk.relid),
-                    LogOp::PartitionTruncate if truncated.contains(&chunk.relid) => continue,
-                    LogOp::Change(_) => truncated.retain(|r| *r != chunk.relid),
-                    _ => {}
+                    LogOp::Change(op) => {
+                        truncated.retain(|r| *r != chunk.relid);
+                        if let Err(why) = self.change(batch, chunk, op, event) {
+                            self.unreadable(chunk, why);
+                            break;
+                        }
+                    }
+                    LogOp::Truncate => {
+                        truncated.push(chunk.relid);
+                        self.count(self.hub.publish_truncate(
+                            chunk.relid,
+                            batch,
+                            chunk.xid,
+                            &chunk.ts,
+                            event.seq,
+                            false,
+                        ));
+                    }
+                    LogOp::PartitionTruncate if truncated.contains(&chunk.relid) => {}
+                    LogOp::PartitionTruncate => {
+                        self.count(self.hub.publish_truncate(
+                            chunk.relid,
+                            batch,
+                            chunk.xid,
+                            &chunk.ts,
+                            event.seq,
+                            true,
+                        ));
+                    }
+                    LogOp::Marker => {}
                 }
-                let batch = self.batch();
-                if self
-                    .hub
-                    .publish(chunk.relid, batch, chunk.xid, &chunk.ts, event)
-                {
-                    self.events += 1;
-                    self.metrics.inc(&self.metrics.events_captured);
-                }
-                self.max_seq = self.max_seq.max(event.seq);
-                self.last = Some((key, event.seq));
                 match &mut self.newest {
                     Some((seq, ts)) => {
                         *seq = event.seq;
@@ -251,6 +300,128 @@ impl<'a> Publisher<'a> {
                 }
             }
         }
+    }
+
+    /// Publishes a row change; an update that changed the key becomes a delete of the old
+    /// key and a create of the new one.
+    fn change(
+        &mut self,
+        batch: u64,
+        chunk: &Chunk,
+        op: Op,
+        event: &crate::event::LogEvent<'_>,
+    ) -> Result<(), &'static str> {
+        let keys = chunk
+            .keys
+            .as_deref()
+            .ok_or("the table had no primary key")?;
+        let key = |row: Option<&serde_json::value::RawValue>| -> Result<String, &'static str> {
+            let row = row.ok_or("an event lacks its row")?;
+            let fields = Fields::parse(row.get()).map_err(|_| "a row is not a JSON object")?;
+            key_of(&fields, keys).ok_or("a row lacks a key column")
+        };
+        let publish = |this: &mut Self, change: Change<'_>| {
+            let published =
+                this.hub
+                    .publish_change(chunk.relid, batch, chunk.xid, &chunk.ts, &change);
+            this.count(published);
+        };
+        match op {
+            Op::Create => {
+                let id = key(event.data)?;
+                publish(
+                    self,
+                    Change {
+                        op,
+                        seq: event.seq,
+                        id: &id,
+                        data: event.data,
+                        old: None,
+                    },
+                );
+            }
+            Op::Delete => {
+                let id = key(event.old)?;
+                publish(
+                    self,
+                    Change {
+                        op,
+                        seq: event.seq,
+                        id: &id,
+                        data: None,
+                        old: event.old,
+                    },
+                );
+            }
+            Op::Update => {
+                let new_id = key(event.data)?;
+                // Without the old row (over PostgreSQL's size limit), an update is taken to
+                // keep its key.
+                let old_id = match event.old {
+                    Some(_) => key(event.old)?,
+                    None => new_id.clone(),
+                };
+                if old_id == new_id {
+                    publish(
+                        self,
+                        Change {
+                            op,
+                            seq: event.seq,
+                            id: &new_id,
+                            data: event.data,
+                            old: event.old,
+                        },
+                    );
+                } else {
+                    let create_seq = event
+                        .seq2
+                        .ok_or("a key-changing update lacks its second seq")?;
+                    publish(
+                        self,
+                        Change {
+                            op: Op::Delete,
+                            seq: event.seq,
+                            id: &old_id,
+                            data: None,
+                            old: event.old,
+                        },
+                    );
+                    publish(
+                        self,
+                        Change {
+                            op: Op::Create,
+                            seq: create_seq,
+                            id: &new_id,
+                            data: event.data,
+                            old: None,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, published: bool) {
+        if published {
+            self.events += 1;
+            self.metrics.inc(&self.metrics.events_captured);
+        }
+    }
+
+    /// A chunk that cannot be turned into events: its table's subscribers are reset, the
+    /// rest goes on.
+    fn unreadable(&mut self, chunk: &Chunk, why: &str) {
+        self.metrics.inc(&self.metrics.bad_log_rows);
+        tracing::error!(
+            xid = chunk.xid,
+            relid = chunk.relid,
+            seq = chunk.seq,
+            error = why,
+            "a log row could not be read; its table's subscribers are reset"
+        );
+        self.batch();
+        self.hub.publish_reset_relid(chunk.relid, "events_missing");
     }
 
     /// Ends the batch, if one was opened.
@@ -274,16 +445,16 @@ impl<'a> Publisher<'a> {
     }
 }
 
-/// Groups chunks (sorted by xid, seq) into transactions ordered by [`TxnKey`].
-fn transactions(chunks: Vec<Chunk>, last_seqs: &[i64]) -> Vec<(TxnKey, Vec<Chunk>)> {
+/// Groups chunks (sorted by xid, stmt, seq) into transactions ordered by [`TxnKey`].
+fn transactions(chunks: Vec<Chunk>) -> Vec<(TxnKey, Vec<Chunk>)> {
     let mut txns: Vec<(TxnKey, Vec<Chunk>)> = Vec::new();
-    for (chunk, last_seq) in chunks.into_iter().zip(last_seqs) {
+    for chunk in chunks {
         match txns.last_mut() {
             Some(((max, xid), list)) if *xid == chunk.xid => {
-                *max = (*max).max(*last_seq);
+                *max = (*max).max(chunk.last_seq);
                 list.push(chunk);
             }
-            _ => txns.push(((*last_seq, chunk.xid), vec![chunk])),
+            _ => txns.push(((chunk.last_seq, chunk.xid), vec![chunk])),
         }
     }
     txns.sort_by_key(|(key, _)| *key);
@@ -299,6 +470,7 @@ pub async fn poll(
     metrics: &Metrics,
 ) -> Result<Polled, CaptureError> {
     let mut polled = Polled::default();
+    tracing::trace!(interrupted = progress.interrupted.is_some(), "poll");
     if let Some(interrupted) = progress.interrupted.clone() {
         polled.events += batched(
             client,
@@ -310,7 +482,7 @@ pub async fn poll(
         )
         .await?;
     }
-    let relids = relids(hub);
+    let relids = hub.relids();
     let handled = Arc::clone(&progress.handled);
     let rows = client
         .query(
@@ -329,39 +501,32 @@ pub async fn poll(
         .ok_or(CaptureError::Invariant("poll returned no snapshot"))?;
     let snapshot = Snapshot::parse(snapshot_text)
         .ok_or(CaptureError::Invariant("poll returned a bad snapshot"))?;
-    let finished = rows
+    let found = rows
         .iter()
         .filter(|r| r.get::<_, Option<&str>>(1).is_some())
         .count();
-    if finished as i64 >= SMALL_POLL {
+    if found as i64 >= SMALL_POLL {
+        tracing::trace!(found, "poll: batched read");
         polled.events += batched(client, statements, progress, hub, metrics, None).await?;
+        tracing::trace!(events = polled.events, "poll: batched read done");
         return Ok(polled);
     }
-    let mut read = Vec::with_capacity(rows.len());
+    let mut chunks = Vec::with_capacity(rows.len());
     for row in &rows {
         if let Some(chunk) = chunk(row)? {
-            read.push((chunk, row.get::<_, i64>(2), row.get::<_, i64>(3)));
+            chunks.push(chunk);
         }
     }
-    // The two kinds of candidates come separately: in (xid, seq) order for grouping.
-    read.sort_by_key(|(c, seq, _)| (c.xid, *seq));
-    let (chunks, last_seqs): (Vec<Chunk>, Vec<i64>) =
-        read.into_iter().map(|(c, _, last)| (c, last)).unzip();
+    // The two kinds of candidates come separately: in (xid, stmt, seq) order for grouping.
+    chunks.sort_by_key(|c| (c.xid, c.stmt, c.seq));
     // Nothing below awaits: a small batch is published whole or not at all.
     let mut publisher = Publisher::new(hub, metrics, None);
-    for (key, chunks) in transactions(chunks, &last_seqs) {
+    for (key, chunks) in transactions(chunks) {
         publisher.transaction(key, &chunks);
     }
     polled.events += publisher.finish(progress);
     progress.handled = Arc::new(snapshot);
     Ok(polled)
-}
-
-fn relids(hub: &Hub) -> Vec<u32> {
-    let mut relids = hub.relids();
-    // Relays' start markers (no table) count for positions.
-    relids.push(0);
-    relids
 }
 
 /// The batched path, in one REPEATABLE READ snapshot: lists the new transactions, then reads
@@ -387,12 +552,12 @@ async fn batched(
         Some(i) => Arc::clone(&i.snapshot),
         None => Arc::new(now),
     };
-    let relids = relids(hub);
+    let relids = hub.relids();
     let handled = Arc::clone(&progress.handled);
     let listed = client
         .query(
             &statements.list,
-            &[&handled.xip_text(), &handled.xmax_text(), &relids],
+            &[&handled.xip_text(), &handled.xmax_text()],
         )
         .await?;
     let mut txns: Vec<(TxnKey, i64)> = Vec::with_capacity(listed.len());
@@ -414,16 +579,18 @@ async fn batched(
     }
     drop(listed);
 
+    tracing::trace!(transactions = txns.len(), "batched read: listed");
     let mut publisher = Publisher::new(hub, metrics, continuing);
-    let result = publish_groups(client, statements, &mut publisher, &txns, &relids).await;
-    if let Err(err) = result {
+    if let Err(err) = publish_groups(client, statements, &mut publisher, &txns, &relids).await {
         progress.interrupted = publisher.interrupted(&batch_snapshot);
         return Err(err);
     }
-    client.batch_execute("commit").await?;
+    // Everything is published: the state moves on before the read-only transaction ends, so
+    // a connection lost at its COMMIT does not send the batch again.
     let events = publisher.finish(progress);
     progress.interrupted = None;
     progress.handled = batch_snapshot;
+    client.batch_execute("commit").await?;
     Ok(events)
 }
 
@@ -450,79 +617,118 @@ async fn publish_groups(
     if start < txns.len() {
         groups.push(txns[start..].to_vec());
     }
-    let read = |group: Vec<(TxnKey, i64)>| async move {
+    // Small groups are read pipelined; a large transaction is read alone, window by window,
+    // once every pipelined read has been answered: the connection answers in order, so a
+    // window query sent while earlier answers wait unread would never be answered.
+    let mut pending: Vec<Vec<(TxnKey, i64)>> = Vec::new();
+    for group in groups {
         if group.len() == 1 && group[0].1 > GROUP_CHUNKS {
-            return Ok::<_, tokio_postgres::Error>((group, None));
+            read_groups(
+                client,
+                statements,
+                publisher,
+                std::mem::take(&mut pending),
+                relids,
+            )
+            .await?;
+            read_large(client, statements, publisher, group[0].0, relids).await?;
+        } else {
+            pending.push(group);
         }
+    }
+    read_groups(client, statements, publisher, pending, relids).await
+}
+
+/// Reads groups of small transactions, pipelined, and publishes them in order.
+async fn read_groups(
+    client: &Client,
+    statements: &Statements,
+    publisher: &mut Publisher<'_>,
+    groups: Vec<Vec<(TxnKey, i64)>>,
+    relids: &[u32],
+) -> Result<(), CaptureError> {
+    // (`$2` of the group query is unused but typed, so both queries bind alike.)
+    let read = |group: Vec<(TxnKey, i64)>| async move {
         let xids: Vec<String> = group.iter().map(|((_, x), _)| x.to_string()).collect();
-        let rows = client.query(&statements.group, &[&xids, &relids]).await?;
-        Ok((group, Some(rows)))
+        let rows = client
+            .query(&statements.group, &[&xids, &0i64, &relids])
+            .await?;
+        Ok::<_, tokio_postgres::Error>((group, rows))
     };
     let mut reads = futures_util::stream::iter(groups)
         .map(read)
         .buffered(PIPELINE);
     while let Some((group, rows)) = reads.try_next().await? {
-        match rows {
-            Some(rows) => {
-                let mut by_xid: Vec<(u64, Vec<Chunk>)> = Vec::new();
-                for row in &rows {
-                    let Some(c) = chunk(row)? else { continue };
-                    match by_xid.last_mut() {
-                        Some((xid, list)) if *xid == c.xid => list.push(c),
-                        _ => by_xid.push((c.xid, vec![c])),
-                    }
-                }
-                for (key, _) in &group {
-                    if let Some(i) = by_xid.iter().position(|(x, _)| *x == key.1) {
-                        let (_, list) = by_xid.swap_remove(i);
-                        publisher.transaction(*key, &list);
-                    }
-                }
+        let mut by_xid: Vec<(u64, Vec<Chunk>)> = Vec::new();
+        for row in &rows {
+            let Some(c) = chunk(row)? else { continue };
+            match by_xid.last_mut() {
+                Some((xid, list)) if *xid == c.xid => list.push(c),
+                _ => by_xid.push((c.xid, vec![c])),
             }
-            None => {
-                // One large transaction: read it in windows of its seqs.
-                let (key, _) = group[0];
-                let xid = key.1.to_string();
-                let mut after = i64::MIN;
-                loop {
-                    let rows = client
-                        .query(&statements.window, &[&xid, &relids, &after, &GROUP_CHUNKS])
-                        .await?;
-                    let mut list = Vec::with_capacity(rows.len());
-                    for row in &rows {
-                        after = row.get(2);
-                        if let Some(c) = chunk(row)? {
-                            list.push(c);
-                        }
-                    }
-                    publisher.transaction(key, &list);
-                    if (rows.len() as i64) < GROUP_CHUNKS {
-                        break;
-                    }
-                }
+        }
+        for (key, _) in &group {
+            if let Some(i) = by_xid.iter().position(|(x, _)| *x == key.1) {
+                let (_, list) = by_xid.swap_remove(i);
+                publisher.transaction(*key, &list);
             }
         }
     }
     Ok(())
 }
 
+/// Reads one large transaction in windows of its (stmt, seq) order and publishes it.
+async fn read_large(
+    client: &Client,
+    statements: &Statements,
+    publisher: &mut Publisher<'_>,
+    key: TxnKey,
+    relids: &[u32],
+) -> Result<(), CaptureError> {
+    let xid = key.1.to_string();
+    let mut after = (i64::MIN, i64::MIN);
+    loop {
+        let rows = client
+            .query(
+                &statements.window,
+                &[&xid, &0i64, &relids, &after.0, &after.1, &GROUP_CHUNKS],
+            )
+            .await?;
+        let mut list = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(c) = chunk(row)? {
+                after = c.pos();
+                list.push(c);
+            }
+        }
+        publisher.transaction(key, &list);
+        if (rows.len() as i64) < GROUP_CHUNKS {
+            return Ok(());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn c(xid: u64) -> Chunk {
+    fn c(xid: u64, last_seq: i64) -> Chunk {
         Chunk {
             xid,
+            seq: last_seq,
+            last_seq,
+            stmt: last_seq,
             relid: 1,
             ts: String::new(),
-            body: String::new(),
+            keys: None,
+            body: None,
         }
     }
 
     #[test]
     fn transactions_are_ordered_by_their_highest_seq() {
         // xid 7 took seq 1 and 9 (a late statement); xid 8 took seq 5 and committed too.
-        let txns = transactions(vec![c(7), c(7), c(8)], &[1, 9, 5]);
+        let txns = transactions(vec![c(7, 1), c(7, 9), c(8, 5)]);
         let keys: Vec<TxnKey> = txns.iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, [(5, 8), (9, 7)]);
         assert_eq!(txns[1].1.len(), 2);
@@ -533,12 +739,13 @@ mod tests {
         let i = Interrupted {
             snapshot: Arc::new(Snapshot::parse("1:1:").unwrap()),
             batch: 1,
-            last: Some(((10, 3), 7)),
+            last: Some(((10, 3), (4, 7))),
             max_seq: 10,
         };
-        assert!(i.published((5, 9), 5));
-        assert!(i.published((10, 3), 7));
-        assert!(!i.published((10, 3), 8));
-        assert!(!i.published((11, 1), 1));
+        assert!(i.published((5, 9), (1, 5)));
+        assert!(i.published((10, 3), (4, 7)));
+        assert!(i.published((10, 3), (2, 9)));
+        assert!(!i.published((10, 3), (4, 8)));
+        assert!(!i.published((11, 1), (1, 1)));
     }
 }

@@ -14,6 +14,7 @@ mod recovery;
 mod replicas;
 mod rest;
 mod resume;
+mod review;
 mod schema;
 mod shutdown;
 mod slow;

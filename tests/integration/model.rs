@@ -89,6 +89,9 @@ impl Copy {
                 return Next::Resubscribe(message["reason"].as_str().unwrap_or("").to_owned());
             }
             "subscribed" | "pong" => {}
+            // (Initial data that could not be read, during a database restart: the socket
+            // closes next, and the client reconnects.)
+            "error" if message["code"] == "internal" => {}
             other => panic!("unexpected message {other}: {message}"),
         }
         Next::Continue

@@ -97,6 +97,27 @@ async fn a_partitioned_table_streams_as_its_root_however_and_wherever_rows_are_w
     // Detaching a partition takes its rows away: subscribers start over.
     db.exec("alter table m detach partition m_us").await;
     assert_eq!(ws.next_json().await["reason"], "table_changed");
+    // A detached table's truncate is none of the root's business any more.
+    crate::support::within(crate::support::STEP, async {
+        loop {
+            let left: i64 = db
+                .client()
+                .await
+                .query_one(
+                    "select count(*) from pg_trigger where tgrelid = 'm_us'::regclass and tgname like 'pgrelay%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    db.exec("truncate m_us").await;
     // A partition attached later is captured too, once the watcher has seen it.
     db.exec("alter table m attach partition m_us for values in ('us')")
         .await;
@@ -168,4 +189,77 @@ async fn an_inheritance_child_gets_the_writes_made_through_its_parent() {
         ]
     );
     assert_eq!(events[2]["data"]["name"], "REX");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_applied_by_logical_replication_are_captured() {
+    use crate::support::{Cluster, install};
+    let schema = "create table lr(id int primary key, v text);
+                  create table lp(id int, region text, v text, primary key (id, region))
+                      partition by list (region);
+                  create table lp_eu partition of lp for values in ('eu')";
+    let publisher = Cluster::start_with(&["wal_level=logical"]).await;
+    let source = publisher.database("app", schema).await;
+    source
+        .exec("create publication relayed for table lr, lp")
+        .await;
+    let subscriber = Cluster::start().await;
+    let db = subscriber.database("app", schema).await;
+    install(&db, &["lr", "lp"]).await;
+    let relay = Relay::start(&db, &["lr", "lp"]).await;
+    let mut lr = relay.ws("/ws/lr").await;
+    let mut lp = relay.ws("/ws/lp").await;
+    // The apply worker fires row triggers only (and only ENABLE REPLICA or ALWAYS ones).
+    db.exec(&format!(
+        "create subscription relayed connection 'host=127.0.0.1 port={} dbname=app user=postgres'
+         publication relayed",
+        publisher.port
+    ))
+    .await;
+    // Once the initial copy is done, changes are streamed and applied row by row.
+    let check = db.client().await;
+    crate::support::within(crate::support::STEP, async {
+        loop {
+            let pending: i64 = check
+                .query_one(
+                    "select count(*) from pg_subscription_rel where srsubstate <> 'r'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if pending == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    source
+        .exec(
+            "insert into lr values (1, 'a'), (2, 'b');
+             update lr set v = 'aa' where id = 1;
+             update lr set id = 20 where id = 2;
+             delete from lr where id = 1;
+             insert into lp values (1, 'eu', 'x')",
+        )
+        .await;
+    let events = lr.events(6).await;
+    let summary: Vec<String> = events
+        .iter()
+        .map(|e| format!("{} {}", e["type"].as_str().unwrap(), e["id"]))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "create 1",
+            "create 2",
+            "update 1",
+            "delete 2",
+            "create 20",
+            "delete 1"
+        ]
+    );
+    assert_eq!(lp.next_json().await["id"], json!({"id": 1, "region": "eu"}));
+    db.exec("drop subscription relayed").await;
 }

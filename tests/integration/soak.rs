@@ -211,6 +211,9 @@ async fn subscribe_loop(
 ) -> Copy {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut copy = Copy::new(plan.keys);
+    // Once told what to hold, a subscriber has this long to get there (then it returns its
+    // copy for the test to show the difference).
+    let mut give_up: Option<Instant> = None;
     loop {
         let separator = if plan.path.contains('?') { '&' } else { '?' };
         let path = match copy.seq {
@@ -233,14 +236,17 @@ async fn subscribe_loop(
         let mut ws = Ws { socket };
         loop {
             let expected = finish_rx.borrow_and_update().clone();
-            if let Some(expected) = &expected
-                && &copy.rows == expected.as_ref()
-            {
-                return copy;
+            if let Some(expected) = &expected {
+                let deadline =
+                    *give_up.get_or_insert_with(|| Instant::now() + Duration::from_secs(30));
+                if &copy.rows == expected.as_ref() || Instant::now() > deadline {
+                    return copy;
+                }
             }
             let frame = tokio::select! {
                 frame = ws.next_frame() => frame,
                 _ = finish_rx.changed() => continue,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
             };
             match frame {
                 Frame::Json(message) => {
@@ -418,13 +424,46 @@ async fn soak(duration: Duration) {
         ));
     }
     // Each subscriber finishes once its copy equals what it should hold.
+    let mut failures = Vec::new();
     for (i, ((finish_tx, task), expected)) in subscribers.into_iter().zip(&expected).enumerate() {
         finish_tx.send_replace(Some(Arc::clone(expected)));
         let copy = match within(Duration::from_secs(60), task).await {
             Ok(copy) => copy,
             Err(e) => panic!("subscriber {i} ({}) failed: {e}", PLANS[i].path),
         };
-        assert_eq!(copy.rows, **expected, "subscriber {i} ({})", PLANS[i].path);
+        if copy.rows != **expected {
+            let missing: Vec<_> = expected
+                .keys()
+                .filter(|k| !copy.rows.contains_key(*k))
+                .take(5)
+                .collect();
+            let extra: Vec<_> = copy
+                .rows
+                .keys()
+                .filter(|k| !expected.contains_key(*k))
+                .take(5)
+                .collect();
+            let differ: Vec<_> = copy
+                .rows
+                .iter()
+                .filter(|(k, v)| expected.get(*k).is_some_and(|e| e != *v))
+                .take(5)
+                .map(|(k, v)| format!("{k}: copy {v} table {}", expected[k]))
+                .collect();
+            failures.push(format!(
+                "subscriber {i} ({}) differs from the table: {} rows vs {}, position {:?}; missing {missing:?}; extra {extra:?}; different {differ:?}",
+                PLANS[i].path,
+                copy.rows.len(),
+                expected.len(),
+                copy.seq,
+            ));
+        }
+    }
+    if !failures.is_empty() {
+        let (_, metrics) = crate::support::http_get(relay.addr, "/metrics")
+            .await
+            .unwrap();
+        panic!("seed {seed}:\n{}\n{metrics}", failures.join("\n"));
     }
     eprintln!(
         "soak: {} writes; subscribers: {} messages, {} reconnects, {} resumes, {} resets; every copy equals the table",

@@ -97,6 +97,7 @@ impl TestDb {
 
     /// A database somewhere else (e.g. in a test's own cluster), left alone on drop.
     pub fn external(url: String) -> Self {
+        init_logs();
         TestDb {
             name: String::new(),
             url,
@@ -456,6 +457,8 @@ pub struct Cluster {
     bindir: std::path::PathBuf,
     pub port: u16,
     as_root: bool,
+    /// Extra `-c` settings.
+    settings: String,
 }
 
 fn pg_bindir() -> std::path::PathBuf {
@@ -492,6 +495,11 @@ fn pg_bindir() -> std::path::PathBuf {
 
 impl Cluster {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A cluster started with extra server settings (`-c name=value` each).
+    pub async fn start_with(settings: &[&str]) -> Self {
         let bindir = pg_bindir();
         let dir = std::env::temp_dir().join(format!(
             "pgrelay-cluster-{}-{}",
@@ -513,6 +521,7 @@ impl Cluster {
             bindir,
             port,
             as_root,
+            settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
         };
         if as_root {
             // initdb refuses to run as root: the cluster belongs to the postgres user.
@@ -555,9 +564,10 @@ impl Cluster {
 
     fn pg_ctl(&self, action: &str) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_prepared_transactions=5",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_prepared_transactions=5{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.settings
         );
         let log = self.dir.join("server.log").display().to_string();
         let data = self.data();
@@ -777,4 +787,61 @@ pub async fn stalled_client(addr: SocketAddr, path: &str) -> WebSocketStream<Tcp
         .await
         .unwrap()
         .0
+}
+
+impl Cluster {
+    /// A fresh database in this cluster, as a [`TestDb`] (the cluster is dropped with it).
+    pub async fn database(&self, name: &str, ddl: &str) -> TestDb {
+        connect(&self.url("postgres"))
+            .await
+            .batch_execute(&format!("create database {name}"))
+            .await
+            .unwrap();
+        let db = TestDb::external(self.url(name));
+        db.exec(ddl).await;
+        db
+    }
+
+    /// The pid of the relay's capture backend on database `dbname`.
+    pub async fn capture_pid(&self, dbname: &str) -> i32 {
+        let admin = connect(&self.url("postgres")).await;
+        within(STEP, async {
+            loop {
+                let rows = admin
+                    .query(
+                        "select pid from pg_stat_activity
+                          where datname = $1 and application_name = 'pgrelay capture'",
+                        &[&dbname],
+                    )
+                    .await
+                    .unwrap();
+                if let [row] = rows.as_slice() {
+                    return row.get(0);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+/// Sends a signal (`STOP`, `CONT`) to a process of this test's own cluster.
+pub fn signal(name: &str, pid: i32) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Installs capture on `tables` of a database the test created itself.
+pub async fn install(db: &TestDb, tables: &[&str]) {
+    let mut client = db.client().await;
+    let names: Vec<TableName> = tables
+        .iter()
+        .map(|t| TableName::parse(t).unwrap())
+        .collect();
+    pgrelay::sql::install(&mut client, &names, "notify")
+        .await
+        .expect("install capture");
 }

@@ -89,8 +89,8 @@ async fn a_log_row_the_relay_cannot_read_resets_its_table_and_capture_goes_on() 
     let mut other = relay.ws("/ws/other").await;
     // A log row no capture trigger would write (written by hand, or by a broken version).
     db.exec(
-        "insert into pgrelay.changes (seq, last_seq, relid, n, body)
-         select s, s, 'docs'::regclass, 1, '[[\"not\", \"an event\"]]'
+        "insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+         select s, s, s, 'docs'::regclass, '{id}', 1, '[[\"not\", \"an event\"]]'
            from (select nextval('pgrelay.changes_seq') as s) x;
          insert into docs values (1, '{}', 'after')",
     )
