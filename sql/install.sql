@@ -460,4 +460,54 @@ $$;
 -- Nothing here is for other roles to call: capture functions run as triggers (firing does not
 -- check EXECUTE; creating a trigger does), the rest is for the installing role.
 revoke all on all functions in schema pgrelay from public;
+revoke all on all tables in schema pgrelay from public;
+revoke all on all sequences in schema pgrelay from public;
 revoke all on schema pgrelay from public;
+
+-- The capture functions are SECURITY DEFINER (writers must not be able to write the log
+-- themselves), and rendering a row runs code the table's owner chose: a user-defined cast to
+-- json of a column's type runs inside to_json. So they are owned by pgrelay_capture, a
+-- NOLOGIN role that may do nothing but append to the log: no table to read, no role to alter,
+-- nothing to create. (Owned by the installing role, a superuser's install would hand
+-- superuser to anyone who owns an exposed table.) The role is created here when missing; an
+-- installing role that may not create roles needs a superuser to run, once per cluster:
+--     create role pgrelay_capture nologin; grant pgrelay_capture to <installing role>;
+do $$
+begin
+    if not exists (select 1 from pg_catalog.pg_roles where rolname = 'pgrelay_capture') then
+        begin
+            create role pgrelay_capture nologin noinherit;
+        exception
+            when duplicate_object or unique_violation then null;  -- created concurrently
+            when insufficient_privilege then
+                raise exception 'pgrelay needs a role pgrelay_capture to own its capture functions, and % may not create roles', current_user
+                    using hint = format('As a superuser, run once: create role pgrelay_capture nologin; grant pgrelay_capture to %I;', current_user);
+        end;
+    end if;
+    if exists (select 1 from pg_catalog.pg_roles
+                where rolname = 'pgrelay_capture'
+                  and (rolsuper or rolcreaterole or rolcreatedb or rolcanlogin or rolreplication or rolbypassrls)) then
+        raise exception 'role pgrelay_capture must be a plain NOLOGIN role: it runs code table owners choose';
+    end if;
+    -- The installing role hands the functions over (ALTER ... OWNER needs membership).
+    if not pg_catalog.pg_has_role(current_user, 'pgrelay_capture', 'USAGE') then
+        begin
+            execute format('grant pgrelay_capture to %I', current_user);
+        exception when insufficient_privilege then
+            raise exception 'pgrelay hands its capture functions to role pgrelay_capture, and % is not a member of it', current_user
+                using hint = format('As a superuser, run once: grant pgrelay_capture to %I;', current_user);
+        end;
+    end if;
+end
+$$;
+grant usage on schema pgrelay to pgrelay_capture;
+grant insert on pgrelay.changes to pgrelay_capture;
+grant usage on sequence pgrelay.changes_seq to pgrelay_capture;
+grant execute on function pgrelay.key_columns(oid), pgrelay.statement_seq(oid, bigint) to pgrelay_capture;
+-- A new owner needs CREATE on the schema at the moment of the change, not afterwards.
+grant create on schema pgrelay to pgrelay_capture;
+alter function pgrelay.capture_statement() owner to pgrelay_capture;
+alter function pgrelay.capture() owner to pgrelay_capture;
+alter function pgrelay.capture_row() owner to pgrelay_capture;
+alter function pgrelay.capture_partition_truncate() owner to pgrelay_capture;
+revoke create on schema pgrelay from pgrelay_capture;

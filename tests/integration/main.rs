@@ -16,6 +16,7 @@ mod rest;
 mod resume;
 mod review;
 mod schema;
+mod security;
 mod shutdown;
 mod slow;
 mod snapshot;
