@@ -89,6 +89,78 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How much of `pgrelay.changes` to keep.
     pub retention: crate::retention::Retention,
+    /// How callers authenticate (none by default).
+    pub auth: crate::access::AuthConfig,
+    /// What each role may do with each table (everything, when there is no policy).
+    pub policies: crate::access::Policies,
+    /// Serve without authentication on an address other than loopback.
+    pub allow_anonymous: bool,
+    /// Run REST requests as the caller's database role, with `request.jwt.claims` set.
+    pub rest_set_role: bool,
+    /// What one client may take.
+    pub limits: Limits,
+}
+
+/// What one client may take; each limit trips with a clear error (see the README).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Most open connections; also kept below the file descriptor limit.
+    pub max_connections: usize,
+    /// Most open connections from one client address.
+    pub max_connections_per_ip: usize,
+    /// Most subscriptions on one socket.
+    pub max_subscriptions: usize,
+    /// Client messages per second on one socket (bursts of twice as many pass).
+    pub max_message_rate: u32,
+    /// Most conditions in one filter.
+    pub max_filter_conditions: usize,
+    /// Most values in one `in` list.
+    pub max_in_values: usize,
+    /// Longest `like` pattern, in characters.
+    pub max_pattern_length: usize,
+    /// Most wildcards in one pattern.
+    pub max_pattern_wildcards: usize,
+    /// Initial-data reads running at once.
+    pub max_snapshots: usize,
+    /// How long one subscriber's initial data may take.
+    pub snapshot_deadline: Duration,
+    /// Most rows one REST read returns.
+    pub max_rows: i64,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Duration,
+}
+
+impl Limits {
+    /// The defaults, for a query pool of `pool_size` connections.
+    pub fn for_pool(pool_size: usize) -> Limits {
+        Limits {
+            max_connections: 10_000,
+            max_connections_per_ip: 1000,
+            max_subscriptions: 100,
+            max_message_rate: 100,
+            max_filter_conditions: 32,
+            max_in_values: 1000,
+            max_pattern_length: 256,
+            max_pattern_wildcards: 16,
+            max_snapshots: (pool_size / 2).max(1),
+            snapshot_deadline: Duration::from_secs(120),
+            max_rows: 1000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The filter limits, for [`crate::filter`].
+    pub fn filter(&self) -> crate::filter::FilterLimits {
+        crate::filter::FilterLimits {
+            max_conditions: self.max_filter_conditions,
+            max_in_values: self.max_in_values,
+            max_pattern_length: self.max_pattern_length,
+            max_pattern_wildcards: self.max_pattern_wildcards,
+        }
+    }
 }
 
 impl Config {
@@ -121,6 +193,11 @@ impl Config {
                 max_rows: None,
                 interval: Duration::from_secs(60),
             },
+            auth: crate::access::AuthConfig::default(),
+            policies: crate::access::Policies::default(),
+            allow_anonymous: false,
+            rest_set_role: false,
+            limits: Limits::for_pool(16),
         }
     }
 
@@ -158,6 +235,21 @@ impl Config {
                 "the poll intervals must be positive, the longest at least the shortest",
             ));
         }
+        let l = &self.limits;
+        if l.max_connections == 0
+            || l.max_connections_per_ip == 0
+            || l.max_subscriptions == 0
+            || l.max_message_rate == 0
+            || l.max_snapshots == 0
+            || l.max_rows <= 0
+            || l.snapshot_deadline.is_zero()
+            || l.header_timeout.is_zero()
+            || l.body_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "connection, subscription, message rate, snapshot and row limits and the timeouts must be positive",
+            ));
+        }
         if self.report_interval.is_zero() || self.schema_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "the report and schema check intervals must be positive",
@@ -182,6 +274,20 @@ pub enum ConfigError {
     /// Some other value is out of range.
     #[error("Invalid configuration: {0}")]
     Invalid(&'static str),
+    /// The settings file cannot be read or parsed.
+    #[error("Settings file {0}")]
+    File(String),
+    /// An option's value is wrong (the message never holds a secret).
+    #[error("Invalid setting {0}: {1}")]
+    Option(&'static str, String),
+    /// A `[[policy]]` is wrong.
+    #[error("Invalid {0}")]
+    Policy(String),
+    /// Authentication is off on an address others can reach.
+    #[error(
+        "Refusing to serve {0} without authentication: configure [auth] (or --jwt-secret-file, --jwks-file), listen on 127.0.0.1, or pass --allow-anonymous"
+    )]
+    AnonymousExposed(std::net::SocketAddr),
 }
 
 #[cfg(test)]

@@ -252,6 +252,11 @@ pub mod control {
         json!({"type": "error", "code": code, "message": message, "resource": resource}).to_string()
     }
 
+    /// `{"type":"authenticated","role":…,"expires_at":…}`: an `auth` message was accepted.
+    pub fn authenticated(role: &str, expires_at: Option<u64>) -> String {
+        json!({"type": "authenticated", "role": role, "expires_at": expires_at}).to_string()
+    }
+
     /// `{"type":"subscribed","resource":…}`.
     pub fn subscribed(resource: &str) -> String {
         json!({"type": "subscribed", "resource": resource}).to_string()

@@ -191,6 +191,9 @@ pub enum FilterError {
         /// The column's type.
         sql_type: String,
     },
+    /// Past a configured limit.
+    #[error("Filter too large: {0}")]
+    TooLarge(String),
     /// The database failed while typing the values.
     #[error("Database error while checking the filter")]
     Db(#[source] tokio_postgres::Error),
@@ -416,65 +419,122 @@ fn key_of(kind: Kind, value: &Value) -> Option<Key> {
     }
 }
 
-/// A `like`/`ilike` pattern: `%` any run, `_` any one character, `\` escapes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Token {
-    Any,
-    One,
-    Char(char),
+/// A compiled `like`/`ilike` pattern: `%` any run, `_` any one character, `\` escapes.
+///
+/// Matched by the `regex` crate's automata, in time linear in the text (a backtracking
+/// matcher takes O(text × pattern) on `%a%a%a…b` against `aaaa…`). `ilike` folds ASCII
+/// letters only, as `COLLATE "C"` does on the SQL side.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    regex: regex::Regex,
+    fold: bool,
 }
 
-fn compile_pattern(pattern: &str, fold: bool) -> Vec<Token> {
-    let mut tokens = Vec::new();
-    let mut chars = pattern.chars();
-    while let Some(c) = chars.next() {
-        tokens.push(match c {
-            '%' => Token::Any,
-            '_' => Token::One,
-            '\\' => match chars.next() {
-                Some(escaped) => Token::Char(fold_char(escaped, fold)),
-                None => Token::Char('\\'),
-            },
-            c => Token::Char(fold_char(c, fold)),
-        });
+impl Pattern {
+    /// Compiles a pattern (`*` already turned into `%`).
+    fn new(pattern: &str, fold: bool) -> Option<Pattern> {
+        let mut expr = String::with_capacity(pattern.len() * 2 + 8);
+        expr.push_str("(?s)\\A");
+        let mut chars = pattern.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '%' => expr.push_str(".*"),
+                '_' => expr.push('.'),
+                '\\' => {
+                    let escaped = chars.next().unwrap_or('\\');
+                    expr.push_str(&regex::escape(&fold_char(escaped, fold).to_string()));
+                }
+                c => expr.push_str(&regex::escape(&fold_char(c, fold).to_string())),
+            }
+        }
+        expr.push_str("\\z");
+        let regex = regex::RegexBuilder::new(&expr)
+            .size_limit(1 << 20)
+            .dfa_size_limit(1 << 20)
+            .build()
+            .ok()?;
+        Some(Pattern { regex, fold })
     }
-    tokens
+
+    fn matches(&self, text: &str) -> bool {
+        if self.fold && text.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.regex.is_match(&text.to_ascii_lowercase())
+        } else {
+            self.regex.is_match(text)
+        }
+    }
 }
 
 fn fold_char(c: char, fold: bool) -> char {
     if fold { c.to_ascii_lowercase() } else { c }
 }
 
-/// Iterative wildcard match with backtracking to the last `%`.
-fn pattern_matches(tokens: &[Token], text: &str, fold: bool) -> bool {
-    let text: Vec<char> = text.chars().map(|c| fold_char(c, fold)).collect();
-    let (mut t, mut p) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match tokens.get(p) {
-            Some(Token::Any) => {
-                star = Some((p, t));
-                p += 1;
-            }
-            Some(Token::One) => {
-                p += 1;
-                t += 1;
-            }
-            Some(Token::Char(c)) if *c == text[t] => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
+/// How big a filter may be (see [`crate::config::Limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterLimits {
+    /// Most conditions.
+    pub max_conditions: usize,
+    /// Most values in an `in` list.
+    pub max_in_values: usize,
+    /// Longest pattern, in characters.
+    pub max_pattern_length: usize,
+    /// Most wildcards in a pattern.
+    pub max_pattern_wildcards: usize,
+}
+
+impl FilterLimits {
+    /// Refuses a filter past a limit, naming the limit.
+    pub fn check(&self, conditions: &[RawCondition]) -> Result<(), FilterError> {
+        if conditions.len() > self.max_conditions {
+            return Err(FilterError::TooLarge(format!(
+                "a filter may have at most {} conditions",
+                self.max_conditions
+            )));
+        }
+        for c in conditions {
+            match c.op {
+                Operator::In if c.values.len() > self.max_in_values => {
+                    return Err(FilterError::TooLarge(format!(
+                        "an in list may have at most {} values (column {:?})",
+                        self.max_in_values, c.column
+                    )));
                 }
-                None => return false,
-            },
+                Operator::Like | Operator::Ilike => {
+                    let pattern = c.values.first().map_or("", String::as_str);
+                    if pattern.chars().count() > self.max_pattern_length {
+                        return Err(FilterError::TooLarge(format!(
+                            "a pattern may be at most {} characters long (column {:?})",
+                            self.max_pattern_length, c.column
+                        )));
+                    }
+                    if wildcards(pattern) > self.max_pattern_wildcards {
+                        return Err(FilterError::TooLarge(format!(
+                            "a pattern may have at most {} wildcards (column {:?})",
+                            self.max_pattern_wildcards, c.column
+                        )));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Unescaped `%` and `_` in a pattern.
+fn wildcards(pattern: &str) -> usize {
+    let mut count = 0;
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '%' | '_' => count += 1,
+            _ => {}
         }
     }
-    tokens[p..].iter().all(|tok| *tok == Token::Any)
+    count
 }
 
 /// One typed condition.
@@ -485,7 +545,7 @@ struct Condition {
     /// Values as PostgreSQL rendered them (for SQL) and their comparable keys (for Rust).
     sql_values: Vec<String>,
     keys: Vec<Key>,
-    pattern: Vec<Token>,
+    pattern: Option<Pattern>,
 }
 
 impl Condition {
@@ -516,12 +576,11 @@ impl Condition {
             Operator::IsFalse => value == &Value::Bool(false),
             Operator::Like | Operator::Ilike => match value {
                 // `char(n)::text` drops the padding, as the SQL side does before matching.
-                Value::String(s) if self.column.kind == Kind::PaddedText => pattern_matches(
-                    &self.pattern,
-                    s.trim_end_matches(' '),
-                    self.op == Operator::Ilike,
-                ),
-                Value::String(s) => pattern_matches(&self.pattern, s, self.op == Operator::Ilike),
+                Value::String(s) if self.column.kind == Kind::PaddedText => self
+                    .pattern
+                    .as_ref()
+                    .is_some_and(|p| p.matches(s.trim_end_matches(' '))),
+                Value::String(s) => self.pattern.as_ref().is_some_and(|p| p.matches(s)),
                 _ => false,
             },
             op => {
@@ -543,8 +602,15 @@ impl Condition {
         }
     }
 
-    fn to_sql(&self, params: &mut Vec<Box<dyn ToSql + Sync + Send>>) -> String {
-        let column = quote_ident(&self.column.name);
+    fn to_sql(
+        &self,
+        params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
+        alias: Option<&str>,
+    ) -> String {
+        let column = match alias {
+            Some(alias) => format!("{}.{}", quote_ident(alias), quote_ident(&self.column.name)),
+            None => quote_ident(&self.column.name),
+        };
         let kind = self.column.kind;
         let sql_type = &self.column.sql_type;
         let mut bind = |value: Box<dyn ToSql + Sync + Send>| {
@@ -641,6 +707,14 @@ impl Filter {
         self.conditions.iter().map(|c| c.column.name.as_str())
     }
 
+    /// The conditions from `at` on, taken out of `self` (to compile two filters with one
+    /// query and then part them).
+    pub fn split_off(&mut self, at: usize) -> Filter {
+        Filter {
+            conditions: self.conditions.split_off(at.min(self.conditions.len())),
+        }
+    }
+
     /// Both filters at once.
     pub fn and(mut self, other: Filter) -> Filter {
         self.conditions.extend(other.conditions);
@@ -650,13 +724,27 @@ impl Filter {
     /// A SQL boolean expression over the table's columns (unqualified), binding values by
     /// appending to `params` (`$n` numbering continues from what `params` holds).
     pub fn to_sql(&self, params: &mut Vec<Box<dyn ToSql + Sync + Send>>) -> String {
+        self.sql(params, None)
+    }
+
+    /// [`Filter::to_sql`] with every column qualified by `alias` (for statements that join
+    /// another row of the same type).
+    pub fn to_sql_qualified(
+        &self,
+        alias: &str,
+        params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
+    ) -> String {
+        self.sql(params, Some(alias))
+    }
+
+    fn sql(&self, params: &mut Vec<Box<dyn ToSql + Sync + Send>>, alias: Option<&str>) -> String {
         if self.conditions.is_empty() {
             return "true".to_owned();
         }
         let parts: Vec<String> = self
             .conditions
             .iter()
-            .map(|c| format!("({})", c.to_sql(params)))
+            .map(|c| format!("({})", c.to_sql(params, alias)))
             .collect();
         parts.join(" and ")
     }
@@ -684,11 +772,16 @@ pub async fn compile(
             });
         }
         let (sql_values, keys, pattern) = match cond.op {
-            Operator::IsNull | Operator::IsTrue | Operator::IsFalse => (vec![], vec![], vec![]),
+            Operator::IsNull | Operator::IsTrue | Operator::IsFalse => (vec![], vec![], None),
             Operator::Like | Operator::Ilike => {
                 let fold = cond.op == Operator::Ilike;
-                let pattern = compile_pattern(&cond.values[0], fold);
-                (cond.values, vec![], pattern)
+                let pattern = Pattern::new(&cond.values[0], fold).ok_or_else(|| {
+                    FilterError::TooLarge(format!(
+                        "the pattern for column {:?} is too complex",
+                        cond.column
+                    ))
+                })?;
+                (cond.values, vec![], Some(pattern))
             }
             _ => {
                 let rendered = render_values(client, &column, &cond.values).await?;
@@ -706,7 +799,7 @@ pub async fn compile(
                         other => other.to_string(),
                     });
                 }
-                (sql_values, keys, vec![])
+                (sql_values, keys, None)
             }
         };
         conditions.push(Condition {
@@ -794,7 +887,7 @@ mod tests {
 
     #[test]
     fn like_patterns_match_as_postgres_does() {
-        let m = |p: &str, t: &str| pattern_matches(&compile_pattern(p, false), t, false);
+        let m = |p: &str, t: &str| Pattern::new(p, false).unwrap().matches(t);
         assert!(m("%", ""));
         assert!(m("a%", "abc"));
         assert!(m("%b%", "abc"));
@@ -804,7 +897,7 @@ mod tests {
         assert!(m("a\\%c", "a%c"));
         assert!(!m("a\\%c", "abc"));
         assert!(m("%日本%", "こんにちは日本"));
-        let i = |p: &str, t: &str| pattern_matches(&compile_pattern(p, true), t, true);
+        let i = |p: &str, t: &str| Pattern::new(p, true).unwrap().matches(t);
         assert!(i("ABC%", "abcdef"));
         assert!(
             !i("É", "é"),
@@ -844,7 +937,7 @@ mod tests {
             op,
             sql_values: vec![value.to_string()],
             keys: vec![key_of(kind, &value).unwrap()],
-            pattern: vec![],
+            pattern: None,
         }
     }
 
@@ -884,7 +977,7 @@ mod tests {
             op: Operator::Neq,
             sql_values: vec!["5".into()],
             keys: vec![key_of(Kind::Number, &json!(5)).unwrap()],
-            pattern: vec![],
+            pattern: None,
         };
         assert!(c.matches(&json!({"price": 6})));
         assert!(!c.matches(&json!({"price": 5})));

@@ -27,6 +27,7 @@
 //!
 //! [`run`] is the whole server; `main.rs` and the tests call it the same way.
 
+pub mod access;
 pub mod capture;
 pub mod config;
 pub mod error;
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod retention;
 pub mod row;
 pub mod schema;
+pub mod settings;
 pub mod snapshot;
 pub mod sql;
 pub mod subscription;
@@ -65,6 +67,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
+    let address = listener.local_addr()?;
+    if !address.ip().is_loopback() && !config.auth.enabled() && !config.allow_anonymous {
+        return Err(config::ConfigError::AnonymousExposed(address).into());
+    }
+    let authenticator = access::Authenticator::new(config.auth.clone())
+        .map_err(|m| config::ConfigError::Option("auth", m))?;
     let mut client = sql::connect(&config.database_url).await?;
     let mode = config.capture_mode.name();
     if config.install {
@@ -72,6 +80,8 @@ pub async fn run(
         tracing::info!(tables = ?config.tables.iter().map(ToString::to_string).collect::<Vec<_>>(), mode, "capture installed");
     }
     let infos = sql::describe(&client, &config.tables).await?;
+    check_policies(&config, &infos)?;
+    warn_if_superuser(&client).await;
     drop(client);
 
     let pool = sql::pool(
@@ -137,6 +147,12 @@ pub async fn run(
     };
     tracker.spawn(watcher.run(token.clone()));
 
+    let authenticator = Arc::new(authenticator);
+    tracker.spawn(Arc::clone(&authenticator).watch(token.clone()));
+    let gate = access::Gate {
+        auth: authenticator,
+        policies: config.policies.clone(),
+    };
     let shutdown_timeout = config.shutdown_timeout;
     let state = Arc::new(http::AppState {
         config,
@@ -147,8 +163,8 @@ pub async fn run(
         metrics,
         token: token.clone(),
         tracker: tracker.clone(),
+        gate,
     });
-    let address = listener.local_addr()?;
     let server = warp::serve(http::routes(state))
         .incoming(listener)
         .graceful(token.clone().cancelled_owned())
@@ -167,4 +183,38 @@ pub async fn run(
         return Err(Error::ShutdownTimeout(format!("{} tasks", tracker.len())));
     }
     Ok(())
+}
+
+/// Every column a policy names must be a column of its tables (a typo would otherwise hide
+/// rows, or show them, silently).
+fn check_policies(config: &Config, infos: &[sql::TableInfo]) -> Result<()> {
+    for info in infos {
+        for column in config.policies.columns_named(&info.name) {
+            if !info.columns.iter().any(|c| c.name == column) {
+                return Err(config::ConfigError::Policy(format!(
+                    "policy: table {} has no column {column:?}",
+                    info.name
+                ))
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The relay's own reads (initial data, REST) run casts that table owners define, with the
+/// relay's privileges: a superuser relay gives those away.
+async fn warn_if_superuser(client: &tokio_postgres::Client) {
+    let superuser = client
+        .query_one(
+            "select rolsuper from pg_catalog.pg_roles where rolname = current_user",
+            &[],
+        )
+        .await
+        .map(|row| row.get::<_, bool>(0));
+    if let Ok(true) = superuser {
+        tracing::warn!(
+            "pgrelay is connected as a superuser: code that owners of exposed tables define (casts, functions in defaults) runs with superuser rights when the relay reads their rows; connect as a role with only the privileges the README lists"
+        );
+    }
 }

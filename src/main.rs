@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
-use pgrelay::{Config, TableName};
+use pgrelay::TableName;
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +34,14 @@ struct Database {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the WebSocket and REST routes for the exposed tables.
-    Serve(ServeArgs),
+    Serve(Box<pgrelay::settings::Settings>),
+    /// Make an API key: prints the key (give it to the client) and the `[[auth.api_keys]]`
+    /// entry for the configuration (which stores only its SHA-256).
+    ApiKey {
+        /// The role the key acts as.
+        #[arg(long, default_value = "service")]
+        role: String,
+    },
     /// Install capture (schema, log, triggers) on tables. Idempotent.
     Install {
         #[command(flatten)]
@@ -115,70 +122,6 @@ struct BenchArgs {
     json: bool,
 }
 
-#[derive(Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    db: Database,
-    /// Address to listen on.
-    #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// Tables to expose, comma separated: `items,shop.orders`.
-    #[arg(long, env = "PGRELAY_TABLES", value_delimiter = ',', required = true)]
-    tables: Vec<String>,
-    /// Install capture for the tables at start (idempotent), and again if its triggers go
-    /// missing while the relay runs.
-    #[arg(long, env = "PGRELAY_INSTALL")]
-    install: bool,
-    /// How capture learns of commits: `notify` (wake-ups from the triggers' NOTIFY) or `poll`
-    /// (poll the log; use with triggers installed with `--capture poll`).
-    #[arg(long, env = "PGRELAY_CAPTURE", default_value = "notify", value_parser = ["notify", "poll"])]
-    capture: String,
-    /// Longest wait between polls of the log, in milliseconds (poll mode when idle; in
-    /// notify mode, the safety net for a missed wake-up).
-    #[arg(long, env = "PGRELAY_POLL_MAX_MS", default_value_t = 500)]
-    poll_max_ms: u64,
-    /// Milliseconds between checks of the exposed tables' catalog entries (renames, drops,
-    /// column and trigger changes).
-    #[arg(long, env = "PGRELAY_SCHEMA_INTERVAL_MS", default_value_t = 1000)]
-    schema_interval_ms: u64,
-    /// Seconds between server pings.
-    #[arg(long, env = "PGRELAY_PING_INTERVAL", default_value_t = 15)]
-    ping_interval: u64,
-    /// Seconds of silence after which a socket is closed.
-    #[arg(long, env = "PGRELAY_PING_TIMEOUT", default_value_t = 45)]
-    ping_timeout: u64,
-    /// Largest client frame, in bytes.
-    #[arg(long, env = "PGRELAY_MAX_FRAME", default_value_t = 64 * 1024)]
-    max_frame: usize,
-    /// Per-connection queue limit in bytes (a subscriber further behind is closed with 4008).
-    #[arg(long, env = "PGRELAY_QUEUE_BYTES", default_value_t = 8 * 1024 * 1024)]
-    queue_bytes: u64,
-    /// Events kept per table for catching up.
-    #[arg(long, env = "PGRELAY_HISTORY_EVENTS", default_value_t = 250_000)]
-    history_events: usize,
-    /// Bytes kept per table for catching up.
-    #[arg(long, env = "PGRELAY_HISTORY_BYTES", default_value_t = 64 * 1024 * 1024)]
-    history_bytes: usize,
-    /// Query pool size (initial data, REST).
-    #[arg(long, env = "PGRELAY_POOL_SIZE", default_value_t = 16)]
-    pool_size: usize,
-    /// Seconds a request waits for a free pooled connection before answering 503.
-    #[arg(long, env = "PGRELAY_POOL_WAIT_TIMEOUT", default_value_t = 5)]
-    pool_wait_timeout: u64,
-    /// Seconds opening a pooled connection may take before the request answers 503.
-    #[arg(long, env = "PGRELAY_POOL_CONNECT_TIMEOUT", default_value_t = 5)]
-    pool_connect_timeout: u64,
-    /// Largest REST request body, in bytes (larger gets 413).
-    #[arg(long, env = "PGRELAY_MAX_BODY", default_value_t = 1024 * 1024)]
-    max_body: u64,
-    /// Prune log events older than this many seconds (0: never by age).
-    #[arg(long, env = "PGRELAY_RETENTION_SECS", default_value_t = 86_400)]
-    retention_secs: u64,
-    /// Keep at most this many log events (the newest).
-    #[arg(long, env = "PGRELAY_RETENTION_ROWS")]
-    retention_rows: Option<i64>,
-}
-
 fn tables(names: &[String]) -> anyhow::Result<Vec<TableName>> {
     names
         .iter()
@@ -198,7 +141,23 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(settings) => serve(*settings).await,
+        Command::ApiKey { role } => {
+            use rand::Rng;
+            let bytes: [u8; 24] = rand::rng().random();
+            let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let key = format!("pgr_{key}");
+            println!("key (give this to the client; it is not stored anywhere):\n  {key}\n");
+            println!("configuration entry:\n");
+            println!("[[auth.api_keys]]");
+            println!(
+                "sha256 = \"{}\"",
+                pgrelay::access::auth::api_key_digest(&key)
+            );
+            println!("role = {}", toml_string(&role));
+            println!("claims = {{}}");
+            Ok(())
+        }
         Command::Install {
             db,
             capture,
@@ -278,35 +237,27 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = Config::new(args.db.database_url, tables(&args.tables)?);
-    config.install = args.install;
-    config.capture_mode =
-        pgrelay::capture::Mode::parse(&args.capture).context("--capture takes notify or poll")?;
-    config.poll_max = Duration::from_millis(args.poll_max_ms);
-    config.schema_interval = Duration::from_millis(args.schema_interval_ms);
-    config.ping_interval = Duration::from_secs(args.ping_interval);
-    config.ping_timeout = Duration::from_secs(args.ping_timeout);
-    config.max_client_frame = args.max_frame;
-    config.queue_bytes = args.queue_bytes;
-    config.history_events = args.history_events;
-    config.history_bytes = args.history_bytes;
-    config.pool_size = args.pool_size;
-    config.pool_wait_timeout = Duration::from_secs(args.pool_wait_timeout);
-    config.pool_connect_timeout = Duration::from_secs(args.pool_connect_timeout);
-    config.max_body_bytes = args.max_body;
-    config.retention.max_age =
-        (args.retention_secs > 0).then(|| Duration::from_secs(args.retention_secs));
-    config.retention.max_rows = args.retention_rows;
-    config.validate()?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+async fn serve(settings: pgrelay::settings::Settings) -> anyhow::Result<()> {
+    let settings = settings.with_file()?;
+    if settings.print_config {
+        print!("{}", settings.to_redacted_toml());
+        return Ok(());
+    }
+    let listen = settings.listen();
+    let config = settings.into_config()?;
+    let listener = tokio::net::TcpListener::bind(&listen)
         .await
-        .with_context(|| format!("binding {}", args.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     if let Err(err) = pgrelay::run(config, listener, shutdown_signal()).await {
         anyhow::bail!(pgrelay::error::chain(&err));
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A TOML basic string.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {

@@ -202,9 +202,11 @@ impl Watcher {
                     "table_dropped"
                 }
             };
-            self.hub.publish_reset(&resource, reason);
+            // No longer served before anyone hears of it: a client that re-subscribes on the
+            // reset must not find the table still there.
             self.hub.route(prev.relid, None);
             self.tables.remove(&resource);
+            self.hub.publish_reset(&resource, reason);
             seen.remove(&resource);
         }
         let Some(described) = now else {
@@ -222,9 +224,9 @@ impl Watcher {
             if self.tables.get(&resource).is_some() || seen.contains_key(&resource) {
                 tracing::warn!(table = %name, reason = %why,
                     "an exposed table can no longer be captured; its subscribers are reset and it is no longer served");
-                self.hub.publish_reset(&resource, "table_changed");
                 self.hub.route(described.relid, None);
                 self.tables.remove(&resource);
+                self.hub.publish_reset(&resource, "table_changed");
                 seen.remove(&resource);
             }
             return Ok(());

@@ -159,7 +159,7 @@ where
     let query = format!(
         "select to_json(t.*)::text from {} as t where {} order by {}",
         quote_table(&table.name),
-        shape.filter.to_sql(&mut params),
+        shape.to_sql(&mut params),
         order.join(", ")
     );
     let statement = tx.prepare(&query).await?;

@@ -14,6 +14,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde_json::Value;
+use tokio_postgres::types::ToSql;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::event::{ChangeParts, FrameParts, Op, change_frame};
@@ -173,16 +174,37 @@ pub enum Delivery {
 /// What a subscriber receives of each event.
 #[derive(Debug, Clone, Default)]
 pub struct Shape {
-    /// Rows must match this.
+    /// Rows must match this (the subscriber's own filter).
     pub filter: Filter,
-    /// Columns of `data`/`old` (key columns and the selected ones, in table order), or all.
+    /// And this (the caller's policy): a row that leaves it is sent as a delete carrying its
+    /// key only.
+    pub policy: Filter,
+    /// Columns of `data`/`old` (key columns and the selected or visible ones, in table order),
+    /// or all.
     projection: Option<Arc<Vec<String>>>,
     /// Hash of `projection`, part of the cache key of shaped frames.
     projection_key: u64,
+    /// The key columns: what a delete for a row leaving the policy carries.
+    key_only: Arc<Vec<String>>,
     /// Which types (as sent) to send: create, update, delete, truncate.
     events: [bool; 4],
-    /// Every column the filter or `select` names (a change to one ends the subscription).
+    /// Every column the filters or `select` name (a change to one ends the subscription).
     named: Vec<String>,
+}
+
+/// How an event is sent to one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// As this type, projected.
+    As(Op),
+    /// As a delete carrying the key only (the row left the caller's policy).
+    KeyOnlyDelete,
+}
+
+fn hash_of(columns: &[String]) -> u64 {
+    let mut h = DefaultHasher::new();
+    columns.hash(&mut h);
+    h.finish()
 }
 
 fn type_index(t: EventType) -> usize {
@@ -195,14 +217,33 @@ fn type_index(t: EventType) -> usize {
 }
 
 impl Shape {
-    /// Checks `params` against the table; `filter` comes from [`filter::compile`].
-    pub fn new(table: &TableInfo, params: &Params, filter: Filter) -> Result<Shape, ShapeError> {
+    /// Checks `params` against the table; `filter` comes from [`filter::compile`]. `policy`
+    /// and `visible` are the caller's (see [`crate::access::Access`]): a column it may not see
+    /// is, in `select`, an unknown column.
+    pub fn new(
+        table: &TableInfo,
+        params: &Params,
+        filter: Filter,
+        policy: Filter,
+        visible: Option<&[String]>,
+    ) -> Result<Shape, ShapeError> {
+        let sees = |c: &String| visible.is_none_or(|v| v.contains(c));
         let mut named: Vec<String> = params.filters.iter().map(|c| c.column.clone()).collect();
+        named.extend(policy.columns().map(str::to_owned));
         let projection = match &params.select {
-            None => None,
+            None => visible.map(|_| {
+                let columns: Vec<String> = table
+                    .columns
+                    .iter()
+                    .map(|c| &c.name)
+                    .filter(|c| table.key_columns.contains(c) || sees(c))
+                    .cloned()
+                    .collect();
+                Arc::new(columns)
+            }),
             Some(select) => {
                 for column in select {
-                    if !table.columns.iter().any(|c| &c.name == column) {
+                    if !table.columns.iter().any(|c| &c.name == column) || !sees(column) {
                         return Err(ShapeError::UnknownSelect(column.clone()));
                     }
                 }
@@ -226,18 +267,21 @@ impl Shape {
                 events[type_index(*t)] = true;
             }
         }
-        let projection_key = projection.as_ref().map_or(0, |p| {
-            let mut h = DefaultHasher::new();
-            p.hash(&mut h);
-            h.finish()
-        });
+        let projection_key = projection.as_ref().map_or(0, |p| hash_of(p));
         Ok(Shape {
             filter,
+            policy,
             projection,
             projection_key,
+            key_only: Arc::new(table.key_columns.clone()),
             events,
             named,
         })
+    }
+
+    /// Both filters as one SQL condition (initial data).
+    pub fn to_sql(&self, params: &mut Vec<Box<dyn ToSql + Sync + Send>>) -> String {
+        self.filter.clone().and(self.policy.clone()).to_sql(params)
     }
 
     /// The row as this subscriber sees it (initial data): projected.
@@ -276,44 +320,64 @@ impl Shape {
     }
 
     fn change(&self, op: Op, entry: &Entry, topic: &Topic) -> Option<Utf8Bytes> {
-        if self.filter.is_empty() && self.projection.is_none() {
+        let filtered = !self.filter.is_empty() || !self.policy.is_empty();
+        if !filtered && self.projection.is_none() {
             return self.events[type_index(EventType::Change(op))].then(|| entry.frame.clone());
         }
         let parts = FrameParts::parse(&entry.frame)?;
-        let sent = if self.filter.is_empty() {
-            op
-        } else {
-            let matches = |row: Option<&serde_json::value::RawValue>| {
+        let sent = if filtered {
+            // (in the policy, in the subscriber's filter) for a row; a row that is not there
+            // (or not an object) is in neither.
+            let place = |row: Option<&serde_json::value::RawValue>| {
                 row.and_then(|r| Fields::parse(r.get()).ok())
-                    .is_some_and(|fields| self.filter.matches_fields(&fields))
+                    .map_or((false, false), |fields| {
+                        let allowed = self.policy.matches_fields(&fields);
+                        (allowed, allowed && self.filter.matches_fields(&fields))
+                    })
             };
             match op {
-                Op::Create => matches(parts.data).then_some(Op::Create)?,
-                Op::Delete => matches(parts.old).then_some(Op::Delete)?,
-                Op::Update => match (matches(parts.old), matches(parts.data)) {
-                    (true, true) => Op::Update,
-                    (false, true) => Op::Create,
-                    (true, false) => Op::Delete,
-                    (false, false) => return None,
+                Op::Create => place(parts.data).1.then_some(Sent::As(Op::Create))?,
+                Op::Delete => place(parts.old).1.then_some(Sent::As(Op::Delete))?,
+                Op::Update => match (place(parts.old).1, place(parts.data)) {
+                    (true, (_, true)) => Sent::As(Op::Update),
+                    (false, (_, true)) => Sent::As(Op::Create),
+                    (true, (true, false)) => Sent::As(Op::Delete),
+                    (true, (false, _)) => Sent::KeyOnlyDelete,
+                    (false, (_, false)) => return None,
                 },
             }
+        } else {
+            Sent::As(op)
         };
-        if !self.events[type_index(EventType::Change(sent))] {
+        let as_type = match sent {
+            Sent::As(op) => op,
+            Sent::KeyOnlyDelete => Op::Delete,
+        };
+        if !self.events[type_index(EventType::Change(as_type))] {
             return None;
         }
-        if sent == op && self.projection.is_none() {
+        if sent == Sent::As(op) && self.projection.is_none() {
             return Some(entry.frame.clone());
         }
-        let key = (self.projection_key ^ (type_index(EventType::Change(sent)) as u64 + 1))
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            | 1;
+        let (projection_key, variant) = match sent {
+            Sent::As(op) => (
+                self.projection_key,
+                type_index(EventType::Change(op)) as u64 + 1,
+            ),
+            Sent::KeyOnlyDelete => (hash_of(&self.key_only), 0x4b),
+        };
+        let key = (projection_key ^ variant).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         Some(entry.shaped_frame(topic, key, || self.encode(&parts, sent, topic)))
     }
 
-    fn encode(&self, parts: &FrameParts<'_>, sent: Op, topic: &Topic) -> String {
+    fn encode(&self, parts: &FrameParts<'_>, sent: Sent, topic: &Topic) -> String {
+        let projection = match sent {
+            Sent::As(_) => self.projection.as_deref(),
+            Sent::KeyOnlyDelete => Some(&*self.key_only),
+        };
         let shape_row = |row: Option<&serde_json::value::RawValue>| -> Option<String> {
             let row = row?;
-            Some(match &self.projection {
+            Some(match projection {
                 None => row.get().to_owned(),
                 Some(columns) => match Fields::parse(row.get()) {
                     Ok(fields) => project(&fields, columns),
@@ -321,10 +385,18 @@ impl Shape {
                 },
             })
         };
-        let data = shape_row(parts.data).filter(|_| sent != Op::Delete);
-        let old = shape_row(parts.old).filter(|_| sent != Op::Create);
+        let op = match sent {
+            Sent::As(op) => op,
+            Sent::KeyOnlyDelete => Op::Delete,
+        };
+        let data = shape_row(parts.data).filter(|_| op != Op::Delete);
+        let old = match sent {
+            // The key is the same in old and new (a key change arrives as delete + create).
+            Sent::KeyOnlyDelete => shape_row(parts.old).or_else(|| shape_row(parts.data)),
+            Sent::As(_) => shape_row(parts.old).filter(|_| op != Op::Create),
+        };
         let changed = match (&old, &data) {
-            (Some(old), Some(new)) if sent == Op::Update => {
+            (Some(old), Some(new)) if op == Op::Update => {
                 match (Fields::parse(old), Fields::parse(new)) {
                     (Ok(old), Ok(new)) => Some(changed_columns(&old, &new)),
                     _ => Some(Vec::new()),
@@ -333,7 +405,7 @@ impl Shape {
             _ => None,
         };
         change_frame(&ChangeParts {
-            op: sent,
+            op,
             resource: topic.resource_json(),
             id: parts.id.get(),
             data: data.as_deref(),

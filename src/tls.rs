@@ -178,6 +178,65 @@ fn split(database_url: &str) -> (String, Settings) {
     (kept.join(" "), settings)
 }
 
+/// The connection string with its password replaced by `<redacted>` (URL user info,
+/// `password=` in a URL's query or in key=value form), for logs and `--print-config`.
+pub fn redact(database_url: &str) -> String {
+    let text = database_url.trim();
+    let mut out = if let Some(rest) = text
+        .strip_prefix("postgres://")
+        .map(|r| ("postgres://", r))
+        .or_else(|| {
+            text.strip_prefix("postgresql://")
+                .map(|r| ("postgresql://", r))
+        }) {
+        let (scheme, rest) = rest;
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}{user}:<redacted>@{host}{tail}"),
+                None => text.to_owned(),
+            },
+            None => text.to_owned(),
+        }
+    } else {
+        text.to_owned()
+    };
+    // `password=…` anywhere: key=value (maybe quoted) or a URL query parameter.
+    let mut result = String::with_capacity(out.len());
+    while let Some(at) = out.find("password=") {
+        let boundary = at == 0 || matches!(out.as_bytes()[at - 1], b' ' | b'?' | b'&' | b'\t');
+        let value_start = at + "password=".len();
+        result.push_str(&out[..value_start]);
+        if !boundary {
+            out = out[value_start..].to_owned();
+            continue;
+        }
+        let rest = &out[value_start..];
+        let end = if let Some(quoted) = rest.strip_prefix('\'') {
+            let mut escaped = false;
+            let mut close = rest.len();
+            for (i, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        close = i + 2;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            close
+        } else {
+            rest.find([' ', '&', '\t']).unwrap_or(rest.len())
+        };
+        result.push_str("<redacted>");
+        out = rest[end..].to_owned();
+    }
+    result.push_str(&out);
+    result
+}
+
 /// Parses a connection string and builds its TLS connector.
 pub fn target(database_url: &str) -> Result<Target, TlsError> {
     let (rest, settings) = split(database_url);
@@ -429,5 +488,28 @@ mod tests {
         // The password never shows in the debug form.
         let t = target("postgres://u:secret@h/db").unwrap();
         assert!(!format!("{t:?}").contains("secret"));
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_every_form() {
+        for (url, hidden) in [
+            ("postgres://app:hunter2@db:5432/x", "hunter2"),
+            (
+                "postgresql://app:hun%40ter2@db/x?sslmode=require",
+                "hun%40ter2",
+            ),
+            (
+                "postgres://app@db/x?password=hunter2&sslmode=require",
+                "hunter2",
+            ),
+            ("host=db user=app password=hunter2 dbname=x", "hunter2"),
+            ("host=db password='hun ter\\'2' dbname=x", "ter"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(hidden), "{url} -> {shown}");
+            assert!(shown.contains("<redacted>"), "{url} -> {shown}");
+        }
+        assert_eq!(redact("host=db user=app"), "host=db user=app");
+        assert!(redact("host=db dbname=x password=p sslmode=require").ends_with("sslmode=require"));
     }
 }

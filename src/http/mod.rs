@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use crate::access::{Access, AuthError, Gate, Principal};
 use crate::capture::CaptureState;
 use crate::config::Config;
 use crate::hub::Hub;
@@ -39,12 +40,23 @@ pub struct AppState {
     pub token: CancellationToken,
     /// Every socket task holds a token of it, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Who may read and write what.
+    pub gate: Gate,
 }
 
 impl AppState {
     /// The exposed table named `resource` (`items`, `shop.orders`), as last read.
     pub fn table(&self, resource: &str) -> Option<TableInfo> {
         self.tables.get(resource)
+    }
+
+    /// The exposed table named `resource` and what `principal` may do with it; `None` for a
+    /// table that is not exposed and for one the principal has no right on (the two are
+    /// indistinguishable to the caller).
+    pub fn table_for(&self, resource: &str, principal: &Principal) -> Option<(TableInfo, Access)> {
+        let table = self.tables.get(resource)?;
+        let access = self.gate.access(&table, principal);
+        access.any().then_some((table, access))
     }
 
     /// Re-reads a table's columns from the catalog (a column was added or renamed since the
@@ -116,6 +128,54 @@ impl ApiError {
             message: message.into(),
         }
     }
+}
+
+impl ApiError {
+    /// 401 for a missing, invalid or expired token (the message says which, never the token).
+    pub fn unauthorized(err: &AuthError) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: match err {
+                AuthError::Expired => "token_expired",
+                _ => "unauthorized",
+            },
+            message: err.to_string(),
+        }
+    }
+
+    /// 403 with code `forbidden`.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: message.into(),
+        }
+    }
+}
+
+/// The token of a request: `Authorization: Bearer`, else an `apikey` header.
+pub fn token_header() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(warp::header::optional::<String>("apikey"))
+        .map(|authorization: Option<String>, apikey: Option<String>| {
+            crate::access::auth::bearer(authorization.as_deref(), apikey.as_deref())
+        })
+        .or(warp::any().map(|| None))
+        .unify()
+}
+
+/// The caller of a REST request; a bad or missing (when required) token is a 401.
+pub fn caller(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Principal,), Error = Rejection> + Clone {
+    token_header().and(with_state(state)).and_then(
+        |token: Option<String>, state: Arc<AppState>| async move {
+            state
+                .gate
+                .principal(token.as_deref())
+                .map_err(|err| warp::reject::custom(ApiError::unauthorized(&err)))
+        },
+    )
 }
 
 fn with_state(

@@ -23,16 +23,14 @@ use tokio_postgres::types::ToSql;
 use warp::http::StatusCode;
 use warp::{Buf, Filter, Rejection, Reply};
 
-use super::{ApiError, AppState, with_state};
+use super::{ApiError, AppState, caller, with_state};
+use crate::access::{Access, Principal};
 use crate::filter::{self, FilterError, RawCondition};
 use crate::row::Fields;
 use crate::sql::{TableInfo, quote_ident, quote_table};
 
 /// Rows a list returns when the request sets no `limit`.
 const DEFAULT_LIMIT: i64 = 100;
-
-/// Most rows a list returns, whatever `limit` says.
-const MAX_LIMIT: i64 = 1000;
 
 /// Most single-value probes spent finding which column a rejected value belongs to.
 const MAX_PROBES: usize = 1000;
@@ -66,10 +64,11 @@ async fn respond(
 fn list(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / String)
         .and(warp::get())
-        .and(with_state(state))
+        .and(with_state(Arc::clone(&state)))
+        .and(caller(state))
         .and(warp::query::<Vec<(String, String)>>())
-        .and_then(|resource: String, state: Arc<AppState>, query| {
-            respond(list_rows(state, resource, query))
+        .and_then(|resource: String, state: Arc<AppState>, who, query| {
+            respond(list_rows(state, who, resource, query))
         })
 }
 
@@ -79,30 +78,37 @@ fn get_one(
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / String / String)
         .and(warp::get())
-        .and(with_state(state))
+        .and(with_state(Arc::clone(&state)))
+        .and(caller(state))
         .and(warp::query::<Vec<(String, String)>>())
-        .and_then(|resource, id, state, query| respond(read_row(state, resource, id, query)))
+        .and_then(|resource, id, state, who, query| {
+            respond(read_row(state, who, resource, id, query))
+        })
 }
 
 /// POST /api/{table} with an object or an array of objects: 201 with the stored row(s)
 fn create(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let limit = state.config.max_body_bytes;
+    let timeout = state.config.limits.body_timeout;
     warp::path!("api" / String)
         .and(warp::post())
-        .and(with_state(state))
-        .and(body(limit))
-        .and_then(|resource, state, body| respond(insert_rows(state, resource, body)))
+        .and(with_state(Arc::clone(&state)))
+        .and(caller(state))
+        .and(body(limit, timeout))
+        .and_then(|resource, state, who, body| respond(insert_rows(state, who, resource, body)))
 }
 
 /// PATCH /api/{table}/{id} with an object: sets the columns it names; 200 with the row
 fn update(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let limit = state.config.max_body_bytes;
+    let timeout = state.config.limits.body_timeout;
     warp::path!("api" / String / String)
         .and(warp::patch())
-        .and(with_state(state))
-        .and(body(limit))
-        .and_then(|resource, id, state, body| {
-            respond(update_row(state, resource, id, body, Write::Patch))
+        .and(with_state(Arc::clone(&state)))
+        .and(caller(state))
+        .and(body(limit, timeout))
+        .and_then(|resource, id, state, who, body| {
+            respond(update_row(state, who, resource, id, body, Write::Patch))
         })
 }
 
@@ -112,12 +118,14 @@ fn replace(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let limit = state.config.max_body_bytes;
+    let timeout = state.config.limits.body_timeout;
     warp::path!("api" / String / String)
         .and(warp::put())
-        .and(with_state(state))
-        .and(body(limit))
-        .and_then(|resource, id, state, body| {
-            respond(update_row(state, resource, id, body, Write::Put))
+        .and(with_state(Arc::clone(&state)))
+        .and(caller(state))
+        .and(body(limit, timeout))
+        .and_then(|resource, id, state, who, body| {
+            respond(update_row(state, who, resource, id, body, Write::Put))
         })
 }
 
@@ -125,26 +133,57 @@ fn replace(
 fn remove(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     warp::path!("api" / String / String)
         .and(warp::delete())
-        .and(with_state(state))
-        .and_then(|resource, id, state| respond(delete_row(state, resource, id)))
+        .and(with_state(Arc::clone(&state)))
+        .and(caller(state))
+        .and_then(|resource, id, state, who| respond(delete_row(state, who, resource, id)))
 }
 
-/// The request body, at most `limit` bytes: a larger `content-length` is refused before
-/// anything is read, and a body without one (chunked) is refused as soon as it passes `limit`.
-fn body(limit: u64) -> impl Filter<Extract = (Vec<u8>,), Error = Rejection> + Clone {
+/// The request body: JSON (`Content-Type: application/json`, so that a web page cannot send
+/// one without a CORS preflight), at most `limit` bytes (a larger `content-length` is refused
+/// before anything is read, a chunked body as soon as it passes `limit`), sent within
+/// `timeout` (a client that announces a body and stalls is answered 408).
+fn body(
+    limit: u64,
+    timeout: std::time::Duration,
+) -> impl Filter<Extract = (Vec<u8>,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
-        .and_then(move |length: Option<u64>| async move {
-            match length {
-                Some(length) if length > limit => Err(warp::reject::custom(too_large(limit))),
-                _ => Ok(()),
-            }
-        })
+        .and(warp::header::optional::<String>("content-type"))
+        .and_then(
+            move |length: Option<u64>, content_type: Option<String>| async move {
+                let json = content_type.as_deref().is_some_and(|t| {
+                    let essence = t.split(';').next().unwrap_or("").trim();
+                    essence.eq_ignore_ascii_case("application/json")
+                        || (essence.len() > 5
+                            && essence[..essence.len() - 5].contains('/')
+                            && essence.to_ascii_lowercase().ends_with("+json"))
+                });
+                if !json {
+                    return Err(warp::reject::custom(ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported_media_type",
+                        "Send the body as JSON with Content-Type: application/json",
+                    )));
+                }
+                match length {
+                    Some(length) if length > limit => Err(warp::reject::custom(too_large(limit))),
+                    _ => Ok(()),
+                }
+            },
+        )
         .untuple_one()
         .and(warp::body::stream())
         .and_then(move |stream| async move {
-            read_limited(stream, limit)
-                .await
-                .map_err(warp::reject::custom)
+            match tokio::time::timeout(timeout, read_limited(stream, limit)).await {
+                Ok(read) => read.map_err(warp::reject::custom),
+                Err(_) => Err(warp::reject::custom(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "The request body did not arrive within {} s",
+                        timeout.as_secs()
+                    ),
+                ))),
+            }
         })
 }
 
@@ -184,18 +223,134 @@ where
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
+/// A table as one caller may use it.
+struct Scope {
+    table: TableInfo,
+    access: Access,
+    principal: Principal,
+}
+
+impl Scope {
+    /// The table and the caller's rights; a table the caller has no right on is as unknown as
+    /// one that is not exposed.
+    fn new(state: &AppState, principal: Principal, resource: &str) -> Result<Scope, ApiError> {
+        // Path segments arrive percent-encoded.
+        let decoded = percent_decode_str(resource).decode_utf8_lossy();
+        let (table, access) = state.table_for(&decoded, &principal).ok_or_else(|| {
+            ApiError::not_found(format!("Table {decoded:?} is not exposed by this relay"))
+        })?;
+        Ok(Scope {
+            table,
+            access,
+            principal,
+        })
+    }
+
+    /// Refuses what the caller may not do (it may see that the table exists: it has a right).
+    fn require(&self, right: bool, what: &str) -> Result<(), ApiError> {
+        if right {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "Not allowed to {what} {}",
+                self.table.resource
+            )))
+        }
+    }
+
+    /// The columns a row shows this caller (`select` if given, else every visible one).
+    fn columns_shown(&self, select: Option<Vec<String>>) -> Option<Vec<String>> {
+        select.or_else(|| {
+            self.access.columns.as_ref().map(|_| {
+                self.table
+                    .columns
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .filter(|c| self.access.sees(c))
+                    .collect()
+            })
+        })
+    }
+
+    /// The caller's filter, typed.
+    async fn policy(&self, client: &tokio_postgres::Client) -> Result<filter::Filter, ApiError> {
+        if self.access.filter.is_empty() {
+            return Ok(filter::Filter::default());
+        }
+        filter::compile(client, &self.table.columns, self.access.filter.clone())
+            .await
+            .map_err(|err| match err {
+                FilterError::Db(db) => db_error(&db, &self.table),
+                other => {
+                    // A claim that does not fit the column: this caller has no rows.
+                    tracing::debug!(error = %other, table = %self.table.name, "a policy filter did not bind");
+                    ApiError::forbidden(format!("Not allowed to use {}", self.table.resource))
+                }
+            })
+    }
+
+    /// Names the caller may not see are unknown columns, as if they did not exist.
+    fn check_visible<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), ApiError> {
+        for name in names {
+            if !self.access.sees(name) {
+                return Err(unknown_column(&self.table, name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the request's transaction; with `rest_set_role`, as the caller's database role with
+/// `request.jwt.claims` set (PostgREST's model: grants and row-level security apply).
+async fn begin<'c>(
+    state: &AppState,
+    client: &'c mut deadpool_postgres::Object,
+    scope: &Scope,
+) -> Result<deadpool_postgres::Transaction<'c>, ApiError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|err| db_error(&err, &scope.table))?;
+    if state.config.rest_set_role {
+        let claims = Value::Object(scope.principal.claims.clone()).to_string();
+        tx.execute(
+            "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true)",
+            &[&scope.principal.role, &claims],
+        )
+        .await
+        .map_err(|err| {
+            tracing::debug!(error = %crate::error::chain(&err), role = %scope.principal.role, "cannot take the caller's role");
+            ApiError::forbidden(format!("Role {:?} cannot be used", scope.principal.role))
+        })?;
+    }
+    Ok(tx)
+}
+
 async fn list_rows(
     state: Arc<AppState>,
+    principal: Principal,
     resource: String,
     query: Vec<(String, String)>,
 ) -> Result<warp::reply::Response, ApiError> {
-    let table = lookup(&state, &resource)?;
-    let request = ListRequest::from_pairs(&query)?;
-    let client = connection(&state).await?;
-    let table = known_columns(&state, &client, table, request.columns()).await?;
+    let scope = Scope::new(&state, principal, &resource)?;
+    scope.require(scope.access.read, "read")?;
+    let request = ListRequest::from_pairs(&query, state.config.limits.max_rows)?;
+    scope.check_visible(request.columns())?;
+    state
+        .config
+        .limits
+        .filter()
+        .check(&request.filters)
+        .map_err(|e| filter_error(e, &scope.table))?;
+    let mut client = connection(&state).await?;
+    let table = known_columns(&state, &client, scope.table.clone(), request.columns()).await?;
     let filter = filter::compile(&client, &table.columns, request.filters.clone())
         .await
         .map_err(|err| filter_error(err, &table))?;
+    let filter = filter.and(scope.policy(&client).await?);
     let mut params: Params = Vec::new();
     let condition = filter.to_sql(&mut params);
     let mut order: Vec<String> = request
@@ -230,24 +385,29 @@ async fn list_rows(
         quote_table(&table.name),
         order.join(", "),
     );
-    let rows = client
+    let shown = scope.columns_shown(request.select.clone());
+    let tx = begin(&state, &mut client, &scope).await?;
+    let rows = tx
         .query(&sql, &refs(&params))
         .await
         .map_err(|err| db_error(&err, &table))?;
     let rows: Vec<String> = rows
         .iter()
-        .map(|r| project(r.get(0), request.select.as_deref()))
+        .map(|r| project(r.get(0), shown.as_deref()))
         .collect();
+    tx.commit().await.map_err(|err| db_error(&err, &table))?;
     Ok(raw_json(StatusCode::OK, json_array(&rows)))
 }
 
 async fn read_row(
     state: Arc<AppState>,
+    principal: Principal,
     resource: String,
     id: String,
     query: Vec<(String, String)>,
 ) -> Result<warp::reply::Response, ApiError> {
-    let table = lookup(&state, &resource)?;
+    let scope = Scope::new(&state, principal, &resource)?;
+    scope.require(scope.access.read, "read")?;
     let mut select = None;
     for (key, value) in &query {
         match key.as_str() {
@@ -259,39 +419,91 @@ async fn read_row(
             }
         }
     }
-    let key = parse_key(&table, &id)?;
-    let client = connection(&state).await?;
-    let table = known_columns(&state, &client, table, select.iter().flatten()).await?;
+    scope.check_visible(select.iter().flatten())?;
+    let key = parse_key(&scope.table, &id)?;
+    let mut client = connection(&state).await?;
+    let table = known_columns(
+        &state,
+        &client,
+        scope.table.clone(),
+        select.iter().flatten(),
+    )
+    .await?;
+    let policy = scope.policy(&client).await?;
     let mut params: Params = Vec::new();
     let sql = format!(
-        "select to_json(t.*)::text from {} as t where {}",
+        "select to_json(t.*)::text from {} as t where {} and {}",
         quote_table(&table.name),
-        key_condition(&table, &key, &mut params)?
+        key_condition(&table, &key, &mut params)?,
+        policy.to_sql(&mut params),
     );
-    let row = client
+    let shown = scope.columns_shown(select);
+    let tx = begin(&state, &mut client, &scope).await?;
+    let row = tx
         .query_opt(&sql, &refs(&params))
         .await
         .map_err(|err| db_error(&err, &table))?
         .ok_or_else(|| missing_row(&table, &id))?;
+    tx.commit().await.map_err(|err| db_error(&err, &table))?;
     Ok(raw_json(
         StatusCode::OK,
-        project(row.get(0), select.as_deref()),
+        project(row.get(0), shown.as_deref()),
     ))
+}
+
+/// Refuses a stored row outside the caller's rows (the transaction is rolled back).
+fn check_in_policy(
+    scope: &Scope,
+    policy: &filter::Filter,
+    stored: &[String],
+) -> Result<(), ApiError> {
+    if stored.iter().all(|row| policy.matches_text(row)) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "The row would be outside the rows of {} this caller may write",
+            scope.table.resource
+        )))
+    }
 }
 
 async fn insert_rows(
     state: Arc<AppState>,
+    principal: Principal,
     resource: String,
     body: Vec<u8>,
 ) -> Result<warp::reply::Response, ApiError> {
-    let table = lookup(&state, &resource)?;
+    let scope = Scope::new(&state, principal, &resource)?;
+    scope.require(scope.access.insert, "insert into")?;
     let (rows, many) = parse_body(&body)?;
+    scope.check_visible(rows.iter().flat_map(Map::keys))?;
     let mut client = connection(&state).await?;
-    let table = known_columns(&state, &client, table, rows.iter().flat_map(Map::keys)).await?;
-    let stored = match insert(&mut client, &table, &rows).await {
+    let table = known_columns(
+        &state,
+        &client,
+        scope.table.clone(),
+        rows.iter().flat_map(Map::keys),
+    )
+    .await?;
+    let policy = scope.policy(&client).await?;
+    let tx = begin(&state, &mut client, &scope).await?;
+    let stored = match insert(&tx, &table, &rows).await {
         Ok(stored) => stored,
-        Err(err) => return Err(write_error(&client, &table, &err, &rows).await),
+        Err(err) => {
+            drop(tx);
+            return Err(write_error(&client, &table, &err, &rows).await);
+        }
     };
+    check_in_policy(&scope, &policy, &stored)?;
+    tx.commit().await.map_err(|err| db_error(&err, &table))?;
+    if !scope.access.read {
+        return Ok(raw_json(StatusCode::CREATED, String::new()));
+    }
+    let shown = scope.columns_shown(None);
+    let stored: Vec<String> = stored
+        .into_iter()
+        .map(|r| project(r, shown.as_deref()))
+        .collect();
     let body = if many {
         json_array(&stored)
     } else {
@@ -314,13 +526,15 @@ enum Write {
 
 async fn update_row(
     state: Arc<AppState>,
+    principal: Principal,
     resource: String,
     id: String,
     body: Vec<u8>,
     write: Write,
 ) -> Result<warp::reply::Response, ApiError> {
-    let table = lookup(&state, &resource)?;
-    let key = parse_key(&table, &id)?;
+    let scope = Scope::new(&state, principal, &resource)?;
+    scope.require(scope.access.update, "update")?;
+    let key = parse_key(&scope.table, &id)?;
     let (rows, many) = parse_body(&body)?;
     let row = match rows.into_iter().next() {
         Some(row) if !many => row,
@@ -335,50 +549,77 @@ async fn update_row(
     if write == Write::Patch && row.is_empty() {
         return Err(ApiError::bad_request("The body names no column to update"));
     }
-    let client = connection(&state).await?;
-    let table = known_columns(&state, &client, table, row.keys()).await?;
-    let mut params: Params = vec![Box::new(Value::Object(row.clone()))];
-    let sql = update_sql(&table, &row, write, &key, &mut params)?;
-    let result = client.query_opt(&sql, &refs(&params)).await;
-    match result {
-        Ok(Some(stored)) => Ok(raw_json(StatusCode::OK, stored.get(0))),
-        Ok(None) => Err(missing_row(&table, &id)),
-        Err(err) => Err(write_error(&client, &table, &err, &[row]).await),
+    scope.check_visible(row.keys())?;
+    if write == Write::Put && scope.access.columns.is_some() {
+        // PUT resets every column the body leaves out, hidden ones included.
+        return Err(ApiError::forbidden(format!(
+            "Not allowed to replace whole rows of {}; use PATCH",
+            scope.table.resource
+        )));
     }
+    let mut client = connection(&state).await?;
+    let table = known_columns(&state, &client, scope.table.clone(), row.keys()).await?;
+    let policy = scope.policy(&client).await?;
+    let mut params: Params = vec![Box::new(Value::Object(row.clone()))];
+    let sql = update_sql(&table, &row, write, &key, &policy, &mut params)?;
+    let tx = begin(&state, &mut client, &scope).await?;
+    let stored = match tx.query_opt(&sql, &refs(&params)).await {
+        Ok(Some(stored)) => stored.get::<_, String>(0),
+        Ok(None) => return Err(missing_row(&table, &id)),
+        Err(err) => {
+            drop(tx);
+            return Err(write_error(&client, &table, &err, &[row]).await);
+        }
+    };
+    check_in_policy(&scope, &policy, std::slice::from_ref(&stored))?;
+    tx.commit().await.map_err(|err| db_error(&err, &table))?;
+    let shown = if scope.access.read {
+        scope.columns_shown(None)
+    } else {
+        Some(table.key_columns.clone())
+    };
+    Ok(raw_json(StatusCode::OK, project(stored, shown.as_deref())))
 }
 
 async fn delete_row(
     state: Arc<AppState>,
+    principal: Principal,
     resource: String,
     id: String,
 ) -> Result<warp::reply::Response, ApiError> {
-    let table = lookup(&state, &resource)?;
-    let key = parse_key(&table, &id)?;
-    let client = connection(&state).await?;
+    let scope = Scope::new(&state, principal, &resource)?;
+    scope.require(scope.access.delete, "delete from")?;
+    let key = parse_key(&scope.table, &id)?;
+    let mut client = connection(&state).await?;
+    let table = scope.table.clone();
+    let policy = scope.policy(&client).await?;
     let mut params: Params = Vec::new();
     let sql = format!(
-        "delete from {} as t where {} returning to_json(t.*)::text",
+        "delete from {} as t where {} and {} returning to_json(t.*)::text",
         quote_table(&table.name),
-        key_condition(&table, &key, &mut params)?
+        key_condition(&table, &key, &mut params)?,
+        policy.to_sql(&mut params),
     );
-    let row = client
+    let tx = begin(&state, &mut client, &scope).await?;
+    let row = tx
         .query_opt(&sql, &refs(&params))
         .await
         .map_err(|err| db_error(&err, &table))?
         .ok_or_else(|| missing_row(&table, &id))?;
-    Ok(raw_json(StatusCode::OK, row.get(0)))
+    tx.commit().await.map_err(|err| db_error(&err, &table))?;
+    let shown = if scope.access.read {
+        scope.columns_shown(None)
+    } else {
+        Some(table.key_columns.clone())
+    };
+    Ok(raw_json(
+        StatusCode::OK,
+        project(row.get(0), shown.as_deref()),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Requests
-
-fn lookup(state: &AppState, resource: &str) -> Result<TableInfo, ApiError> {
-    // Path segments arrive percent-encoded.
-    let decoded = percent_decode_str(resource).decode_utf8_lossy();
-    state.table(&decoded).ok_or_else(|| {
-        ApiError::not_found(format!("Table {decoded:?} is not exposed by this relay"))
-    })
-}
 
 async fn connection(state: &AppState) -> Result<deadpool_postgres::Object, ApiError> {
     state.pool.get().await.map_err(|err| {
@@ -511,9 +752,9 @@ struct ListRequest {
 }
 
 impl ListRequest {
-    fn from_pairs(pairs: &[(String, String)]) -> Result<Self, ApiError> {
+    fn from_pairs(pairs: &[(String, String)], max_rows: i64) -> Result<Self, ApiError> {
         let mut request = ListRequest {
-            limit: DEFAULT_LIMIT,
+            limit: DEFAULT_LIMIT.min(max_rows),
             ..ListRequest::default()
         };
         for (key, value) in pairs {
@@ -521,7 +762,14 @@ impl ListRequest {
                 "select" => request.select = Some(parse_select(value)?),
                 "order" => request.order = parse_order(value)?,
                 "limit" => {
-                    request.limit = parse_count(key, value)?.min(MAX_LIMIT);
+                    request.limit = parse_count(key, value)?;
+                    if request.limit > max_rows {
+                        return Err(ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "limit_too_large",
+                            format!("limit may be at most {max_rows} (page with offset)"),
+                        ));
+                    }
                 }
                 "offset" => request.offset = parse_count(key, value)?,
                 column => request
@@ -708,9 +956,9 @@ fn insert_many_sql(table: &TableInfo, columns: &[String]) -> String {
     )
 }
 
-/// Stores `rows` in one transaction and returns them as stored, in order.
+/// Stores `rows` (in the request's transaction) and returns them as stored, in order.
 async fn insert(
-    client: &mut deadpool_postgres::Object,
+    tx: &deadpool_postgres::Transaction<'_>,
     table: &TableInfo,
     rows: &[Row],
 ) -> Result<Vec<String>, tokio_postgres::Error> {
@@ -720,14 +968,10 @@ async fn insert(
     let first = named_columns(table, &rows[0]);
     let same = rows.iter().all(|r| named_columns(table, r) == first);
     if rows.len() > 1 && same && !first.is_empty() {
-        // One statement: already atomic.
         let items = Value::Array(rows.iter().cloned().map(Value::Object).collect());
-        let stored = client
-            .query(&insert_many_sql(table, &first), &[&items])
-            .await?;
+        let stored = tx.query(&insert_many_sql(table, &first), &[&items]).await?;
         return Ok(stored.iter().map(|r| r.get(0)).collect());
     }
-    let tx = client.transaction().await?;
     let mut statements = HashMap::new();
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
@@ -745,7 +989,6 @@ async fn insert(
         };
         out.push(stored.get(0));
     }
-    tx.commit().await?;
     Ok(out)
 }
 
@@ -756,6 +999,7 @@ fn update_sql(
     row: &Row,
     write: Write,
     key: &[String],
+    policy: &filter::Filter,
     params: &mut Params,
 ) -> Result<String, ApiError> {
     let target = quote_table(&table.name);
@@ -773,10 +1017,12 @@ fn update_sql(
         let name = quote_ident(&table.key_columns[0]);
         sets.push(format!("{name} = t.{name}"));
     }
+    let key = key_condition(table, key, params)?;
+    // The policy is on the row as it was: `t.` qualifies its columns against the target.
+    let policy = policy.to_sql_qualified("t", params);
     Ok(format!(
-        "update {target} as t set {} from jsonb_populate_record(null::{target}, $1::jsonb) as r where {} returning to_json(t.*)::text",
+        "update {target} as t set {} from jsonb_populate_record(null::{target}, $1::jsonb) as r where {key} and {policy} returning to_json(t.*)::text",
         sets.join(", "),
-        key_condition(table, key, params)?
     ))
 }
 
@@ -789,6 +1035,7 @@ fn filter_error(err: FilterError, table: &TableInfo) -> ApiError {
         FilterError::UnknownColumn(_) => "unknown_column",
         FilterError::BadValue { .. } => "bad_value",
         FilterError::Syntax { .. } | FilterError::BadOperator { .. } => "bad_filter",
+        FilterError::TooLarge(_) => "filter_too_large",
     };
     ApiError::new(StatusCode::BAD_REQUEST, code, err.to_string())
 }
@@ -964,16 +1211,21 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect::<Vec<_>>()
         };
-        let r = ListRequest::from_pairs(&pairs(&[])).unwrap();
+        let r = ListRequest::from_pairs(&pairs(&[]), 1000).unwrap();
         assert_eq!((r.limit, r.offset), (DEFAULT_LIMIT, 0));
-        let r = ListRequest::from_pairs(&pairs(&[
-            ("limit", "5000"),
-            ("offset", "3"),
-            ("price", "gt.10"),
-            ("select", "id,name"),
-        ]))
+        let err = ListRequest::from_pairs(&pairs(&[("limit", "5000")]), 1000).unwrap_err();
+        assert_eq!(err.code, "limit_too_large");
+        let r = ListRequest::from_pairs(
+            &pairs(&[
+                ("limit", "1000"),
+                ("offset", "3"),
+                ("price", "gt.10"),
+                ("select", "id,name"),
+            ]),
+            1000,
+        )
         .unwrap();
-        assert_eq!((r.limit, r.offset), (MAX_LIMIT, 3));
+        assert_eq!((r.limit, r.offset), (1000, 3));
         assert_eq!(r.filters.len(), 1);
         assert_eq!(r.columns().count(), 3);
         for bad in [
@@ -982,7 +1234,7 @@ mod tests {
             ("price", "gt"),
             ("select", "a,,b"),
         ] {
-            let err = ListRequest::from_pairs(&pairs(&[bad])).unwrap_err();
+            let err = ListRequest::from_pairs(&pairs(&[bad]), 1000).unwrap_err();
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad:?}");
         }
     }
@@ -1018,7 +1270,15 @@ mod tests {
         assert!(sql.contains(r#""public"."we""ird""#), "{sql}");
         assert!(!sql.contains("x'"), "values are never in the text: {sql}");
         let mut params = Vec::new();
-        let sql = update_sql(&t, &body, Write::Put, &["1".into()], &mut params).unwrap();
+        let sql = update_sql(
+            &t,
+            &body,
+            Write::Put,
+            &["1".into()],
+            &filter::Filter::default(),
+            &mut params,
+        )
+        .unwrap();
         assert_eq!(params.len(), 1);
         assert!(sql.contains("t.\"id\" = $1::text::integer"), "{sql}");
         assert!(
@@ -1026,7 +1286,15 @@ mod tests {
             "PUT keeps the key: {sql}"
         );
         let mut params = Vec::new();
-        let sql = update_sql(&t, &body, Write::Patch, &["1".into()], &mut params).unwrap();
+        let sql = update_sql(
+            &t,
+            &body,
+            Write::Patch,
+            &["1".into()],
+            &filter::Filter::default(),
+            &mut params,
+        )
+        .unwrap();
         assert!(
             !sql.contains("default"),
             "PATCH sets only what the body names: {sql}"

@@ -24,7 +24,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use warp::hyper::upgrade::{OnUpgrade, Upgraded};
 use warp::{Filter, Rejection, Reply};
 
-use super::{ApiError, AppState, with_state};
+use super::{ApiError, AppState, token_header, with_state};
+use crate::access::{Access, AuthError, Principal};
 use crate::event::control;
 use crate::filter;
 use crate::hub::{Cursor, Entry, Overflow, Resume, Topic};
@@ -57,10 +58,13 @@ mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN: u16 = 1013;
     pub const TOO_BIG: u16 = 1009;
+    pub const UNAUTHORIZED: u16 = 4001;
     pub const BAD_REQUEST: u16 = 4400;
     pub const NOT_FOUND: u16 = 4004;
     pub const SLOW_CONSUMER: u16 = 4008;
+    pub const RATE_LIMITED: u16 = 4029;
 }
 
 /// Where a subscription starts reading: at the head, or where a client that saw `since`
@@ -101,40 +105,188 @@ async fn drawn(state: &AppState, seq: i64) -> Option<bool> {
 enum SetupError {
     /// The request is wrong: 400, or an `error` message.
     Bad(String),
+    /// The table is not exposed, or not readable by this caller (the same to the caller).
+    NotFound,
     /// The database could not check it: 503, or an `error` message.
     Unavailable,
 }
 
-/// Checks a subscription's parameters against the table (filters need PostgreSQL to type
-/// their values, so only they cost a query).
+/// Checks a subscription's parameters against the table and the caller's access (filters
+/// need PostgreSQL to type their values, so only they cost a query).
 async fn compile_shape(
     state: &AppState,
     table: &TableInfo,
     params: &Params,
+    access: &Access,
 ) -> Result<Shape, SetupError> {
-    let filter = if params.has_filters() {
+    if !access.read {
+        return Err(SetupError::NotFound);
+    }
+    if let Some(hidden) = params.filters.iter().find(|c| !access.sees(&c.column)) {
+        let err = filter::FilterError::UnknownColumn(hidden.column.clone());
+        return Err(SetupError::Bad(err.to_string()));
+    }
+    state
+        .config
+        .limits
+        .filter()
+        .check(&params.filters)
+        .map_err(|e| SetupError::Bad(e.to_string()))?;
+    let (filter, policy) = if params.has_filters() || !access.filter.is_empty() {
         let client = state.pool.get().await.map_err(|err| {
             tracing::warn!(error = %err, "no database connection to check a filter");
             SetupError::Unavailable
         })?;
-        match filter::compile(&client, &table.columns, params.filters.clone()).await {
+        let unavailable = |err: &tokio_postgres::Error| {
+            tracing::warn!(error = %crate::error::chain(err), "checking a filter failed");
+            SetupError::Unavailable
+        };
+        let filter = match filter::compile(&client, &table.columns, params.filters.clone()).await {
             Ok(filter) => filter,
-            Err(filter::FilterError::Db(err)) => {
-                tracing::warn!(error = %crate::error::chain(&err), "checking a filter failed");
-                return Err(SetupError::Unavailable);
-            }
+            Err(filter::FilterError::Db(err)) => return Err(unavailable(&err)),
             Err(err) => return Err(SetupError::Bad(err.to_string())),
-        }
+        };
+        let policy = match filter::compile(&client, &table.columns, access.filter.clone()).await {
+            Ok(policy) => policy,
+            Err(filter::FilterError::Db(err)) => return Err(unavailable(&err)),
+            Err(err) => {
+                // A claim that does not fit the column: this caller has no rows here.
+                tracing::debug!(error = %err, table = %table.name, "a policy filter did not bind");
+                return Err(SetupError::NotFound);
+            }
+        };
+        (filter, policy)
     } else {
-        filter::Filter::default()
+        (filter::Filter::default(), filter::Filter::default())
     };
-    Shape::new(table, params, filter).map_err(|e: ShapeError| SetupError::Bad(e.to_string()))
+    Shape::new(table, params, filter, policy, access.columns.as_deref())
+        .map_err(|e: ShapeError| SetupError::Bad(e.to_string()))
 }
 
-/// The exposed table a path segment or message names (path segments arrive percent-encoded;
-/// decoding a plain name changes nothing).
-fn lookup(state: &AppState, resource: &str) -> Option<TableInfo> {
-    state.table(&percent_encoding::percent_decode_str(resource).decode_utf8_lossy())
+/// Percent-decodes a path segment (decoding a plain name changes nothing).
+fn decode(resource: &str) -> String {
+    percent_encoding::percent_decode_str(resource)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Why a socket is refused: an HTTP status for a plain request; for an upgrade request, an
+/// `error` message and a close code after the upgrade, which browsers can read.
+#[derive(Debug)]
+struct Refusal {
+    status: warp::http::StatusCode,
+    code: &'static str,
+    message: String,
+    close: u16,
+    reason: &'static str,
+}
+
+impl Refusal {
+    fn unauthorized(err: &AuthError) -> Refusal {
+        let api = ApiError::unauthorized(err);
+        Refusal {
+            status: api.status,
+            code: api.code,
+            message: api.message,
+            close: close::UNAUTHORIZED,
+            reason: match err {
+                AuthError::Expired => "token expired",
+                AuthError::Missing => "authentication required",
+                AuthError::Invalid(_) => "invalid token",
+            },
+        }
+    }
+
+    fn from_setup(err: SetupError, resource: &str) -> Refusal {
+        match err {
+            SetupError::Bad(message) => Refusal {
+                status: warp::http::StatusCode::BAD_REQUEST,
+                code: "bad_request",
+                message,
+                close: close::BAD_REQUEST,
+                reason: "bad request",
+            },
+            SetupError::NotFound => Refusal {
+                status: warp::http::StatusCode::NOT_FOUND,
+                code: "not_found",
+                message: format!("Table {resource:?} is not exposed by this relay"),
+                close: close::NOT_FOUND,
+                reason: "table not exposed",
+            },
+            SetupError::Unavailable => Refusal {
+                status: warp::http::StatusCode::SERVICE_UNAVAILABLE,
+                code: "unavailable",
+                message: "The database is unavailable; try again".into(),
+                close: close::TRY_AGAIN,
+                reason: "database unavailable",
+            },
+        }
+    }
+
+    fn into_rejection(self) -> Rejection {
+        warp::reject::custom(ApiError::new(self.status, self.code, self.message))
+    }
+}
+
+/// A `/ws/{table}` subscription checked against the table and the caller.
+struct Ready {
+    table: TableInfo,
+    access: Access,
+    shape: Shape,
+}
+
+async fn prepare(
+    state: &AppState,
+    resource: &str,
+    params: &Params,
+    principal: &Principal,
+) -> Result<Ready, Refusal> {
+    let (table, access) = state
+        .table_for(resource, principal)
+        .ok_or_else(|| Refusal::from_setup(SetupError::NotFound, resource))?;
+    let shape = compile_shape(state, &table, params, &access)
+        .await
+        .map_err(|e| Refusal::from_setup(e, resource))?;
+    Ok(Ready {
+        table,
+        access,
+        shape,
+    })
+}
+
+/// The query keys that carry a token (`access_token`, and Supabase's `apikey`), taken out of
+/// the subscription's keys.
+fn take_token(pairs: Vec<(String, String)>) -> (Vec<(String, String)>, Option<String>) {
+    let mut token = None;
+    let mut rest = Vec::with_capacity(pairs.len());
+    for (key, value) in pairs {
+        match key.as_str() {
+            "access_token" => token = Some(value),
+            "apikey" => {
+                token.get_or_insert(value);
+            }
+            _ => rest.push((key, value)),
+        }
+    }
+    (rest, token)
+}
+
+/// Whether the request asks for a WebSocket upgrade (refusals then come after it).
+fn wants_upgrade() -> impl Filter<Extract = (bool,), Error = std::convert::Infallible> + Clone {
+    warp::header::optional::<String>("upgrade")
+        .map(|u: Option<String>| u.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket")))
+        .or(warp::any().map(|| false))
+        .unify()
+}
+
+/// What a socket starts with.
+enum Opening {
+    /// `/ws`: subscriptions come by message (the caller is `None` until an `auth` message).
+    Multiplexed(Option<Principal>),
+    /// `/ws/{table}`.
+    Table(Box<First>),
+    /// Refused: told after the upgrade.
+    Refused(Refusal),
 }
 
 /// GET /ws/{table}?snapshot=true&since=41&select=id,name&events=create&price=gt.10
@@ -145,59 +297,96 @@ pub fn table_route(
         .and(warp::get())
         .and(with_state(state))
         .and(warp::query::<Vec<(String, String)>>())
+        .and(token_header())
+        .and(wants_upgrade())
         .and_then(
-            |resource: String, state: Arc<AppState>, pairs: Vec<(String, String)>| async move {
-                let table = lookup(&state, &resource).ok_or_else(|| {
-                    warp::reject::custom(ApiError::not_found(format!(
-                        "Table {resource:?} is not exposed by this relay"
-                    )))
-                })?;
-                let params = Params::from_pairs(&pairs)
-                    .map_err(|m| warp::reject::custom(ApiError::bad_request(m)))?;
-                let shape = compile_shape(&state, &table, &params)
-                    .await
-                    .map_err(|e| match e {
-                        SetupError::Bad(m) => warp::reject::custom(ApiError::bad_request(m)),
-                        SetupError::Unavailable => warp::reject::custom(ApiError::unavailable()),
-                    })?;
-                Ok::<_, Rejection>((state, table, params, shape))
+            |resource: String,
+             state: Arc<AppState>,
+             pairs: Vec<(String, String)>,
+             header_token: Option<String>,
+             upgrade: bool| async move {
+                let resource = decode(&resource);
+                let (pairs, query_token) = take_token(pairs);
+                let token = header_token.or(query_token);
+                let opening = open_table(&state, resource, &pairs, token).await;
+                match opening {
+                    Opening::Refused(refusal) if !upgrade => Err(refusal.into_rejection()),
+                    opening => Ok::<_, Rejection>((state, opening)),
+                }
             },
         )
         .untuple_one()
         .and(handshake())
         .map(
-            |state: Arc<AppState>,
-             table: TableInfo,
-             params: Params,
-             shape: Shape,
-             ws: Handshake| {
+            |state: Arc<AppState>, mut opening: Opening, ws: Handshake| {
                 // Subscribe before the upgrade reply goes out: events from now on are ours
                 // (a resume's cursor is placed once the socket is up; its replay is in the
                 // ring either way).
-                let topic = state.hub.topic(&table.resource);
-                let cursor = match (&topic, params.since) {
-                    (Some(topic), None) => Some(topic.subscribe()),
-                    _ => None,
-                };
-                upgrade(
-                    ws,
-                    state,
-                    Some(First {
-                        table,
-                        params,
-                        shape,
-                        cursor,
-                    }),
-                )
+                if let Opening::Table(first) = &mut opening
+                    && first.params.since.is_none()
+                    && let Some(ready) = &first.ready
+                {
+                    first.cursor = state
+                        .hub
+                        .topic(&ready.table.resource)
+                        .map(|t| t.subscribe());
+                }
+                upgrade(ws, state, opening)
             },
         )
 }
 
+/// Checks a `/ws/{table}` request: its keys, its token, and (when the token came with it) the
+/// table and the caller's access.
+async fn open_table(
+    state: &AppState,
+    resource: String,
+    pairs: &[(String, String)],
+    token: Option<String>,
+) -> Opening {
+    let params = match Params::from_pairs(pairs) {
+        Ok(params) => params,
+        Err(message) => {
+            return Opening::Refused(Refusal::from_setup(SetupError::Bad(message), &resource));
+        }
+    };
+    let principal = match state.gate.principal(token.as_deref()) {
+        Ok(principal) => principal,
+        // No token: the socket may still send one in an `auth` message.
+        Err(AuthError::Missing) => {
+            if state.table(&resource).is_none() {
+                return Opening::Refused(Refusal::from_setup(SetupError::NotFound, &resource));
+            }
+            return Opening::Table(Box::new(First {
+                resource,
+                params,
+                principal: None,
+                ready: None,
+                cursor: None,
+            }));
+        }
+        Err(err) => return Opening::Refused(Refusal::unauthorized(&err)),
+    };
+    match prepare(state, &resource, &params, &principal).await {
+        Ok(ready) => Opening::Table(Box::new(First {
+            resource,
+            params,
+            principal: Some(principal),
+            ready: Some(ready),
+            cursor: None,
+        })),
+        Err(refusal) => Opening::Refused(refusal),
+    }
+}
+
 /// The subscription a `/ws/{table}` socket starts with.
 struct First {
-    table: TableInfo,
+    resource: String,
     params: Params,
-    shape: Shape,
+    /// `None` until an `auth` message names the caller.
+    principal: Option<Principal>,
+    /// Checked against the table (once the caller is known).
+    ready: Option<Ready>,
     /// Its cursor, when placed before the upgrade (no `since`).
     cursor: Option<Cursor>,
 }
@@ -209,8 +398,32 @@ pub fn multiplexed_route(
     warp::path!("ws")
         .and(warp::get())
         .and(with_state(state))
+        .and(warp::query::<Vec<(String, String)>>())
+        .and(token_header())
+        .and(wants_upgrade())
+        .and_then(
+            |state: Arc<AppState>,
+             pairs: Vec<(String, String)>,
+             header_token: Option<String>,
+             upgrade: bool| async move {
+                let (_, query_token) = take_token(pairs);
+                let opening = match state
+                    .gate
+                    .principal(header_token.or(query_token).as_deref())
+                {
+                    Ok(principal) => Opening::Multiplexed(Some(principal)),
+                    Err(AuthError::Missing) => Opening::Multiplexed(None),
+                    Err(err) => Opening::Refused(Refusal::unauthorized(&err)),
+                };
+                match opening {
+                    Opening::Refused(refusal) if !upgrade => Err(refusal.into_rejection()),
+                    opening => Ok::<_, Rejection>((state, opening)),
+                }
+            },
+        )
+        .untuple_one()
         .and(handshake())
-        .map(|state: Arc<AppState>, ws: Handshake| upgrade(ws, state, None))
+        .map(|state: Arc<AppState>, opening: Opening, ws: Handshake| upgrade(ws, state, opening))
 }
 
 /// A WebSocket upgrade request (RFC 6455), checked.
@@ -260,7 +473,7 @@ fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone
 }
 
 /// Replies 101 and runs the session on the upgraded connection, as a task of the tracker.
-fn upgrade(handshake: Handshake, state: Arc<AppState>, first: Option<First>) -> impl Reply {
+fn upgrade(handshake: Handshake, state: Arc<AppState>, opening: Opening) -> impl Reply {
     let limit = state.config.max_client_frame;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -273,8 +486,11 @@ fn upgrade(handshake: Handshake, state: Arc<AppState>, first: Option<First>) -> 
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                let single = first.as_ref().map(|f| f.table.resource.clone());
-                Session::new(socket, state, single).run(first).await;
+                let single = match &opening {
+                    Opening::Table(first) => Some(first.resource.clone()),
+                    _ => None,
+                };
+                Session::new(socket, state, single).run(opening).await;
             }
             Err(err) => tracing::debug!(error = %err, "websocket upgrade did not complete"),
         }
@@ -289,6 +505,8 @@ fn upgrade(handshake: Handshake, state: Arc<AppState>, first: Option<First>) -> 
 /// One table subscription on a socket.
 struct Subscription {
     table: TableInfo,
+    /// What the caller may do with the table (a refreshed token must leave it as it is).
+    access: Access,
     topic: Arc<Topic>,
     cursor: Cursor,
     /// What the client asked for (a subscribe message on `/ws/{table}` overrides parts).
@@ -301,9 +519,10 @@ struct Subscription {
 }
 
 impl Subscription {
-    fn new(table: TableInfo, cursor: Cursor, params: Params, shape: Shape) -> Self {
+    fn new(table: TableInfo, access: Access, cursor: Cursor, params: Params, shape: Shape) -> Self {
         Subscription {
             table,
+            access,
             topic: Arc::clone(cursor.topic()),
             cursor,
             params,
@@ -357,6 +576,46 @@ struct Session {
     subs: Vec<Subscription>,
     /// Which subscription is polled first next time (round robin, for fairness).
     next_first: usize,
+    /// Who the socket acts for; `None` until an `auth` message when it came without a token.
+    principal: Option<Principal>,
+    /// When the token expires (4001), or by when an `auth` message must come.
+    deadline: Option<Instant>,
+    /// A `/ws/{table}` subscription waiting for the `auth` message.
+    pending: Option<First>,
+    /// Client messages allowed now (refilled at the configured rate).
+    bucket: Bucket,
+}
+
+/// A token bucket: `rate` messages per second, bursts of `2 × rate`.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Bucket {
+        let rate = f64::from(rate.max(1));
+        Bucket {
+            tokens: 2.0 * rate,
+            rate,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one message's token; false when the client is over its rate.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(2.0 * self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Session {
@@ -383,6 +642,7 @@ impl Session {
         });
         state.metrics.add(&state.metrics.ws_connections, 1);
         let next_ping = Instant::now() + state.config.ping_interval;
+        let bucket = Bucket::new(state.config.limits.max_message_rate);
         Session {
             sink,
             heard,
@@ -393,12 +653,22 @@ impl Session {
             single,
             subs: Vec::new(),
             next_first: 0,
+            principal: None,
+            deadline: None,
+            pending: None,
+            bucket,
         }
     }
 
+    /// Takes the caller: from now on the socket acts for it, until its token expires.
+    fn set_principal(&mut self, principal: Principal) {
+        self.deadline = principal.expires_in().map(|d| Instant::now() + d);
+        self.principal = Some(principal);
+    }
+
     #[tracing::instrument(name = "ws", skip_all, fields(table = ?self.single))]
-    async fn run(mut self, first: Option<First>) {
-        let end = match self.serve(first).await {
+    async fn run(mut self, opening: Opening) {
+        let end = match self.serve(opening).await {
             Ok(end) | Err(end) => end,
         };
         if let End::Close(code, reason) = end {
@@ -427,36 +697,45 @@ impl Session {
         tracing::debug!("socket closed");
     }
 
-    async fn serve(&mut self, first: Option<First>) -> Result<End, End> {
-        if let Some(first) = first {
-            let Some(topic) = self.state.hub.topic(&first.table.resource) else {
-                return Ok(End::Close(close::NOT_FOUND, "table not exposed"));
-            };
-            let (cursor, reset) = match first.cursor {
-                Some(cursor) => (cursor, false),
-                None => open_cursor(&self.state, &topic, first.params.since).await,
-            };
-            let sub = Subscription::new(first.table, cursor, first.params.clone(), first.shape);
-            self.subs.push(sub);
-            self.start(0, &first.params, reset).await?;
+    async fn serve(&mut self, opening: Opening) -> Result<End, End> {
+        match opening {
+            Opening::Refused(refusal) => {
+                self.send_error(refusal.code, &refusal.message).await?;
+                return Ok(End::Close(refusal.close, refusal.reason));
+            }
+            Opening::Multiplexed(Some(principal)) => self.set_principal(principal),
+            Opening::Multiplexed(None) => self.await_auth(),
+            Opening::Table(mut first) => match first.principal.take() {
+                Some(principal) => {
+                    self.set_principal(principal);
+                    self.open_first(*first).await?;
+                }
+                None => {
+                    self.pending = Some(*first);
+                    self.await_auth();
+                }
+            },
         }
         let ping_interval = self.state.config.ping_interval;
         let token = self.state.token.clone();
         loop {
+            let deadline = self.deadline;
             tokio::select! {
                 // priority 1: shutdown
                 biased;
                 _ = token.cancelled() => return Ok(End::Close(close::GOING_AWAY, "server shutting down")),
-                // priority 2: what the client says
+                // priority 2: the token ran out (or never came)
+                _ = sleep_until_some(deadline) => return Err(self.on_deadline().await),
+                // priority 3: what the client says
                 frame = self.frames_rx.recv() => {
                     self.on_client_frame(frame).await?;
                 }
-                // priority 3: heartbeat
+                // priority 4: heartbeat
                 _ = tokio::time::sleep_until(self.next_ping) => {
                     self.heartbeat().await?;
                     self.next_ping = Instant::now() + ping_interval;
                 }
-                // priority 4: events
+                // priority 5: events
                 (index, result) = next_batch(&mut self.subs, self.next_first) => {
                     self.next_first = index + 1;
                     result.map_err(overflow_end)?;
@@ -465,6 +744,112 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// The socket came without a token: it has the auth timeout to send one.
+    fn await_auth(&mut self) {
+        self.deadline = Some(Instant::now() + self.state.config.auth.auth_timeout);
+    }
+
+    /// The deadline passed: no `auth` message came, or the token expired.
+    async fn on_deadline(&mut self) -> End {
+        let err = if self.principal.is_none() {
+            AuthError::Missing
+        } else {
+            AuthError::Expired
+        };
+        let refusal = Refusal::unauthorized(&err);
+        let message = match err {
+            AuthError::Expired => {
+                "The token has expired; send a new one in an auth message before exp, or reconnect"
+            }
+            _ => "No token arrived in time: send {\"type\":\"auth\",\"token\":…} first",
+        };
+        if let Err(end) = self.send_error(refusal.code, message).await {
+            return end;
+        }
+        End::Close(refusal.close, refusal.reason)
+    }
+
+    /// Starts a `/ws/{table}` socket's subscription once its caller is known.
+    async fn open_first(&mut self, first: First) -> Result<(), End> {
+        let ready = match first.ready {
+            Some(ready) => ready,
+            None => {
+                let principal = self.principal.as_ref().ok_or(End::Gone)?;
+                match prepare(&self.state, &first.resource, &first.params, principal).await {
+                    Ok(ready) => ready,
+                    Err(refusal) => {
+                        self.send_error(refusal.code, &refusal.message).await?;
+                        return Err(End::Close(refusal.close, refusal.reason));
+                    }
+                }
+            }
+        };
+        let Some(topic) = self.state.hub.topic(&ready.table.resource) else {
+            return Err(End::Close(close::NOT_FOUND, "table not exposed"));
+        };
+        let (cursor, reset) = match first.cursor {
+            Some(cursor) => (cursor, false),
+            None => open_cursor(&self.state, &topic, first.params.since).await,
+        };
+        let sub = Subscription::new(
+            ready.table,
+            ready.access,
+            cursor,
+            first.params.clone(),
+            ready.shape,
+        );
+        self.subs.push(sub);
+        self.start(0, &first.params, reset).await
+    }
+
+    /// `{"type":"auth","token":…}`: names the caller of a socket that came without a token,
+    /// or refreshes the token before it expires. A token that would change what the socket's
+    /// subscriptions may see is refused: the client reconnects with it.
+    async fn on_auth(&mut self, message: &Value) -> Result<(), End> {
+        let token = message
+            .get("token")
+            .or_else(|| message.get("access_token"))
+            .and_then(Value::as_str);
+        let Some(token) = token else {
+            return self
+                .send_error("bad_request", "An auth message needs a \"token\" string")
+                .await;
+        };
+        let principal = match self.state.gate.principal(Some(token)) {
+            Ok(principal) => principal,
+            Err(err) => {
+                let refusal = Refusal::unauthorized(&err);
+                self.send_error(refusal.code, &refusal.message).await?;
+                return Err(End::Close(refusal.close, refusal.reason));
+            }
+        };
+        if self.principal.is_some() {
+            let changed = self
+                .subs
+                .iter()
+                .any(|sub| self.state.gate.access(&sub.table, &principal) != sub.access);
+            if changed {
+                self.send_error(
+                    "auth_changed",
+                    "The new token grants different access than the subscriptions were made with; reconnect with it",
+                )
+                .await?;
+                return Err(End::Close(
+                    close::UNAUTHORIZED,
+                    "token grants different access",
+                ));
+            }
+        }
+        let (role, expires_at) = (principal.role.clone(), principal.expires_at);
+        self.set_principal(principal);
+        self.send_text(control::authenticated(&role, expires_at))
+            .await?;
+        match self.pending.take() {
+            Some(first) => self.open_first(first).await,
+            None => Ok(()),
         }
     }
 
@@ -508,6 +893,15 @@ impl Session {
             }
             Some(Ok(message)) => message,
         };
+        if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.bucket.take() {
+            let m = format!(
+                "More than {} messages per second; slow down and reconnect",
+                self.state.config.limits.max_message_rate
+            );
+            tracing::debug!("a client went over its message rate");
+            self.send_error("rate_limited", &m).await?;
+            return Err(End::Close(close::RATE_LIMITED, "message rate limit"));
+        }
         let text = match message {
             Message::Close(_) => return Err(End::Close(close::NORMAL, "")),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
@@ -524,13 +918,20 @@ impl Session {
                 .send_error("bad_request", "Message is not valid JSON")
                 .await;
         };
-        match value.get("type").and_then(Value::as_str) {
+        let kind = value.get("type").and_then(Value::as_str);
+        if self.principal.is_none() && !matches!(kind, Some("auth" | "ping")) {
+            let refusal = Refusal::unauthorized(&AuthError::Missing);
+            self.send_error(refusal.code, &refusal.message).await?;
+            return Err(End::Close(refusal.close, refusal.reason));
+        }
+        match kind {
             Some("ping") => self.send_text(control::pong()).await,
+            Some("auth") => self.on_auth(&value).await,
             Some("subscribe") => self.on_subscribe(&value).await,
             Some("unsubscribe") => self.on_unsubscribe(&value).await,
             Some(other) => {
                 let m = format!(
-                    "Unknown message type {other:?} (expected subscribe, unsubscribe or ping)"
+                    "Unknown message type {other:?} (expected subscribe, unsubscribe, auth or ping)"
                 );
                 self.send_error("bad_request", &m).await
             }
@@ -561,7 +962,12 @@ impl Session {
                     .await;
             }
         };
-        let Some(table) = lookup(&self.state, &resource) else {
+        let principal = self.principal.as_ref().ok_or(End::Gone)?;
+        let found = self
+            .state
+            .table_for(&decode(&resource), principal)
+            .filter(|(_, access)| access.read);
+        let Some((table, access)) = found else {
             let m = format!("Unknown resource {resource:?}");
             self.send_error("not_found", &m).await?;
             if self.single.is_some() {
@@ -584,12 +990,21 @@ impl Session {
         {
             params = self.subs[index].params.overridden_by(params);
         }
-        let shape = match compile_shape(&self.state, &table, &params).await {
+        let limit = self.state.config.limits.max_subscriptions;
+        if existing.is_none() && self.subs.len() >= limit {
+            let m = format!("A socket may hold at most {limit} subscriptions");
+            return self.send_error("too_many_subscriptions", &m).await;
+        }
+        let shape = match compile_shape(&self.state, &table, &params, &access).await {
             Ok(shape) => shape,
             Err(SetupError::Bad(m)) => {
                 return self
                     .send_error("bad_request", &format!("{resource}: {m}"))
                     .await;
+            }
+            Err(SetupError::NotFound) => {
+                let m = format!("Unknown resource {resource:?}");
+                return self.send_error("not_found", &m).await;
             }
             Err(SetupError::Unavailable) => {
                 return self
@@ -608,6 +1023,7 @@ impl Session {
             self.subs[index].shape = shape;
             self.subs[index].params = params.clone();
             self.subs[index].table = table;
+            self.subs[index].access = access;
             if params.since.is_some() {
                 let (cursor, reset) = open_cursor(&self.state, &topic, params.since).await;
                 self.subs[index].cursor = cursor;
@@ -624,11 +1040,12 @@ impl Session {
                     let sub = &mut self.subs[index];
                     sub.shape = shape;
                     sub.params = params.clone();
+                    sub.access = access;
                     (index, false)
                 }
                 existing => {
                     let (cursor, reset) = open_cursor(&self.state, &topic, params.since).await;
-                    let sub = Subscription::new(table, cursor, params.clone(), shape);
+                    let sub = Subscription::new(table, access, cursor, params.clone(), shape);
                     match existing {
                         Some(index) => {
                             self.subs[index] = sub;
@@ -893,5 +1310,13 @@ fn overflow_end(overflow: Overflow) -> End {
     match overflow {
         Overflow::Lagged | Overflow::Evicted => End::Close(close::SLOW_CONSUMER, "slow consumer"),
         Overflow::Closed => End::Close(close::GOING_AWAY, "server shutting down"),
+    }
+}
+
+/// Sleeps until `deadline`, or for ever when there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

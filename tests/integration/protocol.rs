@@ -11,7 +11,7 @@ use crate::support::{Frame, Relay, STEP, TestDb, http_get, within};
 const ITEMS: &str = "create table items(id serial primary key, name text)";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_or_unexposed_table_is_a_json_404_before_any_upgrade() {
+async fn an_unknown_or_unexposed_table_is_a_json_404_or_a_4004_after_the_upgrade() {
     let db = TestDb::new()
         .await
         .with_tables(
@@ -31,11 +31,13 @@ async fn an_unknown_or_unexposed_table_is_a_json_404_before_any_upgrade() {
                 .unwrap()
                 .contains("not exposed")
         );
-        let url = format!("ws://{}{}", relay.addr, path);
-        let err = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .expect_err("no upgrade");
-        assert!(err.to_string().contains("404"), "{err}");
+        // An upgrade request is upgraded and told why (browsers cannot read a refused
+        // handshake's status): an error message, then 4004.
+        let mut ws = relay.ws(path).await;
+        let error = ws.next_json().await;
+        assert_eq!(error["type"], "error", "{path}: {error}");
+        assert_eq!(error["code"], "not_found", "{path}: {error}");
+        assert_eq!(ws.expect_close().await, Some(4004), "{path}");
     }
     let (status, body) = http_get(relay.addr, "/ws/items?bogus=1").await.unwrap();
     assert_eq!(status, 400);

@@ -254,12 +254,12 @@ async fn lists_filter_order_and_page() {
     let page = http(a, "GET", "/api/items", None).await;
     assert_eq!(page.status, 200);
     assert_eq!(page.json.as_array().unwrap().len(), 100, "default limit");
+    // Past the row limit: said so, not cut silently.
     let capped = http(a, "GET", "/api/items?limit=5000", None).await;
-    assert_eq!(
-        capped.json.as_array().unwrap().len(),
-        1000,
-        "limit is capped"
-    );
+    assert_eq!(capped.status, 400);
+    assert_eq!(capped.json["error"]["code"], "limit_too_large");
+    let most = http(a, "GET", "/api/items?limit=1000", None).await;
+    assert_eq!(most.json.as_array().unwrap().len(), 1000);
 
     let response = http(
         a,
@@ -353,7 +353,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
 
     let raw = |method: &str, path: &str, body: &str| {
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
         );
         within(STEP, http_raw(a, head, body.as_bytes().to_vec()))
@@ -489,7 +489,7 @@ async fn oversized_bodies_are_refused_and_nothing_is_stored() {
 
     let started = Instant::now();
     let head = format!(
-        "POST /api/items HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "POST /api/items HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
     let response = within(STEP, http_raw(a, head, body.clone())).await.unwrap();
@@ -505,7 +505,7 @@ async fn oversized_bodies_are_refused_and_nothing_is_stored() {
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
     let head = format!(
-        "POST /api/items HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
+        "POST /api/items HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
     );
     let response = within(STEP, http_raw(a, head, chunked)).await.unwrap();
     assert_error(&response, 413, "payload_too_large");
@@ -514,7 +514,7 @@ async fn oversized_bodies_are_refused_and_nothing_is_stored() {
     // A body under the limit, chunked, is fine.
     let small = br#"{"name":"small"}"#;
     let head = format!(
-        "POST /api/items HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
+        "POST /api/items HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
     );
     let mut chunked = format!("{:x}\r\n", small.len()).into_bytes();
     chunked.extend_from_slice(small);

@@ -235,6 +235,20 @@ impl Relay {
         Ws { socket }
     }
 
+    /// `ws://addr/path` with `Authorization: Bearer <token>`, connected.
+    pub async fn ws_as(&self, path: &str, token: &str) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{}{}", self.addr, path);
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (socket, _) = within(STEP, tokio_tungstenite::connect_async(request))
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        Ws { socket }
+    }
+
     /// Shuts the relay down and returns what `run` returned.
     pub async fn stop(mut self) -> pgrelay::Result<()> {
         if let Some(tx) = self.shutdown_tx.take() {
@@ -695,14 +709,29 @@ pub fn http(
     path: &str,
     body: Option<&Value>,
 ) -> impl Future<Output = Response> {
+    http_as(addr, method, path, None, body)
+}
+
+/// [`http`] with `Authorization: Bearer <token>`.
+#[track_caller]
+pub fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> impl Future<Output = Response> {
     let caller = Location::caller();
     let body = body.map(|b| b.to_string().into_bytes());
     let method = method.to_owned();
     let path = path.to_owned();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     async move {
         let body = body.unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
              Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
         );
