@@ -15,6 +15,7 @@ mod replicas;
 mod rest;
 mod resume;
 mod review;
+mod rfc6455;
 mod schema;
 mod shutdown;
 mod slow;
