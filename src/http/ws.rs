@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -59,6 +60,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const INTERNAL: u16 = 1011;
     pub const TOO_BIG: u16 = 1009;
     pub const BAD_REQUEST: u16 = 4400;
@@ -551,13 +554,7 @@ impl Session {
     ) -> Result<(), End> {
         let message = match frame {
             None => return Err(End::Gone),
-            Some(Err(err)) => {
-                return Err(if matches!(err, WsError::Capacity(_)) {
-                    End::Close(close::TOO_BIG, "frame too large")
-                } else {
-                    End::Gone
-                });
-            }
+            Some(Err(err)) => return Err(read_error_end(&err)),
             Some(Ok(message)) => message,
         };
         let text = match message {
@@ -939,6 +936,23 @@ async fn write_events(
     };
     batch.clear();
     result.map(|()| ended)
+}
+
+/// How a socket whose client frames could not be read ends: a client that broke the protocol
+/// is told why (RFC 6455 7.4.1), a connection that failed or went away is just dropped.
+fn read_error_end(err: &WsError) -> End {
+    let end = match err {
+        WsError::Capacity(_) => End::Close(close::TOO_BIG, "frame too large"),
+        WsError::Utf8(_) => End::Close(close::INVALID_DATA, "invalid utf-8 in a text frame"),
+        // The peer closed TCP without a close frame: nobody is left to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        WsError::Protocol(_) => End::Close(close::PROTOCOL_ERROR, "protocol error"),
+        _ => End::Gone,
+    };
+    if let End::Close(code, _) = end {
+        tracing::debug!(error = %err, code, "client frame refused");
+    }
+    end
 }
 
 fn overflow_end(overflow: Overflow) -> End {

@@ -1,5 +1,6 @@
-//! RFC 6455 at the edges: opening handshakes that break it are refused with an HTTP status.
-//! Raw sockets write the bytes a broken client would.
+//! RFC 6455 at the edges: opening handshakes that break it are refused with an HTTP status,
+//! and frames that break it close the socket with the matching code, sent before the TCP
+//! connection goes. Raw sockets write the bytes a broken client would.
 
 use std::net::SocketAddr;
 
@@ -95,6 +96,55 @@ async fn open(addr: SocketAddr, path: &str) -> TcpStream {
     stream
 }
 
+/// One client frame: `first` is the FIN/RSV/opcode byte; masked unless `masked` is false.
+fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut out = vec![first];
+    let bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(bit | n as u8),
+        n => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// Writes `bytes` on an open socket, then reads everything the server sends until it closes
+/// the connection (a reset fails the test: the close frame must come before it), and returns
+/// the code of the close frame found in it.
+async fn close_code_after(mut stream: TcpStream, bytes: &[u8]) -> u16 {
+    within(STEP, stream.write_all(bytes)).await.unwrap();
+    let mut received = Vec::new();
+    within(STEP, stream.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection cleanly, after its close frame");
+    let mut rest = received.as_slice();
+    while rest.len() >= 2 {
+        let opcode = rest[0] & 0x0f;
+        assert_eq!(rest[1] & 0x80, 0, "server frames are not masked");
+        let (length, start) = match rest[1] & 0x7f {
+            126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 => panic!("no large server frame expected"),
+            n => (n as usize, 2),
+        };
+        let payload = &rest[start..start + length];
+        if opcode == 0x8 {
+            assert!(payload.len() >= 2, "the close frame carries a code");
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+        rest = &rest[start + length..];
+    }
+    panic!("no close frame before the connection closed: {received:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_that_break_rfc_6455_are_refused_with_json_errors() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
@@ -154,4 +204,72 @@ async fn handshakes_that_break_rfc_6455_are_refused_with_json_errors() {
         // The same request, valid, is upgraded.
         drop(open(addr, path).await);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_break_the_protocol_close_with_1002_before_the_connection_drops() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let ping = br#"{"type":"ping"}"#;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unmasked text frame", frame(0x81, ping, false)),
+        ("reserved data opcode 0x3", frame(0x83, ping, true)),
+        ("reserved control opcode 0xb", frame(0x8b, b"", true)),
+        ("rsv1 without an extension", frame(0xc1, ping, true)),
+        ("rsv3 without an extension", frame(0x91, ping, true)),
+        (
+            "continuation with nothing to continue",
+            frame(0x80, ping, true),
+        ),
+        ("fragmented ping", frame(0x09, b"x", true)),
+        ("ping over 125 bytes", frame(0x89, &[b'x'; 126], true)),
+        (
+            "new message inside a fragmented one",
+            [frame(0x01, b"{\"type\"", true), frame(0x81, ping, true)].concat(),
+        ),
+    ];
+    for (case, bytes) in cases {
+        for path in ["/ws/items", "/ws"] {
+            let stream = open(relay.addr, path).await;
+            assert_eq!(
+                close_code_after(stream, &bytes).await,
+                1002,
+                "{path}: {case}"
+            );
+        }
+    }
+    // The relay goes on serving.
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("insert into items(name) values ('after')").await;
+    assert_eq!(ws.next_json().await["data"]["name"], "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_text_message_closes_with_1007() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("one frame", frame(0x81, b"{\"type\":\"\xff\xfe\"}", true)),
+        (
+            "a code point split over two fragments, then cut short",
+            [frame(0x01, b"\"\xe2\x82", true), frame(0x80, b"\"", true)].concat(),
+        ),
+        ("a lone surrogate", frame(0x81, b"\"\xed\xa0\x80\"", true)),
+    ];
+    for (case, bytes) in cases {
+        let stream = open(relay.addr, "/ws/items").await;
+        assert_eq!(close_code_after(stream, &bytes).await, 1007, "{case}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_announced_over_the_limit_closes_with_1009_before_the_connection_drops() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| c.max_client_frame = 1024).await;
+    let stream = open(relay.addr, "/ws/items").await;
+    // Only the header of a 2 KiB text frame: the relay refuses it before reading the payload.
+    let mut header = vec![0x81, 0x80 | 126];
+    header.extend_from_slice(&2048u16.to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    assert_eq!(close_code_after(stream, &header).await, 1009);
 }
