@@ -23,4 +23,5 @@ mod snapshot;
 mod soak;
 mod stream;
 mod support;
+mod tls;
 mod values;
