@@ -1,5 +1,7 @@
 //! Runtime configuration of `pgrelay serve`, validated before anything starts.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A table to expose: `items` means `public.items`, `shop.orders` names the schema.
@@ -89,6 +91,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How much of `pgrelay.changes` to keep.
     pub retention: crate::retention::Retention,
+    /// PEM certificate chain the listener serves HTTPS and WSS with (with `tls_key`); plain
+    /// HTTP when neither is set.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -121,6 +128,21 @@ impl Config {
                 max_rows: None,
                 interval: Duration::from_secs(60),
             },
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
+    /// The listener's TLS settings, read from `tls_cert` and `tls_key`; `None` for plain HTTP.
+    pub fn listener_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
+                .map(Some)
+                .map_err(ConfigError::ListenerTls),
+            _ => Err(ConfigError::Invalid(
+                "--tls-cert and --tls-key go together: give both or neither",
+            )),
         }
     }
 
@@ -163,6 +185,7 @@ impl Config {
                 "the report and schema check intervals must be positive",
             ));
         }
+        self.listener_tls()?;
         Ok(())
     }
 }
@@ -182,6 +205,9 @@ pub enum ConfigError {
     /// Some other value is out of range.
     #[error("Invalid configuration: {0}")]
     Invalid(&'static str),
+    /// The listener's certificate or key cannot be read or used.
+    #[error("Bad --tls-cert/--tls-key: {0}")]
+    ListenerTls(#[source] crate::tls::TlsError),
 }
 
 #[cfg(test)]
@@ -233,10 +259,27 @@ mod tests {
         assert!(
             Config {
                 max_body_bytes: 0,
-                ..ok
+                ..ok.clone()
             }
             .validate()
             .is_err()
         );
+        assert!(
+            Config {
+                tls_cert: Some("/etc/pgrelay/cert.pem".into()),
+                ..ok.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        let unreadable = Config {
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            tls_key: Some("/nonexistent/key.pem".into()),
+            ..ok
+        };
+        assert!(matches!(
+            unreadable.validate(),
+            Err(ConfigError::ListenerTls(crate::tls::TlsError::File { .. }))
+        ));
     }
 }

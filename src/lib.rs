@@ -21,7 +21,8 @@
 //! - [`filter`], [`subscription`] — what a subscriber asks for and what it receives.
 //! - [`schema`] — the exposed tables as they are now.
 //! - [`http`] — routes, the per-socket task and the REST API.
-//! - [`sql`], [`tls`] — install/uninstall, catalog, pool, identifier quoting; TLS to PostgreSQL.
+//! - [`sql`], [`tls`] — install/uninstall, catalog, pool, identifier quoting; TLS to PostgreSQL
+//!   and on the listener.
 //! - [`retention`] — pruning the change log.
 //! - [`config`], [`error`], [`metrics`].
 //!
@@ -47,6 +48,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -56,15 +58,16 @@ pub use error::{Error, Result};
 /// Serves until `shutdown` resolves, then closes every socket with 1001 and returns.
 ///
 /// Startup: validate the config, install capture when asked, check the tables in the
-/// catalog, start capture, serve on `listener`. Shutdown: cancel the root token (warp stops
-/// accepting, sockets send 1001, capture UNLISTENs), then wait for every task, at most
-/// `config.shutdown_timeout`.
+/// catalog, start capture, serve on `listener` (HTTPS and WSS only when the config names a
+/// certificate and key). Shutdown: cancel the root token (the server stops accepting, sockets
+/// send 1001, capture UNLISTENs), then wait for every task, at most `config.shutdown_timeout`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
+    let tls = config.listener_tls()?.map(TlsAcceptor::from);
     let mut client = sql::connect(&config.database_url).await?;
     let mode = config.capture_mode.name();
     if config.install {
@@ -149,12 +152,18 @@ pub async fn run(
         tracker: tracker.clone(),
     });
     let address = listener.local_addr()?;
-    let server = warp::serve(http::routes(state))
-        .incoming(listener)
-        .graceful(token.clone().cancelled_owned())
-        .run();
-    tracker.spawn(server);
-    tracing::info!(%address, "serving");
+    let routes = http::routes(state);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match tls {
+        None => tracker.spawn(
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(token.clone().cancelled_owned())
+                .run(),
+        ),
+        Some(tls) => tracker.spawn(tls::serve(routes, listener, tls, token.clone())),
+    };
+    tracing::info!(%address, scheme, "serving");
 
     shutdown.await;
     tracing::info!("shutting down");

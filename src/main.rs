@@ -2,6 +2,7 @@
 
 mod bench;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -177,6 +178,12 @@ struct ServeArgs {
     /// Keep at most this many log events (the newest).
     #[arg(long, env = "PGRELAY_RETENTION_ROWS")]
     retention_rows: Option<i64>,
+    /// Serve HTTPS and WSS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "PGRELAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "PGRELAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn tables(names: &[String]) -> anyhow::Result<Vec<TableName>> {
@@ -298,6 +305,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.retention.max_age =
         (args.retention_secs > 0).then(|| Duration::from_secs(args.retention_secs));
     config.retention.max_rows = args.retention_rows;
+    config.tls_cert = args.tls_cert;
+    config.tls_key = args.tls_key;
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

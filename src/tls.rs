@@ -1,5 +1,5 @@
-//! TLS to PostgreSQL: the connection string's `sslmode`, with libpq's meanings, as a rustls
-//! connector.
+//! TLS: to PostgreSQL (the connection string's `sslmode`, with libpq's meanings, as a rustls
+//! connector), and on the listener (`--tls-cert`, `--tls-key`: [`server_config`]).
 //!
 //! tokio-postgres knows `disable`, `prefer` and `require` but verifies nothing itself; this
 //! module reads `sslmode` (`verify-ca` and `verify-full` included), `sslrootcert`, `sslcert`
@@ -17,17 +17,31 @@
 //! Root certificates come from `sslrootcert` (a PEM file; `system` for the Mozilla bundle),
 //! else `~/.postgresql/root.crt` when it exists, else the Mozilla bundle. `sslcert` and
 //! `sslkey` give a client certificate.
+//!
+//! The listener serves the certificate chain and key of two PEM files, HTTP/1.1 only, so that
+//! WebSocket upgrades work on every connection; plain HTTP sent to it gets a 400 saying so.
 
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 /// How a connection uses TLS (libpq's `sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +80,9 @@ pub enum TlsError {
     /// The client certificate and key do not go together.
     #[error("The client certificate cannot be used: {0}")]
     ClientCert(#[source] rustls::Error),
+    /// The listener's certificate and key do not go together (or cannot be used).
+    #[error("The certificate cannot be served: {0}")]
+    ServerCert(#[source] rustls::Error),
 }
 
 /// A parsed connection string and the TLS connector it asks for.
@@ -241,6 +258,116 @@ pub fn target(database_url: &str) -> Result<Target, TlsError> {
         tls: MakeRustlsConnect::new(client_config),
         mode,
     })
+}
+
+/// The listener's TLS: the certificate chain in `cert` (PEM, the server's certificate first)
+/// and its private key in `key` (PEM: PKCS#8, PKCS#1 or SEC1).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates(cert, "certificate")?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+        what: "private key",
+        path: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::ServerCert)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(TlsError::ServerCert)?;
+    // WebSocket upgrades are HTTP/1.1: a client that negotiated h2 could not open one.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// How long a client may take to open a TLS connection (send its first bytes, then finish the
+/// handshake) before it is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `routes` over TLS on `listener` until `token` is cancelled, then lets requests in
+/// flight finish, as warp's graceful server does for plain HTTP.
+///
+/// warp 0.4 serves plain TCP listeners only (the trait it accepts connections through is
+/// private), so this accepts connections, wraps them, and hands them to hyper-util's server
+/// the way warp does internally. (`warp::addr::remote` is not set here; pgrelay does not use
+/// it.)
+pub(crate) async fn serve<F, R>(
+    routes: F,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    token: CancellationToken,
+) where
+    F: warp::Filter<Extract = (R,), Error = Infallible> + Clone + Send + Sync + 'static,
+    R: warp::Reply,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            // priority 1: shutdown
+            _ = token.cancelled() => break,
+            // priority 2: new connections
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors, say: wait for some to close (as warp does).
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let tls = tls.clone();
+        let service = TowerToHyperService::new(warp::service(routes.clone()));
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let opened = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
+                if sends_plain_http(&tcp).await {
+                    refuse_plain_http(tcp).await;
+                    return None;
+                }
+                tls.accept(tcp)
+                    .await
+                    .inspect_err(|err| tracing::debug!(error = %err, %peer, "tls handshake failed"))
+                    .ok()
+            });
+            let Ok(Some(stream)) = opened.await else {
+                return;
+            };
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(err) = watcher.watch(connection).await {
+                tracing::debug!(error = %err, %peer, "connection failed");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Whether a client's first byte starts something other than a TLS handshake record (0x16):
+/// an HTTP request line starts with a letter.
+async fn sends_plain_http(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(tcp.peek(&mut first).await, Ok(1) if first[0].is_ascii_alphabetic())
+}
+
+/// Answers plain HTTP sent to the TLS listener with a 400 that says so (a TLS alert would
+/// mean nothing to the client), then closes.
+async fn refuse_plain_http(mut tcp: TcpStream) {
+    let body = r#"{"error":{"code":"bad_request","message":"This port serves HTTPS and WSS only: use https:// or wss://"}}"#;
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Take in what the client sent first: closing with unread bytes would reset the
+    // connection, and the client might lose the answer.
+    let mut request = [0u8; 4096];
+    let _ = tcp.try_read(&mut request);
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
 }
 
 fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -429,5 +556,44 @@ mod tests {
         // The password never shows in the debug form.
         let t = target("postgres://u:secret@h/db").unwrap();
         assert!(!format!("{t:?}").contains("secret"));
+    }
+
+    #[test]
+    fn the_listener_serves_a_certificate_only_with_its_own_key() {
+        let dir = std::env::temp_dir().join(format!(
+            "pgrelay-tls-unit-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = write("cert.pem", issued.cert.pem());
+        let key = write("key.pem", issued.key_pair.serialize_pem());
+        let other = write(
+            "other.pem",
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+
+        let config = server_config(&cert, &key).unwrap();
+        assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+        assert!(matches!(
+            server_config(&cert, &other),
+            Err(TlsError::ServerCert(_))
+        ));
+        assert!(matches!(
+            server_config(&cert, &dir.join("missing.pem")),
+            Err(TlsError::File { .. })
+        ));
+        // A key where the certificate should be: no certificate in it.
+        assert!(matches!(
+            server_config(&key, &key),
+            Err(TlsError::File { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

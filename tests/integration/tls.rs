@@ -1,16 +1,25 @@
 //! TLS to PostgreSQL: `sslmode` with libpq's meanings, against a cluster of the test's own that
-//! serves TLS with a certificate for `localhost` signed by a CA made in the test.
+//! serves TLS with a certificate for `localhost` signed by a CA made in the test. TLS on the
+//! listener: HTTPS and WSS with a certificate from such a CA, real rustls clients.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::StreamExt;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::Message;
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
 
-use crate::support::{Cluster, Relay, STEP, TestDb, connect, install, within};
+use crate::support::{Cluster, Relay, STEP, TestDb, connect, http_get, install, within};
 
 const ITEMS: &str = "create table items(id serial primary key, name text)";
 
@@ -331,4 +340,212 @@ async fn the_password_shows_in_no_error_and_no_log_line() {
         !logs.contains(PASSWORD),
         "the password shows in the logs:\n{logs}"
     );
+}
+
+/// A certificate for `localhost` from a fresh CA, in files of a directory of the test's own
+/// (removed on drop), and a client that trusts that CA.
+struct ListenerCert {
+    dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client: TlsConnector,
+}
+
+impl ListenerCert {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "pgrelay-listener-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Ca::new("pgrelay listener test CA");
+        let (cert_pem, key_pem) = ca.issue(&["localhost"]);
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert.der().clone()).unwrap();
+        ListenerCert {
+            dir,
+            cert,
+            key,
+            client: client(roots),
+        }
+    }
+
+    fn configure(&self, config: &mut pgrelay::Config) {
+        config.tls_cert = Some(self.cert.clone());
+        config.tls_key = Some(self.key.clone());
+    }
+}
+
+impl Drop for ListenerCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client(roots: rustls::RootCertStore) -> TlsConnector {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A TLS connection to `addr` as `localhost`.
+async fn tls_connect(
+    client: &TlsConnector,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    client.connect(name, tcp).await
+}
+
+/// GET over HTTPS: (status, body).
+async fn https_get(
+    client: &TlsConnector,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = tls_connect(client, addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response).await {
+        Ok(_) => {}
+        // A server that closes without close_notify: what came before is the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_owned()))
+}
+
+/// Waits until `/readyz` answers 200 over HTTPS.
+async fn wait_ready_https(client: &TlsConnector, addr: SocketAddr) {
+    within(Duration::from_secs(30), async {
+        while !matches!(https_get(client, addr, "/readyz").await, Ok((200, _))) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_serves_https_and_wss_and_answers_plain_http_with_a_400() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let cert = ListenerCert::new();
+    let relay = Relay::spawn_with(&db, &["items"], |c| cert.configure(c)).await;
+    let addr = relay.addr;
+    wait_ready_https(&cert.client, addr).await;
+
+    let (status, body) = within(STEP, https_get(&cert.client, addr, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+
+    let stream = within(STEP, tls_connect(&cert.client, addr)).await.unwrap();
+    let url = format!("wss://localhost:{}/ws/items", addr.port());
+    let (mut ws, _) = within(STEP, tokio_tungstenite::client_async(url.as_str(), stream))
+        .await
+        .unwrap();
+    db.exec("insert into items(name) values ('over wss')").await;
+    let event = within(STEP, async {
+        loop {
+            if let Some(Ok(Message::Text(text))) = ws.next().await {
+                return serde_json::from_str::<serde_json::Value>(text.as_str()).unwrap();
+            }
+        }
+    })
+    .await;
+    assert_eq!(event["data"]["name"], "over wss");
+
+    // Plain HTTP and ws:// get a 400 that says what to use; the relay goes on.
+    let (status, body) = within(STEP, http_get(addr, "/healthz")).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("https://"), "{body}");
+    let plain = format!("ws://{addr}/ws/items");
+    let err = within(STEP, tokio_tungstenite::connect_async(plain.as_str()))
+        .await
+        .expect_err("no plain upgrade");
+    assert!(err.to_string().contains("400"), "{err}");
+    // A client that does not trust the CA refuses the certificate.
+    let stranger = client(rustls::RootCertStore::empty());
+    assert!(within(STEP, tls_connect(&stranger, addr)).await.is_err());
+    let (status, _) = within(STEP, https_get(&cert.client, addr, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // Shutdown closes the secure socket with 1001 and returns.
+    relay.stop().await.unwrap();
+    let close = within(STEP, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(close, Some(1001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_tls_from_its_flags_and_wants_both() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let cert = ListenerCert::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let serve = |extra: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        command
+            .args(["serve", "--tables", "items", "--listen", &listen])
+            .args(extra)
+            .env("DATABASE_URL", &db.url)
+            .kill_on_drop(true);
+        command
+    };
+    let cert_file = cert.cert.to_str().unwrap();
+    let key_file = cert.key.to_str().unwrap();
+
+    let output = within(STEP, serve(&["--tls-cert", cert_file]).output())
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+
+    let mut child = serve(&[])
+        .env("PGRELAY_TLS_CERT", cert_file)
+        .env("PGRELAY_TLS_KEY", key_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = listen.parse().unwrap();
+    wait_ready_https(&cert.client, addr).await;
+    let (status, _) = within(STEP, https_get(&cert.client, addr, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    child.kill().await.unwrap();
 }
