@@ -93,7 +93,7 @@ impl TlsCluster {
             "alter system set ssl = on".to_owned(),
             "select pg_reload_conf()".to_owned(),
         ] {
-            admin.batch_execute(&sql).await.unwrap();
+            within(STEP, admin.batch_execute(&sql)).await.unwrap();
         }
         let db = cluster.database("tls", ITEMS).await;
         install(&db, &["items"]).await;
@@ -278,13 +278,11 @@ async fn the_password_shows_in_no_error_and_no_log_line() {
     let relay = tls.relay(tls.url("localhost", &query)).await;
     tls.assert_streams(&relay, "before").await;
     let admin = connect(&tls.cluster.url("postgres")).await;
-    admin
-        .batch_execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity
-              where datname = 'tls' and application_name like 'pgrelay%'",
-        )
-        .await
-        .unwrap();
+    let terminate = admin.batch_execute(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+          where datname = 'tls' and application_name like 'pgrelay%'",
+    );
+    within(STEP, terminate).await.unwrap();
     tls.assert_streams(&relay, "after").await;
     relay.stop().await.unwrap();
 
