@@ -1,5 +1,7 @@
 //! Runtime configuration of `pgrelay serve`, validated before anything starts.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A table to expose: `items` means `public.items`, `shop.orders` names the schema.
@@ -99,6 +101,11 @@ pub struct Config {
     pub rest_set_role: bool,
     /// What one client may take.
     pub limits: Limits,
+    /// PEM certificate chain the listener serves HTTPS and WSS with (with `tls_key`); plain
+    /// HTTP when neither is set.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// What one client may take; each limit trips with a clear error (see the README).
@@ -198,6 +205,21 @@ impl Config {
             allow_anonymous: false,
             rest_set_role: false,
             limits: Limits::for_pool(16),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
+    /// The listener's TLS settings, read from `tls_cert` and `tls_key`; `None` for plain HTTP.
+    pub fn listener_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
+                .map(Some)
+                .map_err(ConfigError::ListenerTls),
+            _ => Err(ConfigError::Invalid(
+                "--tls-cert and --tls-key go together: give both or neither",
+            )),
         }
     }
 
@@ -255,6 +277,7 @@ impl Config {
                 "the report and schema check intervals must be positive",
             ));
         }
+        self.listener_tls()?;
         Ok(())
     }
 }
@@ -288,6 +311,9 @@ pub enum ConfigError {
         "Refusing to serve {0} without authentication: configure [auth] (or --jwt-secret-file, --jwks-file), listen on 127.0.0.1, or pass --allow-anonymous"
     )]
     AnonymousExposed(std::net::SocketAddr),
+    /// The listener's certificate or key cannot be read or used.
+    #[error("Bad --tls-cert/--tls-key: {0}")]
+    ListenerTls(#[source] crate::tls::TlsError),
 }
 
 #[cfg(test)]
@@ -339,10 +365,27 @@ mod tests {
         assert!(
             Config {
                 max_body_bytes: 0,
-                ..ok
+                ..ok.clone()
             }
             .validate()
             .is_err()
         );
+        assert!(
+            Config {
+                tls_cert: Some("/etc/pgrelay/cert.pem".into()),
+                ..ok.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        let unreadable = Config {
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            tls_key: Some("/nonexistent/key.pem".into()),
+            ..ok
+        };
+        assert!(matches!(
+            unreadable.validate(),
+            Err(ConfigError::ListenerTls(crate::tls::TlsError::File { .. }))
+        ));
     }
 }

@@ -21,7 +21,8 @@
 //! - [`filter`], [`subscription`] — what a subscriber asks for and what it receives.
 //! - [`schema`] — the exposed tables as they are now.
 //! - [`http`] — routes, the per-socket task and the REST API.
-//! - [`sql`], [`tls`] — install/uninstall, catalog, pool, identifier quoting; TLS to PostgreSQL.
+//! - [`sql`], [`tls`] — install/uninstall, catalog, pool, identifier quoting; TLS to PostgreSQL
+//!   and on the listener.
 //! - [`retention`] — pruning the change log.
 //! - [`config`], [`error`], [`metrics`].
 //!
@@ -49,6 +50,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,9 +60,9 @@ pub use error::{Error, Result};
 /// Serves until `shutdown` resolves, then closes every socket with 1001 and returns.
 ///
 /// Startup: validate the config, install capture when asked, check the tables in the
-/// catalog, start capture, serve on `listener`. Shutdown: cancel the root token (warp stops
-/// accepting, sockets send 1001, capture UNLISTENs), then wait for every task, at most
-/// `config.shutdown_timeout`.
+/// catalog, start capture, serve on `listener` (HTTPS and WSS only when the config names a
+/// certificate and key). Shutdown: cancel the root token (the server stops accepting, sockets
+/// send 1001, capture UNLISTENs), then wait for every task, at most `config.shutdown_timeout`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -73,6 +75,7 @@ pub async fn run(
     }
     let authenticator = access::Authenticator::new(config.auth.clone())
         .map_err(|m| config::ConfigError::Option("auth", m))?;
+    let tls = config.listener_tls()?.map(TlsAcceptor::from);
     let mut client = sql::connect(&config.database_url).await?;
     let mode = config.capture_mode.name();
     if config.install {
@@ -144,6 +147,7 @@ pub async fn run(
         install: config.install,
         mode,
         interval: config.schema_interval,
+        capture: Arc::clone(&capture_state),
     };
     tracker.spawn(watcher.run(token.clone()));
 
@@ -165,12 +169,26 @@ pub async fn run(
         tracker: tracker.clone(),
         gate,
     });
-    let server = warp::serve(http::routes(state))
-        .incoming(listener)
-        .graceful(token.clone().cancelled_owned())
-        .run();
-    tracker.spawn(server);
-    tracing::info!(%address, "serving");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let limits = &state.config.limits;
+    let connections = http::server::Connections::new(
+        limits.max_connections,
+        limits.max_connections_per_ip,
+        state.config.pool_size as u64,
+    );
+    let header_timeout = limits.header_timeout;
+    let overflow = http::overflow_routes(Arc::clone(&state));
+    let routes = http::routes(state);
+    tracker.spawn(http::server::serve(
+        routes,
+        overflow,
+        listener,
+        tls,
+        connections,
+        header_timeout,
+        token.clone(),
+    ));
+    tracing::info!(%address, scheme, "serving");
 
     shutdown.await;
     tracing::info!("shutting down");

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TableName;
 use crate::hub::{ColumnsChanged, Hub};
+use crate::snapshot::Snapshot;
 use crate::sql::{self, SqlError, TableInfo, TableKind};
 
 /// The exposed tables that resolve now, by resource name.
@@ -138,7 +139,13 @@ pub struct Watcher {
     pub mode: &'static str,
     /// Time between checks.
     pub interval: Duration,
+    /// Capture's progress: a schema change is published only after every event committed
+    /// before it (see [`Watcher::settle`]).
+    pub capture: Arc<crate::capture::CaptureState>,
 }
+
+/// How long the watcher waits for capture to publish what committed before a schema change.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
 impl Watcher {
     /// Checks every `interval` until `token` is cancelled. Failures are logged and retried:
@@ -174,6 +181,25 @@ impl Watcher {
         }
     }
 
+    /// Waits until capture has published every transaction committed before now (the
+    /// schema change just seen among them), so that a reset never overtakes the events that
+    /// came before it: an insert committed with a `drop table` arrives, then the reset.
+    async fn settle(&self, client: &Client) -> Result<(), SqlError> {
+        let text: String = client
+            .query_one("select pg_current_snapshot()::text", &[])
+            .await?
+            .get(0);
+        let Some(now) = Snapshot::parse(&text) else {
+            return Ok(());
+        };
+        if !self.capture.wait_covers(&now, SETTLE_LIMIT).await {
+            tracing::warn!(
+                "capture did not catch up with a schema change within {SETTLE_LIMIT:?}; publishing it anyway"
+            );
+        }
+        Ok(())
+    }
+
     async fn check(
         &self,
         client: &mut Client,
@@ -202,6 +228,7 @@ impl Watcher {
                     "table_dropped"
                 }
             };
+            self.settle(client).await?;
             // No longer served before anyone hears of it: a client that re-subscribes on the
             // reset must not find the table still there.
             self.hub.route(prev.relid, None);
@@ -224,6 +251,7 @@ impl Watcher {
             if self.tables.get(&resource).is_some() || seen.contains_key(&resource) {
                 tracing::warn!(table = %name, reason = %why,
                     "an exposed table can no longer be captured; its subscribers are reset and it is no longer served");
+                self.settle(client).await?;
                 self.hub.route(described.relid, None);
                 self.tables.remove(&resource);
                 self.hub.publish_reset(&resource, "table_changed");
@@ -241,6 +269,7 @@ impl Watcher {
         if !described.installed {
             if previous.as_ref().is_some_and(|p| p.installed) {
                 tracing::warn!(table = %name, "capture triggers of an exposed table were removed or disabled; its subscribers are reset");
+                self.settle(client).await?;
                 self.hub.publish_reset(&resource, "table_changed");
                 if let Some(p) = seen.get_mut(&resource) {
                     p.installed = false;
@@ -266,6 +295,16 @@ impl Watcher {
                 tracing::info!(table = %name, "exposed table picked up");
             }
             Some(prev) => {
+                let changed = (!reinstalled
+                    && prev.installed
+                    && !prev.triggers.is_empty()
+                    && prev.triggers != current.triggers)
+                    || prev.key != current.key
+                    || (kind == TableKind::Partitioned && prev.partitions != current.partitions)
+                    || prev.columns != current.columns;
+                if changed {
+                    self.settle(client).await?;
+                }
                 if !reinstalled
                     && prev.installed
                     && !prev.triggers.is_empty()

@@ -118,6 +118,14 @@ pub struct Settings {
     #[arg(long, env = "PGRELAY_REST_SET_ROLE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_set_role: Option<bool>,
+    /// Serve HTTPS and WSS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "PGRELAY_TLS_CERT", requires = "tls_key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "PGRELAY_TLS_KEY", requires = "tls_cert")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
     /// Authentication.
     #[command(flatten)]
     #[serde(default)]
@@ -294,7 +302,8 @@ impl Settings {
         layer!(self, under; database_url, listen, tables, install, capture, poll_max_ms,
             schema_interval_ms, ping_interval, ping_timeout, max_frame, queue_bytes,
             history_events, history_bytes, pool_size, pool_wait_timeout, pool_connect_timeout,
-            max_body, retention_secs, retention_rows, allow_anonymous, rest_set_role);
+            max_body, retention_secs, retention_rows, allow_anonymous, rest_set_role, tls_cert,
+            tls_key);
         layer!(self.auth, under.auth; jwt_secret, jwt_secret_file, jwt_public_key_file,
             jwks_file, jwt_algorithms, jwt_audience, jwt_issuer, jwt_leeway, jwt_require_exp,
             role_claim, default_role, anonymous_role, auth_timeout);
@@ -443,6 +452,8 @@ impl Settings {
         config.retention.max_rows = self.retention_rows;
         config.allow_anonymous = self.allow_anonymous.unwrap_or(false);
         config.rest_set_role = self.rest_set_role.unwrap_or(false);
+        config.tls_cert = self.tls_cert;
+        config.tls_key = self.tls_key;
         config.auth = self.auth.into_auth()?;
         config.policies = Policies {
             list: self

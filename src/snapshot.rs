@@ -50,6 +50,16 @@ impl Snapshot {
         xid < self.xmin || (xid < self.xmax && self.xip.binary_search(&xid).is_err())
     }
 
+    /// Whether every transaction `other` sees as finished, this one sees as finished too
+    /// (capture's `handled` covering a snapshot: everything committed in it is published).
+    pub fn covers(&self, other: &Snapshot) -> bool {
+        other.xmax <= self.xmax
+            && self
+                .xip
+                .iter()
+                .all(|x| *x >= other.xmax || other.xip.binary_search(x).is_ok())
+    }
+
     /// The oldest transaction in progress (every xid below it is finished).
     pub fn xmin(&self) -> u64 {
         self.xmin
@@ -229,6 +239,26 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_covers_one_when_it_sees_all_that_one_saw_finished() {
+        let s = |t: &str| Snapshot::parse(t).unwrap();
+        assert!(s("10:20:12,15").covers(&s("10:18:12,15")));
+        assert!(s("10:20:").covers(&s("10:18:12,15")));
+        assert!(
+            !s("10:20:12,15").covers(&s("10:18:12")),
+            "15 finished for the other"
+        );
+        assert!(!s("10:17:").covers(&s("10:18:")), "17 not yet seen");
+        assert!(
+            s("10:20:19").covers(&s("10:18:")),
+            "19 is past the other's xmax"
+        );
+        assert!(
+            !s("5:20:7").covers(&s("10:18:")),
+            "7 finished for the other"
+        );
+    }
 
     #[test]
     fn visibility_follows_pg_visible_in_snapshot() {

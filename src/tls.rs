@@ -1,5 +1,5 @@
-//! TLS to PostgreSQL: the connection string's `sslmode`, with libpq's meanings, as a rustls
-//! connector.
+//! TLS: to PostgreSQL (the connection string's `sslmode`, with libpq's meanings, as a rustls
+//! connector), and on the listener (`--tls-cert`, `--tls-key`: [`server_config`]).
 //!
 //! tokio-postgres knows `disable`, `prefer` and `require` but verifies nothing itself; this
 //! module reads `sslmode` (`verify-ca` and `verify-full` included), `sslrootcert`, `sslcert`
@@ -17,6 +17,10 @@
 //! Root certificates come from `sslrootcert` (a PEM file; `system` for the Mozilla bundle),
 //! else `~/.postgresql/root.crt` when it exists, else the Mozilla bundle. `sslcert` and
 //! `sslkey` give a client certificate.
+//!
+//! The listener (see `http::server`) serves the certificate chain and key of two PEM files,
+//! HTTP/1.1 only, so that WebSocket upgrades work on every connection; plain HTTP sent to it
+//! gets a 400 saying so.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -66,6 +70,9 @@ pub enum TlsError {
     /// The client certificate and key do not go together.
     #[error("The client certificate cannot be used: {0}")]
     ClientCert(#[source] rustls::Error),
+    /// The listener's certificate and key do not go together (or cannot be used).
+    #[error("The certificate cannot be served: {0}")]
+    ServerCert(#[source] rustls::Error),
 }
 
 /// A parsed connection string and the TLS connector it asks for.
@@ -302,6 +309,27 @@ pub fn target(database_url: &str) -> Result<Target, TlsError> {
     })
 }
 
+/// The listener's TLS: the certificate chain in `cert` (PEM, the server's certificate first)
+/// and its private key in `key` (PEM: PKCS#8, PKCS#1 or SEC1).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certificates(cert, "certificate")?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+        what: "private key",
+        path: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::ServerCert)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(TlsError::ServerCert)?;
+    // WebSocket upgrades are HTTP/1.1: a client that negotiated h2 could not open one.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let error = |reason: String| TlsError::File {
         what,
@@ -511,5 +539,44 @@ mod tests {
         }
         assert_eq!(redact("host=db user=app"), "host=db user=app");
         assert!(redact("host=db dbname=x password=p sslmode=require").ends_with("sslmode=require"));
+    }
+
+    #[test]
+    fn the_listener_serves_a_certificate_only_with_its_own_key() {
+        let dir = std::env::temp_dir().join(format!(
+            "pgrelay-tls-unit-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = write("cert.pem", issued.cert.pem());
+        let key = write("key.pem", issued.key_pair.serialize_pem());
+        let other = write(
+            "other.pem",
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+
+        let config = server_config(&cert, &key).unwrap();
+        assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+        assert!(matches!(
+            server_config(&cert, &other),
+            Err(TlsError::ServerCert(_))
+        ));
+        assert!(matches!(
+            server_config(&cert, &dir.join("missing.pem")),
+            Err(TlsError::File { .. })
+        ));
+        // A key where the certificate should be: no certificate in it.
+        assert!(matches!(
+            server_config(&key, &key),
+            Err(TlsError::File { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

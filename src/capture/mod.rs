@@ -137,12 +137,18 @@ pub enum CaptureError {
 pub struct CaptureState {
     /// True while the capture connection is up and caught up. Written only by the capture task.
     listening: watch::Sender<bool>,
+    /// Every transaction visible in this snapshot is published (after each poll).
+    handled: watch::Sender<Option<Arc<Snapshot>>>,
+    /// Asks capture to poll now (the schema watcher, settling before it publishes).
+    poke: tokio::sync::Notify,
 }
 
 impl Default for CaptureState {
     fn default() -> Self {
         CaptureState {
             listening: watch::channel(false).0,
+            handled: watch::channel(None).0,
+            poke: tokio::sync::Notify::new(),
         }
     }
 }
@@ -162,6 +168,15 @@ impl CaptureState {
 
     fn set_listening(&self, listening: bool) {
         self.listening.send_replace(listening);
+    }
+
+    /// Waits until capture has published every transaction `snapshot` sees as committed
+    /// (polling now rather than at its next wake-up); false after `limit`.
+    pub async fn wait_covers(&self, snapshot: &Snapshot, limit: Duration) -> bool {
+        let mut rx = self.handled.subscribe();
+        self.poke.notify_one();
+        let covered = rx.wait_for(|h| h.as_ref().is_some_and(|h| h.covers(snapshot)));
+        matches!(tokio::time::timeout(limit, covered).await, Ok(Ok(_)))
     }
 }
 
@@ -317,13 +332,16 @@ impl Capture {
                 }
                 // priority 3: progress reports, even while polls never stop finding rows
                 _ = report_tick.tick() => self.report(client, progress).await,
-                // priority 4: something committed
+                // priority 4: something committed (or the schema watcher asks)
                 Some(()) = wake_rx.recv() => {
                     while wake_rx.try_recv().is_ok() {}
                     self.poll(client, &statements, progress).await?;
                     if self.mode == Mode::Notify {
                         next_poll = Instant::now() + self.poll_max;
                     }
+                }
+                _ = self.state.poke.notified() => {
+                    self.poll(client, &statements, progress).await?;
                 }
                 // priority 5: the timer
                 _ = tokio::time::sleep_until(next_poll.into()) => {
@@ -382,7 +400,11 @@ impl Capture {
         progress: &mut Progress,
     ) -> Result<poll::Polled, CaptureError> {
         self.metrics.inc(&self.metrics.polls);
-        poll::poll(client, statements, progress, &self.hub, &self.metrics).await
+        let polled = poll::poll(client, statements, progress, &self.hub, &self.metrics).await;
+        self.state
+            .handled
+            .send_replace(Some(Arc::clone(&progress.handled)));
+        polled
     }
 
     /// Records this relay's progress for `pgrelay status` and retention, and notices a

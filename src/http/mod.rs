@@ -1,6 +1,7 @@
 //! HTTP surface: routes, shared state, and the one `recover` that renders every rejection.
 
 pub mod rest;
+pub mod server;
 pub mod ws;
 
 use std::convert::Infallible;
@@ -195,6 +196,20 @@ pub fn routes(
         .or(ws::multiplexed_route(Arc::clone(&state)))
         .or(rest::routes(state))
         .recover(recover)
+}
+
+/// What a connection past the connection cap is served: the health routes, and a 503 for
+/// anything else.
+pub fn overflow_routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    health()
+        .or(ready(Arc::clone(&state)))
+        .or(metrics(state))
+        .or(warp::any().map(|| {
+            let body = json!({"error": {"code": "unavailable", "message": "The relay is at its connection limit; try again later"}});
+            warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE)
+        }))
 }
 
 /// GET /healthz: the process is up.

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use futures_util::future::select_all;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
@@ -17,10 +19,12 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use warp::http::{HeaderMap, StatusCode, header};
 use warp::hyper::upgrade::{OnUpgrade, Upgraded};
 use warp::{Filter, Rejection, Reply};
 
@@ -57,6 +61,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const INTERNAL: u16 = 1011;
     pub const TRY_AGAIN: u16 = 1013;
     pub const TOO_BIG: u16 = 1009;
@@ -334,6 +340,7 @@ pub fn table_route(
                 upgrade(ws, state, opening)
             },
         )
+        .recover(upgrade_required)
 }
 
 /// Checks a `/ws/{table}` request: its keys, its token, and (when the token came with it) the
@@ -424,6 +431,7 @@ pub fn multiplexed_route(
         .untuple_one()
         .and(handshake())
         .map(|state: Arc<AppState>, opening: Opening, ws: Handshake| upgrade(ws, state, opening))
+        .recover(upgrade_required)
 }
 
 /// A WebSocket upgrade request (RFC 6455), checked.
@@ -438,38 +446,85 @@ pub struct Handshake {
 }
 
 fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("connection")
-        .and(warp::header::optional::<String>("upgrade"))
-        .and(warp::header::optional::<String>("sec-websocket-version"))
-        .and(warp::header::optional::<String>("sec-websocket-key"))
+    warp::header::headers_cloned()
         .and(warp::ext::optional::<OnUpgrade>())
         .and_then(
-            |connection: Option<String>,
-             upgrade: Option<String>,
-             version: Option<String>,
-             key: Option<String>,
-             on_upgrade: Option<OnUpgrade>| async move {
-                let wants_upgrade = connection.is_some_and(|c| {
-                    c.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-                }) && upgrade
-                    .is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"));
-                let (true, Some(key), Some(on_upgrade)) = (wants_upgrade, key, on_upgrade) else {
+            |headers: HeaderMap, on_upgrade: Option<OnUpgrade>| async move {
+                let key = check_upgrade(&headers).map_err(warp::reject::custom)?;
+                let Some(on_upgrade) = on_upgrade else {
+                    // The connection cannot be taken over (not HTTP/1.1).
                     return Err(warp::reject::custom(ApiError::bad_request(
                         "Expected a WebSocket upgrade request",
                     )));
                 };
-                if version.as_deref().map(str::trim) != Some("13") {
-                    return Err(warp::reject::custom(ApiError::bad_request(
-                        "Only WebSocket version 13 is supported",
-                    )));
-                }
                 Ok(Handshake {
-                    accept: derive_accept_key(key.trim().as_bytes()),
+                    accept: derive_accept_key(key.as_bytes()),
                     on_upgrade,
                 })
             },
         )
+}
+
+/// Checks an opening handshake (RFC 6455 4.2.1) and returns its `Sec-WebSocket-Key`.
+///
+/// Not an upgrade, no `Host`, or a key that is not the base64 of 16 bytes (or is given twice):
+/// 400. A `Sec-WebSocket-Version` other than 13, or none: 426, which [`upgrade_required`]
+/// answers with the version pgrelay speaks (4.2.2).
+fn check_upgrade(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !(has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")) {
+        return Err(ApiError::bad_request(
+            "Expected a WebSocket upgrade request",
+        ));
+    }
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    if !(versions.next().is_some_and(|v| v == "13") && versions.next().is_none()) {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "Only WebSocket version 13 is supported",
+        ));
+    }
+    if !headers.contains_key(header::HOST) {
+        return Err(ApiError::bad_request(
+            "A WebSocket upgrade needs a Host header",
+        ));
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return Err(ApiError::bad_request(
+            "A WebSocket upgrade needs exactly one Sec-WebSocket-Key",
+        ));
+    };
+    match key.to_str() {
+        Ok(key) if BASE64.decode(key).is_ok_and(|nonce| nonce.len() == 16) => Ok(key),
+        _ => Err(ApiError::bad_request(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        )),
+    }
+}
+
+/// Answers a 426 from [`check_upgrade`] with `Sec-WebSocket-Version: 13` (RFC 6455 4.2.2);
+/// every other rejection passes on to the routes after this one.
+async fn upgrade_required(rejection: Rejection) -> Result<impl Reply, Rejection> {
+    let required = rejection
+        .find::<ApiError>()
+        .is_some_and(|e| e.status == StatusCode::UPGRADE_REQUIRED);
+    if !required {
+        return Err(rejection);
+    }
+    let Ok(reply) = super::recover(rejection).await;
+    Ok(warp::reply::with_header(
+        reply,
+        header::SEC_WEBSOCKET_VERSION,
+        "13",
+    ))
 }
 
 /// Replies 101 and runs the session on the upgraded connection, as a task of the tracker.
@@ -884,13 +939,7 @@ impl Session {
     ) -> Result<(), End> {
         let message = match frame {
             None => return Err(End::Gone),
-            Some(Err(err)) => {
-                return Err(if matches!(err, WsError::Capacity(_)) {
-                    End::Close(close::TOO_BIG, "frame too large")
-                } else {
-                    End::Gone
-                });
-            }
+            Some(Err(err)) => return Err(read_error_end(&err)),
             Some(Ok(message)) => message,
         };
         if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.bucket.take() {
@@ -1306,6 +1355,23 @@ async fn write_events(
     result.map(|()| ended)
 }
 
+/// How a socket whose client frames could not be read ends: a client that broke the protocol
+/// is told why (RFC 6455 7.4.1), a connection that failed or went away is just dropped.
+fn read_error_end(err: &WsError) -> End {
+    let end = match err {
+        WsError::Capacity(_) => End::Close(close::TOO_BIG, "frame too large"),
+        WsError::Utf8(_) => End::Close(close::INVALID_DATA, "invalid utf-8 in a text frame"),
+        // The peer closed TCP without a close frame: nobody is left to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        WsError::Protocol(_) => End::Close(close::PROTOCOL_ERROR, "protocol error"),
+        _ => End::Gone,
+    };
+    if let End::Close(code, _) = end {
+        tracing::debug!(error = %err, code, "client frame refused");
+    }
+    end
+}
+
 fn overflow_end(overflow: Overflow) -> End {
     match overflow {
         Overflow::Lagged | Overflow::Evicted => End::Close(close::SLOW_CONSUMER, "slow consumer"),
@@ -1318,5 +1384,79 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Header changes: `None` removes the header; a header named twice is sent twice.
+    type Changes<'a> = &'a [(&'static str, Option<&'static str>)];
+
+    /// A valid upgrade request's headers, with `changes` applied.
+    fn headers(changes: Changes) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("host", "relay.example"),
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ] {
+            headers.insert(name, value.parse().unwrap());
+        }
+        for &(name, _) in changes {
+            headers.remove(name);
+        }
+        for &(name, value) in changes {
+            if let Some(value) = value {
+                headers.append(name, value.parse().unwrap());
+            }
+        }
+        headers
+    }
+
+    fn status(changes: Changes) -> u16 {
+        match check_upgrade(&headers(changes)) {
+            Ok(_) => 101,
+            Err(e) => e.status.as_u16(),
+        }
+    }
+
+    #[test]
+    fn a_handshake_is_refused_unless_it_follows_rfc_6455() {
+        assert_eq!(
+            check_upgrade(&headers(&[])).ok(),
+            Some("dGhlIHNhbXBsZSBub25jZQ==")
+        );
+        let key = "sec-websocket-key";
+        let version = "sec-websocket-version";
+        let cases: &[(Changes, u16)] = &[
+            (&[(key, Some("hello"))], 400),
+            (&[(key, Some("aGVsbG8="))], 400), // 5 bytes
+            (&[(key, Some(""))], 400),
+            (&[(key, Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=="))], 400), // 22 bytes
+            (&[(key, Some("dGhlIHNhbXBsZSBub25jZR=="))], 400),         // bits after the 16th byte
+            (&[(key, None)], 400),
+            (
+                &[
+                    (key, Some("dGhlIHNhbXBsZSBub25jZQ==")),
+                    (key, Some("AAAAAAAAAAAAAAAAAAAAAA==")),
+                ],
+                400,
+            ),
+            (&[("host", None)], 400),
+            (&[("upgrade", Some("h2c"))], 400),
+            (&[("connection", None)], 400),
+            (&[(version, Some("8"))], 426),
+            (&[(version, None)], 426),
+            (&[(version, Some("13")), (version, Some("8"))], 426),
+            (&[("upgrade", Some("WebSocket"))], 101),
+            (&[(key, Some("AAAAAAAAAAAAAAAAAAAAAA=="))], 101),
+        ];
+        for (changes, expected) in cases {
+            assert_eq!(status(changes), *expected, "{changes:?}");
+        }
     }
 }

@@ -92,6 +92,11 @@ impl Copy {
             // (Initial data that could not be read, during a database restart: the socket
             // closes next, and the client reconnects.)
             "error" if message["code"] == "internal" => {}
+            // The subscribe that followed a reset could not reach the database (it restarts):
+            // asked to try again, the client subscribes again.
+            "error" if message["code"] == "unavailable" => {
+                return Next::Resubscribe("unavailable".to_owned());
+            }
             other => panic!("unexpected message {other}: {message}"),
         }
         Next::Continue

@@ -251,7 +251,11 @@ async fn subscribe_loop(
             match frame {
                 Frame::Json(message) => {
                     counters.messages.fetch_add(1, Ordering::Relaxed);
-                    if let Next::Resubscribe(_) = copy.apply(&message) {
+                    if let Next::Resubscribe(reason) = copy.apply(&message) {
+                        if reason == "unavailable" {
+                            // The database is restarting: try again in a moment.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
                         counters.resets.fetch_add(1, Ordering::Relaxed);
                         // Start over: the subscription's initial data supersedes the copy.
                         copy.seq = None;

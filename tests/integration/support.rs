@@ -188,6 +188,14 @@ impl Relay {
 
     /// Starts a relay after `tweak` adjusts its config, and waits until it is ready.
     pub async fn start_with(db: &TestDb, tables: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
+        let relay = Self::spawn_with(db, tables, tweak).await;
+        relay.wait_ready().await;
+        relay
+    }
+
+    /// Starts a relay after `tweak` adjusts its config, without waiting for it: for relays
+    /// that must refuse to start ([`Relay::stop`] returns why) or that are not plain HTTP.
+    pub async fn spawn_with(db: &TestDb, tables: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
         let names = tables
             .iter()
             .map(|t| TableName::parse(t).unwrap())
@@ -204,13 +212,11 @@ impl Relay {
         let handle = tokio::spawn(pgrelay::run(config, listener, async {
             let _ = shutdown_rx.await;
         }));
-        let relay = Relay {
+        Relay {
             addr,
             shutdown_tx: Some(shutdown_tx),
             handle: Some(handle),
-        };
-        relay.wait_ready().await;
-        relay
+        }
     }
 
     /// Waits until `/readyz` answers 200.
@@ -596,6 +602,19 @@ impl Cluster {
     /// `pg_ctl restart -m fast`: every connection is closed, the server comes back.
     pub fn restart(&self) {
         self.pg_ctl("restart");
+    }
+
+    /// Writes `name` into the cluster's directory with `mode`, owned by the server's user
+    /// (PostgreSQL refuses a key file others can read); returns its path.
+    pub fn write_file(&self, name: &str, contents: &[u8], mode: u32) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        if self.as_root {
+            self.run_plain("chown", &["postgres", path.to_str().unwrap()]);
+        }
+        path
     }
 
     /// The connection string of a database in this cluster.
