@@ -101,6 +101,8 @@ pub struct Config {
     pub rest_set_role: bool,
     /// What one client may take.
     pub limits: Limits,
+    /// Web pages (origins) allowed besides the relay's own.
+    pub origins: crate::http::origin::Origins,
     /// PEM certificate chain the listener serves HTTPS and WSS with (with `tls_key`); plain
     /// HTTP when neither is set.
     pub tls_cert: Option<PathBuf>,
@@ -205,6 +207,7 @@ impl Config {
             allow_anonymous: false,
             rest_set_role: false,
             limits: Limits::for_pool(16),
+            origins: crate::http::origin::Origins::default(),
             tls_cert: None,
             tls_key: None,
         }

@@ -157,6 +157,13 @@ pub async fn run(
         auth: authenticator,
         policies: config.policies.clone(),
     };
+    // Snapshots never take the whole pool: REST keeps at least one connection.
+    let snapshot_slots = config
+        .limits
+        .max_snapshots
+        .min(config.pool_size.saturating_sub(1))
+        .max(1);
+    let snapshots = Arc::new(tokio::sync::Semaphore::new(snapshot_slots));
     let shutdown_timeout = config.shutdown_timeout;
     let state = Arc::new(http::AppState {
         config,
@@ -168,6 +175,7 @@ pub async fn run(
         token: token.clone(),
         tracker: tracker.clone(),
         gate,
+        snapshots,
     });
     let scheme = if tls.is_some() { "https" } else { "http" };
     let limits = &state.config.limits;

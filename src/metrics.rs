@@ -30,6 +30,11 @@ pub struct Metrics {
     pub horizon_stuck_seconds: AtomicU64,
     /// Pid of the backend whose transaction holds the horizon back, 0 if none (gauge).
     pub horizon_holder: AtomicU64,
+    /// Initial-data reads running now (gauge).
+    pub snapshots_running: AtomicU64,
+    /// Requests and sockets refused by a limit (connections, rate, subscriptions, filters,
+    /// snapshots).
+    pub limited: AtomicU64,
 }
 
 impl Metrics {
@@ -52,7 +57,19 @@ impl Metrics {
     pub fn render(&self, listening: bool) -> String {
         let mut out = String::new();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 13] = [
+        let rows: [(&str, &str, &str, u64); 15] = [
+            (
+                "pgrelay_snapshots_running",
+                "gauge",
+                "Initial-data reads running now.",
+                load(&self.snapshots_running),
+            ),
+            (
+                "pgrelay_limited_total",
+                "counter",
+                "Requests and sockets refused by a configured limit.",
+                load(&self.limited),
+            ),
             (
                 "pgrelay_events_captured_total",
                 "counter",

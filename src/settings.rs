@@ -118,6 +118,11 @@ pub struct Settings {
     #[arg(long, env = "PGRELAY_REST_SET_ROLE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_set_role: Option<bool>,
+    /// Web pages allowed to use the relay from a browser besides its own origin, comma
+    /// separated (`https://app.example,http://localhost:3000`; `*` for any).
+    #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
     /// Serve HTTPS and WSS with this PEM certificate chain (needs --tls-key).
     #[arg(long, env = "PGRELAY_TLS_CERT", requires = "tls_key")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -303,7 +308,7 @@ impl Settings {
             schema_interval_ms, ping_interval, ping_timeout, max_frame, queue_bytes,
             history_events, history_bytes, pool_size, pool_wait_timeout, pool_connect_timeout,
             max_body, retention_secs, retention_rows, allow_anonymous, rest_set_role, tls_cert,
-            tls_key);
+            tls_key, allowed_origins);
         layer!(self.auth, under.auth; jwt_secret, jwt_secret_file, jwt_public_key_file,
             jwks_file, jwt_algorithms, jwt_audience, jwt_issuer, jwt_leeway, jwt_require_exp,
             role_claim, default_role, anonymous_role, auth_timeout);
@@ -363,6 +368,7 @@ impl Settings {
             retention_rows: None,
             allow_anonymous: Some(false),
             rest_set_role: Some(false),
+            allowed_origins: Some(Vec::new()),
             auth: AuthSettings {
                 jwt_leeway: Some(30),
                 jwt_require_exp: Some(true),
@@ -452,6 +458,7 @@ impl Settings {
         config.retention.max_rows = self.retention_rows;
         config.allow_anonymous = self.allow_anonymous.unwrap_or(false);
         config.rest_set_role = self.rest_set_role.unwrap_or(false);
+        config.origins.allowed = self.allowed_origins.unwrap_or_default();
         config.tls_cert = self.tls_cert;
         config.tls_key = self.tls_key;
         config.auth = self.auth.into_auth()?;

@@ -1,5 +1,6 @@
 //! HTTP surface: routes, shared state, and the one `recover` that renders every rejection.
 
+pub mod origin;
 pub mod rest;
 pub mod server;
 pub mod ws;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// Who may read and write what.
     pub gate: Gate,
+    /// Initial-data reads running at once (see [`crate::config::Limits::max_snapshots`]).
+    pub snapshots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -189,12 +192,14 @@ fn with_state(
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let origins = Arc::new(state.config.origins.clone());
+    let browser_facing = ws::table_route(Arc::clone(&state))
+        .or(ws::multiplexed_route(Arc::clone(&state)))
+        .or(rest::routes(Arc::clone(&state)));
     health()
         .or(ready(Arc::clone(&state)))
-        .or(metrics(Arc::clone(&state)))
-        .or(ws::table_route(Arc::clone(&state)))
-        .or(ws::multiplexed_route(Arc::clone(&state)))
-        .or(rest::routes(state))
+        .or(metrics(state))
+        .or(origin::guard(origins, browser_facing))
         .recover(recover)
 }
 

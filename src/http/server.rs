@@ -31,6 +31,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections past the total cap that are still served the health routes.
 const HEALTH_SLOTS: usize = 16;
 
+/// How long a connection in a health slot may take to send its request.
+const HEALTH_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// File descriptors kept free for everything that is not a client connection: the database
 /// pool and capture, files, DNS, and the health slots.
 const FD_RESERVE: u64 = 64;
@@ -221,14 +224,17 @@ pub async fn serve<F, R, H, HR>(
         let routes = routes.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(if full_service {
+                    header_timeout
+                } else {
+                    HEALTH_HEADER_TIMEOUT
+                })
                 .keep_alive(full_service);
-            let Some(io) = open(tcp, peer, tls).await else {
+            let Some(io) = open(tcp, peer, tls, slot).await else {
                 return;
             };
             let result = if full_service {
@@ -255,16 +261,81 @@ pub async fn serve<F, R, H, HR>(
     graceful.shutdown().await;
 }
 
-/// A connection's byte stream: TCP, or TLS over it once the handshake is done.
-type Io = TokioIo<Box<dyn Stream>>;
+/// A connection's byte stream: TCP, or TLS over it once the handshake is done. It holds the
+/// connection's [`Slot`], so the count stays right after a WebSocket upgrade hands the
+/// stream over (it is freed when the socket is dropped, not when HTTP is done with it).
+type Io = TokioIo<Counted>;
+
+/// A stream and its slot.
+pub struct Counted {
+    stream: Box<dyn Stream>,
+    _slot: Slot,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
 
 /// What hyper needs of a connection.
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
-async fn open(tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) -> Option<Io> {
+async fn open(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    slot: Slot,
+) -> Option<Io> {
+    let counted = |stream: Box<dyn Stream>| {
+        TokioIo::new(Counted {
+            stream,
+            _slot: slot,
+        })
+    };
     let Some(tls) = tls else {
-        return Some(TokioIo::new(Box::new(tcp)));
+        return Some(counted(Box::new(tcp)));
     };
     let opened = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
         if sends_plain_http(&tcp).await {
@@ -277,28 +348,34 @@ async fn open(tcp: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) -> Opt
             .ok()
     });
     match opened.await {
-        Ok(Some(stream)) => Some(TokioIo::new(Box::new(stream))),
+        Ok(Some(stream)) => Some(counted(Box::new(stream))),
         _ => None,
     }
 }
 
 /// Answers a connection that cannot be served with a short JSON error, then closes it (over
-/// TLS, where no plain answer can be read, it is just closed).
+/// TLS, where no plain answer can be read, it is just closed). `GET /healthz` is answered
+/// 200 even so: the process is up, which is all it says.
 async fn refuse(mut tcp: TcpStream, tls: bool, status: u16, code: &str, message: &str) {
     if tls {
         return;
     }
     // Take in what the client sent first: closing with unread bytes would reset the
     // connection, and the client might lose the answer.
-    let mut request = [0u8; 4096];
+    let mut request = [0u8; 1024];
     let _ = tokio::time::timeout(Duration::from_millis(200), tcp.readable()).await;
-    let _ = tcp.try_read(&mut request);
-    let reason = if status == 429 {
-        "Too Many Requests"
+    let read = tcp.try_read(&mut request).unwrap_or(0);
+    let (status, reason, body) = if request[..read].starts_with(b"GET /healthz ") {
+        (200, "OK", serde_json::json!({"status": "ok"}).to_string())
     } else {
-        "Service Unavailable"
+        let reason = if status == 429 {
+            "Too Many Requests"
+        } else {
+            "Service Unavailable"
+        };
+        let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+        (status, reason, body)
     };
-    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
     let response = format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{body}",

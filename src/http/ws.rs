@@ -948,6 +948,7 @@ impl Session {
                 self.state.config.limits.max_message_rate
             );
             tracing::debug!("a client went over its message rate");
+            self.state.metrics.inc(&self.state.metrics.limited);
             self.send_error("rate_limited", &m).await?;
             return Err(End::Close(close::RATE_LIMITED, "message rate limit"));
         }
@@ -1041,6 +1042,7 @@ impl Session {
         }
         let limit = self.state.config.limits.max_subscriptions;
         if existing.is_none() && self.subs.len() >= limit {
+            self.state.metrics.inc(&self.state.metrics.limited);
             let m = format!("A socket may hold at most {limit} subscriptions");
             return self.send_error("too_many_subscriptions", &m).await;
         }
@@ -1184,6 +1186,26 @@ impl Session {
                 Upkeep::Nothing
             }
         };
+        // Initial-data reads take pooled connections: at most `max_snapshots` at once, so
+        // REST keeps connections of its own.
+        let permit = tokio::select! {
+            biased;
+            _ = state.token.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
+            permit = tokio::time::timeout(state.config.pool_wait_timeout, Arc::clone(&state.snapshots).acquire_owned()) => permit,
+        };
+        let Ok(Ok(_permit)) = permit else {
+            tracing::debug!("initial data refused: every snapshot slot is busy");
+            state.metrics.inc(&state.metrics.limited);
+            self.send_error(
+                "unavailable",
+                "Too many subscribers are taking initial data at once; try again",
+            )
+            .await?;
+            return Err(End::Close(close::TRY_AGAIN, "snapshot slots busy"));
+        };
+        let deadline = state.config.limits.snapshot_deadline;
+        state.metrics.add(&state.metrics.snapshots_running, 1);
+        let _running = Running(&state.metrics);
         let sub = &mut self.subs[index];
         let sending = snapshot::send_initial(
             &state.pool,
@@ -1201,6 +1223,12 @@ impl Session {
             biased;
             // Dropping the send rolls the snapshot's transaction back.
             _ = state.token.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
+            // A reader too slow to take its initial data within the deadline gives its
+            // connection and snapshot back.
+            _ = tokio::time::sleep(deadline) => {
+                tracing::debug!(?deadline, "initial data not taken within the deadline");
+                return Err(End::Close(close::SLOW_CONSUMER, "initial data not read within the deadline"));
+            }
             result = sending => result,
         };
         match result {
@@ -1384,6 +1412,15 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Counts a running initial-data read while it lives.
+struct Running<'a>(&'a crate::metrics::Metrics);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.dec(&self.0.snapshots_running);
     }
 }
 

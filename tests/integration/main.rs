@@ -7,6 +7,7 @@
 mod auth;
 mod filters;
 mod install;
+mod limits;
 mod long;
 mod model;
 mod partitions;

@@ -433,12 +433,34 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts the binary on a free port and waits for `/readyz`.
     pub async fn start(db_url: &str, tables: &str, extra: &[&str]) -> Self {
+        Self::start_limited(db_url, tables, extra, None).await
+    }
+
+    /// [`RelayProcess::start`] with the open-file limit (soft and hard) set to `fds`.
+    pub async fn start_limited(
+        db_url: &str,
+        tables: &str,
+        extra: &[&str],
+        fds: Option<u32>,
+    ) -> Self {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let listen = format!("127.0.0.1:{port}");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        let mut command = match fds {
+            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay")),
+            Some(fds) => {
+                let mut sh = tokio::process::Command::new("sh");
+                sh.args([
+                    "-c",
+                    &format!("ulimit -n {fds} && exec \"$0\" \"$@\""),
+                    env!("CARGO_BIN_EXE_pgrelay"),
+                ]);
+                sh
+            }
+        };
+        let child = command
             .args(["serve", "--tables", tables, "--listen", &listen])
             .args(extra)
             .env("DATABASE_URL", db_url)
@@ -664,6 +686,25 @@ pub struct Response {
     pub status: u16,
     pub text: String,
     pub json: Value,
+    /// Header lines as sent (`name: value`).
+    pub head: String,
+}
+
+impl Response {
+    /// The value of a response header (the first, if repeated).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+
+    /// The body.
+    pub fn body(&self) -> &str {
+        &self.text
+    }
 }
 
 /// Sends one HTTP/1.1 request (`head` without the final blank line) and reads the response.
@@ -697,10 +738,15 @@ pub async fn http_raw(addr: SocketAddr, head: String, body: Vec<u8>) -> std::io:
     writer.abort();
     let (status, body) = status_and_body(&response);
     let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let text = String::from_utf8_lossy(&response);
+    let head = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(h, _)| h.to_owned());
     Ok(Response {
         status,
         text: body,
         json,
+        head,
     })
 }
 
@@ -710,6 +756,10 @@ fn complete(response: &[u8]) -> bool {
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         return false;
     };
+    if head.starts_with("HTTP/1.1 101") {
+        // Switched protocols: the rest is the WebSocket's.
+        return true;
+    }
     head.lines()
         .find_map(|l| {
             let (name, value) = l.split_once(':')?;
