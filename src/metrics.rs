@@ -22,6 +22,8 @@ pub struct Metrics {
     pub pruned_rows: AtomicU64,
     /// Log rows that could not be read (their tables' subscribers were reset).
     pub bad_log_rows: AtomicU64,
+    /// Transactions whose row order could not be recovered (their tables were reset).
+    pub order_unknown: AtomicU64,
     /// Notifications received on the capture channel.
     pub wakes: AtomicU64,
     /// Polls of the log.
@@ -57,7 +59,7 @@ impl Metrics {
     pub fn render(&self, listening: bool) -> String {
         let mut out = String::new();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 15] = [
+        let rows: [(&str, &str, &str, u64); 16] = [
             (
                 "pgrelay_snapshots_running",
                 "gauge",
@@ -87,6 +89,12 @@ impl Metrics {
                 "counter",
                 "Log rows that could not be read (their tables' subscribers were reset).",
                 load(&self.bad_log_rows),
+            ),
+            (
+                "pgrelay_order_unknown_total",
+                "counter",
+                "Transactions whose row order could not be recovered from the log (their tables' subscribers were reset).",
+                load(&self.order_unknown),
             ),
             (
                 "pgrelay_capture_reconnects_total",

@@ -20,6 +20,7 @@
 //! notices and reports with the pid that holds it.
 
 mod listen;
+mod order;
 pub mod poll;
 
 use std::sync::Arc;

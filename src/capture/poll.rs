@@ -32,7 +32,10 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
 use super::{CaptureError, Progress};
-use crate::event::{LogOp, Op, key_of, parse_body};
+use serde_json::value::RawValue;
+
+use super::order::{self, Link, State, Tracker};
+use crate::event::{LogEvent, LogOp, Op, key_of, parse_body};
 use crate::hub::{Change, Hub};
 use crate::metrics::Metrics;
 use crate::row::Fields;
@@ -170,6 +173,152 @@ impl Chunk {
     }
 }
 
+/// One thing a chunk tells subscribers, decoded.
+struct Item<'a> {
+    /// The chunk it came from (its table, transaction and capture time).
+    chunk: usize,
+    seq: i64,
+    relid: u32,
+    what: What<'a>,
+}
+
+enum What<'a> {
+    Change {
+        op: Op,
+        id: String,
+        data: Option<&'a RawValue>,
+        old: Option<&'a RawValue>,
+    },
+    Truncate {
+        /// Only a partition of the table was truncated.
+        partition: bool,
+    },
+}
+
+impl<'a> Item<'a> {
+    /// The item as [`order`] sees it.
+    fn link(&self) -> Link<'_> {
+        fn row<'b>(r: &Option<&'b RawValue>) -> State<'b> {
+            r.map_or(State::Any, |r| State::Row(r.get()))
+        }
+        match &self.what {
+            What::Change { op, id, data, old } => Link {
+                relid: self.relid,
+                id,
+                before: match op {
+                    Op::Create => State::Absent,
+                    Op::Update | Op::Delete => row(old),
+                },
+                after: match op {
+                    Op::Delete => State::Absent,
+                    Op::Create | Op::Update => row(data),
+                },
+                barrier: false,
+            },
+            What::Truncate { .. } => Link {
+                relid: self.relid,
+                id: "",
+                before: State::Any,
+                after: State::Any,
+                barrier: true,
+            },
+        }
+    }
+}
+
+/// Decodes one chunk's events; an update that changed the key becomes a delete of the old
+/// key and a create of the new one. An error names what is wrong with the chunk.
+fn decode<'a>(
+    index: usize,
+    chunk: &Chunk,
+    events: &[LogEvent<'a>],
+) -> Result<Vec<Item<'a>>, &'static str> {
+    let keys = chunk.keys.as_deref();
+    let key = |row: Option<&RawValue>| -> Result<String, &'static str> {
+        let keys = keys.ok_or("the table had no primary key")?;
+        let row = row.ok_or("an event lacks its row")?;
+        let fields = Fields::parse(row.get()).map_err(|_| "a row is not a JSON object")?;
+        key_of(&fields, keys).ok_or("a row lacks a key column")
+    };
+    let mut items = Vec::with_capacity(events.len());
+    let mut push = |seq: i64, what: What<'a>| {
+        items.push(Item {
+            chunk: index,
+            seq,
+            relid: chunk.relid,
+            what,
+        })
+    };
+    for event in events {
+        match event.op {
+            LogOp::Change(Op::Create) => push(
+                event.seq,
+                What::Change {
+                    op: Op::Create,
+                    id: key(event.data)?,
+                    data: event.data,
+                    old: None,
+                },
+            ),
+            LogOp::Change(Op::Delete) => push(
+                event.seq,
+                What::Change {
+                    op: Op::Delete,
+                    id: key(event.old)?,
+                    data: None,
+                    old: event.old,
+                },
+            ),
+            LogOp::Change(Op::Update) => {
+                let new_id = key(event.data)?;
+                // Without the old row (over PostgreSQL's size limit), an update is taken to
+                // keep its key.
+                let old_id = match event.old {
+                    Some(_) => key(event.old)?,
+                    None => new_id.clone(),
+                };
+                if old_id == new_id {
+                    push(
+                        event.seq,
+                        What::Change {
+                            op: Op::Update,
+                            id: new_id,
+                            data: event.data,
+                            old: event.old,
+                        },
+                    );
+                } else {
+                    let create_seq = event
+                        .seq2
+                        .ok_or("a key-changing update lacks its second seq")?;
+                    push(
+                        event.seq,
+                        What::Change {
+                            op: Op::Delete,
+                            id: old_id,
+                            data: None,
+                            old: event.old,
+                        },
+                    );
+                    push(
+                        create_seq,
+                        What::Change {
+                            op: Op::Create,
+                            id: new_id,
+                            data: event.data,
+                            old: None,
+                        },
+                    );
+                }
+            }
+            LogOp::Truncate => push(event.seq, What::Truncate { partition: false }),
+            LogOp::PartitionTruncate => push(event.seq, What::Truncate { partition: true }),
+            LogOp::Marker => {}
+        }
+    }
+    Ok(items)
+}
+
 fn chunk(row: &tokio_postgres::Row) -> Result<Option<Chunk>, CaptureError> {
     let Some(xid) = row.get::<_, Option<&str>>(1) else {
         return Ok(None);
@@ -233,12 +382,17 @@ impl<'a> Publisher<'a> {
         *self.batch.get_or_insert_with(|| self.hub.begin_batch())
     }
 
-    /// Publishes one transaction's chunks (in (stmt, seq) order). Runs to the end without
-    /// awaiting: a chunk is published whole or not at all.
-    fn transaction(&mut self, key: TxnKey, chunks: &[Chunk]) {
-        // A partition truncated right after its root in the same transaction adds nothing.
-        let mut truncated: Vec<u32> = Vec::new();
-        for chunk in chunks {
+    /// Publishes one transaction's chunks (read in (stmt, seq) order), each row's events in
+    /// an order its rows agree with (see [`order`]). Runs to the end without awaiting: a
+    /// chunk is published whole or not at all. With `tracker`, the chunks are one window of a
+    /// transaction too large to hold: they are published in the log's order and checked as
+    /// they go.
+    fn transaction(&mut self, key: TxnKey, chunks: &[Chunk], tracker: Option<&mut Tracker>) {
+        let mut items: Vec<Item<'_>> = Vec::new();
+        // Whether some table has events from more than one chunk (else nothing to check).
+        let mut tables: Vec<(u32, usize)> = Vec::new();
+        let mut several = false;
+        for (index, chunk) in chunks.iter().enumerate() {
             if self
                 .skip
                 .as_ref()
@@ -247,159 +401,110 @@ impl<'a> Publisher<'a> {
                 continue;
             }
             // Every chunk counts for positions, exposed or not (see the module docs).
-            let batch = self.batch();
+            self.batch();
             self.max_seq = self.max_seq.max(chunk.last_seq);
             self.last = Some((key, chunk.pos()));
             let Some(body) = &chunk.body else { continue };
-            let events = match parse_body(body) {
-                Ok(events) => events,
-                Err(err) => {
-                    self.unreadable(chunk, &err.to_string());
-                    continue;
+            let decoded = parse_body(body)
+                .map_err(|err| err.to_string())
+                .and_then(|events| decode(index, chunk, &events).map_err(str::to_owned));
+            match decoded {
+                Ok(decoded) => {
+                    match tables.iter().find(|(relid, _)| *relid == chunk.relid) {
+                        Some((_, first)) => several |= *first != index,
+                        None => tables.push((chunk.relid, index)),
+                    }
+                    items.extend(decoded);
                 }
-            };
-            for event in &events {
-                match event.op {
-                    LogOp::Change(op) => {
-                        truncated.retain(|r| *r != chunk.relid);
-                        if let Err(why) = self.change(batch, chunk, op, event) {
-                            self.unreadable(chunk, why);
-                            break;
-                        }
-                    }
-                    LogOp::Truncate => {
-                        truncated.push(chunk.relid);
-                        self.count(self.hub.publish_truncate(
-                            chunk.relid,
-                            batch,
-                            chunk.xid,
-                            &chunk.ts,
-                            event.seq,
-                            false,
-                        ));
-                    }
-                    LogOp::PartitionTruncate if truncated.contains(&chunk.relid) => {}
-                    LogOp::PartitionTruncate => {
-                        self.count(self.hub.publish_truncate(
-                            chunk.relid,
-                            batch,
-                            chunk.xid,
-                            &chunk.ts,
-                            event.seq,
-                            true,
-                        ));
-                    }
-                    LogOp::Marker => {}
-                }
-                match &mut self.newest {
-                    Some((seq, ts)) => {
-                        *seq = event.seq;
-                        ts.clone_from(&chunk.ts);
-                    }
-                    None => self.newest = Some((event.seq, chunk.ts.clone())),
-                }
+                Err(why) => self.unreadable(chunk, &why),
             }
         }
-    }
-
-    /// Publishes a row change; an update that changed the key becomes a delete of the old
-    /// key and a create of the new one.
-    fn change(
-        &mut self,
-        batch: u64,
-        chunk: &Chunk,
-        op: Op,
-        event: &crate::event::LogEvent<'_>,
-    ) -> Result<(), &'static str> {
-        let keys = chunk
-            .keys
-            .as_deref()
-            .ok_or("the table had no primary key")?;
-        let key = |row: Option<&serde_json::value::RawValue>| -> Result<String, &'static str> {
-            let row = row.ok_or("an event lacks its row")?;
-            let fields = Fields::parse(row.get()).map_err(|_| "a row is not a JSON object")?;
-            key_of(&fields, keys).ok_or("a row lacks a key column")
-        };
-        let publish = |this: &mut Self, change: Change<'_>| {
-            let published =
-                this.hub
-                    .publish_change(chunk.relid, batch, chunk.xid, &chunk.ts, &change);
-            this.count(published);
-        };
-        match op {
-            Op::Create => {
-                let id = key(event.data)?;
-                publish(
-                    self,
-                    Change {
-                        op,
-                        seq: event.seq,
-                        id: &id,
-                        data: event.data,
-                        old: None,
-                    },
-                );
+        let links: Vec<Link<'_>> = items.iter().map(Item::link).collect();
+        let (order, unresolved) = match tracker {
+            Some(tracker) => {
+                let mut broken = Vec::new();
+                for link in &links {
+                    if !tracker.check(link) {
+                        broken.push(link.relid);
+                    }
+                }
+                ((0..items.len()).collect(), broken)
             }
-            Op::Delete => {
-                let id = key(event.old)?;
-                publish(
-                    self,
-                    Change {
-                        op,
-                        seq: event.seq,
-                        id: &id,
-                        data: None,
-                        old: event.old,
-                    },
-                );
-            }
-            Op::Update => {
-                let new_id = key(event.data)?;
-                // Without the old row (over PostgreSQL's size limit), an update is taken to
-                // keep its key.
-                let old_id = match event.old {
-                    Some(_) => key(event.old)?,
-                    None => new_id.clone(),
-                };
-                if old_id == new_id {
-                    publish(
-                        self,
-                        Change {
-                            op,
-                            seq: event.seq,
-                            id: &new_id,
-                            data: event.data,
-                            old: event.old,
-                        },
-                    );
-                } else {
-                    let create_seq = event
-                        .seq2
-                        .ok_or("a key-changing update lacks its second seq")?;
-                    publish(
-                        self,
-                        Change {
-                            op: Op::Delete,
-                            seq: event.seq,
-                            id: &old_id,
-                            data: None,
-                            old: event.old,
-                        },
-                    );
-                    publish(
-                        self,
-                        Change {
-                            op: Op::Create,
-                            seq: create_seq,
-                            id: &new_id,
-                            data: event.data,
-                            old: None,
-                        },
+            None if several => {
+                let (order, unresolved) = order::repair(&links);
+                if order.iter().enumerate().any(|(i, o)| i != *o) {
+                    tracing::debug!(
+                        xid = key.1,
+                        "a transaction's events were put back in row order"
                     );
                 }
+                (order, unresolved)
+            }
+            None => ((0..items.len()).collect(), Vec::new()),
+        };
+        let batch = self.batch.unwrap_or_default();
+        // A partition truncated right after its root in the same transaction adds nothing.
+        let mut truncated: Vec<u32> = Vec::new();
+        for i in order {
+            let item = &items[i];
+            let chunk = &chunks[item.chunk];
+            match &item.what {
+                What::Change { op, id, data, old } => {
+                    truncated.retain(|r| *r != chunk.relid);
+                    let change = Change {
+                        op: *op,
+                        seq: item.seq,
+                        id,
+                        data: *data,
+                        old: *old,
+                    };
+                    let published =
+                        self.hub
+                            .publish_change(chunk.relid, batch, chunk.xid, &chunk.ts, &change);
+                    self.count(published);
+                }
+                What::Truncate { partition: false } => {
+                    truncated.push(chunk.relid);
+                    let published = self.hub.publish_truncate(
+                        chunk.relid,
+                        batch,
+                        chunk.xid,
+                        &chunk.ts,
+                        item.seq,
+                        false,
+                    );
+                    self.count(published);
+                }
+                What::Truncate { partition: true } if truncated.contains(&chunk.relid) => {}
+                What::Truncate { partition: true } => {
+                    let published = self.hub.publish_truncate(
+                        chunk.relid,
+                        batch,
+                        chunk.xid,
+                        &chunk.ts,
+                        item.seq,
+                        true,
+                    );
+                    self.count(published);
+                }
+            }
+            match &mut self.newest {
+                Some((seq, ts)) => {
+                    *seq = item.seq;
+                    ts.clone_from(&chunk.ts);
+                }
+                None => self.newest = Some((item.seq, chunk.ts.clone())),
             }
         }
-        Ok(())
+        for relid in unresolved {
+            self.metrics.inc(&self.metrics.order_unknown);
+            tracing::warn!(
+                xid = key.1,
+                relid,
+                "a transaction changed rows of a table in an order its log does not show (a BEFORE trigger or a function writing the table it is called on); the table's subscribers are reset"
+            );
+            self.hub.publish_reset_relid(relid, "order_unknown");
+        }
     }
 
     fn count(&mut self, published: bool) {
@@ -522,7 +627,7 @@ pub async fn poll(
     // Nothing below awaits: a small batch is published whole or not at all.
     let mut publisher = Publisher::new(hub, metrics, None);
     for (key, chunks) in transactions(chunks) {
-        publisher.transaction(key, &chunks);
+        publisher.transaction(key, &chunks, None);
     }
     polled.events += publisher.finish(progress);
     progress.handled = Arc::new(snapshot);
@@ -670,7 +775,7 @@ async fn read_groups(
         for (key, _) in &group {
             if let Some(i) = by_xid.iter().position(|(x, _)| *x == key.1) {
                 let (_, list) = by_xid.swap_remove(i);
-                publisher.transaction(*key, &list);
+                publisher.transaction(*key, &list, None);
             }
         }
     }
@@ -687,6 +792,7 @@ async fn read_large(
 ) -> Result<(), CaptureError> {
     let xid = key.1.to_string();
     let mut after = (i64::MIN, i64::MIN);
+    let mut tracker = Tracker::default();
     loop {
         let rows = client
             .query(
@@ -701,7 +807,7 @@ async fn read_large(
                 list.push(c);
             }
         }
-        publisher.transaction(key, &list);
+        publisher.transaction(key, &list, Some(&mut tracker));
         if (rows.len() as i64) < GROUP_CHUNKS {
             return Ok(());
         }
