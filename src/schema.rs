@@ -94,8 +94,9 @@ struct Seen {
     key: Vec<i16>,
     /// Partitions (and sub-partitioned tables) of a partitioned table.
     partitions: Vec<u32>,
-    /// The row versions of its capture triggers: any change (disabled and enabled again,
-    /// dropped and re-created) may have let writes through uncaptured in between.
+    /// The row versions of its capture triggers and of its partitions': any change (disabled
+    /// and enabled again, dropped and re-created) may have let writes through uncaptured in
+    /// between.
     triggers: Vec<String>,
     installed: bool,
 }
@@ -112,8 +113,11 @@ const SIGNATURE: &str = "
              where i.indrelid = c.oid and i.indisprimary),
            (select coalesce(array_agg(p.relid::oid order by p.relid::oid), '{}')
               from pg_partition_tree(c.oid) p where c.relkind = 'p' and p.relid <> c.oid),
-           (select coalesce(array_agg(t.tgname || ':' || t.xmin::text order by t.tgname), '{}')
-              from pg_trigger t where t.tgrelid = c.oid and t.tgname like 'pgrelay\\_capture\\_%')
+           (select coalesce(array_agg(t.tgrelid::text || ':' || t.tgname || ':' || t.xmin::text
+                                      order by t.tgrelid, t.tgname), '{}')
+              from pg_trigger t
+             where (t.tgrelid = c.oid or t.tgrelid in (select p.relid from pg_partition_tree(c.oid) p))
+               and t.tgname like 'pgrelay\\_capture\\_%')
       from pg_class c where c.oid = $1";
 
 const NAME_OF: &str = "
@@ -305,10 +309,12 @@ impl Watcher {
                 if changed {
                     self.settle(client).await?;
                 }
+                // (Partitions attached or detached change the triggers too: one reset, below.)
                 if !reinstalled
                     && prev.installed
                     && !prev.triggers.is_empty()
                     && prev.triggers != current.triggers
+                    && prev.partitions == current.partitions
                 {
                     tracing::warn!(table = %name, "capture triggers of an exposed table changed; its subscribers are reset");
                     self.hub.publish_reset(&resource, "table_changed");
@@ -340,6 +346,10 @@ impl Watcher {
                             tracing::warn!(table = %name, partition = part, error = %crate::error::chain(&err),
                                 "could not install the TRUNCATE trigger of a new partition");
                         }
+                    }
+                    // The triggers just installed are not a change to report next time.
+                    if let Some(after) = signature(client, described.relid, true).await? {
+                        current.triggers = after.triggers;
                     }
                     tracing::info!(table = %name, "partitions of an exposed table changed; its subscribers are reset");
                     self.hub.publish_reset(&resource, "table_changed");

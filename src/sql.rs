@@ -84,21 +84,24 @@ pub enum TableKind {
 }
 
 impl TableKind {
-    /// The capture triggers a table of this kind has when installed.
+    /// The capture triggers a table of this kind has when installed, as `name:tgenabled`:
+    /// `A` fires always, `O` in ordinary sessions only, `R` under
+    /// `session_replication_role = replica` only (where the statement triggers do not fire).
+    /// Any other state loses events or sends them twice.
     pub fn triggers(self) -> &'static [&'static str] {
         match self {
             TableKind::Plain => &[
-                "pgrelay_capture_before",
-                "pgrelay_capture_insert",
-                "pgrelay_capture_update",
-                "pgrelay_capture_delete",
-                "pgrelay_capture_replica",
-                "pgrelay_capture_truncate",
+                "pgrelay_capture_before:A",
+                "pgrelay_capture_delete:O",
+                "pgrelay_capture_insert:O",
+                "pgrelay_capture_replica:R",
+                "pgrelay_capture_truncate:A",
+                "pgrelay_capture_update:O",
             ],
             TableKind::Partitioned | TableKind::Child => &[
-                "pgrelay_capture_before",
-                "pgrelay_capture_row",
-                "pgrelay_capture_truncate",
+                "pgrelay_capture_before:A",
+                "pgrelay_capture_row:A",
+                "pgrelay_capture_truncate:A",
             ],
         }
     }
@@ -329,9 +332,16 @@ const DESCRIBE: &str = "
            c.relispartition,
            exists (select 1 from pg_inherits h where h.inhparent = c.oid) as has_children,
            exists (select 1 from pg_inherits h where h.inhrelid = c.oid) as is_child,
-           coalesce((select array_agg(t.tgname::text order by t.tgname) from pg_trigger t
-                      where t.tgrelid = c.oid and t.tgname like 'pgrelay\\_capture\\_%'
-                        and t.tgenabled <> 'D'), '{}') as triggers
+           coalesce((select array_agg(t.tgname::text || ':' || t.tgenabled::text order by t.tgname)
+                       from pg_trigger t
+                      where t.tgrelid = c.oid and t.tgname like 'pgrelay\\_capture\\_%'), '{}') as triggers,
+           -- Every partition has the root's row trigger, enabled always (a clone can be
+           -- disabled on one partition alone).
+           not exists (select 1 from pg_partition_tree(c.oid) p
+                        where p.relid <> c.oid
+                          and not exists (select 1 from pg_trigger t
+                                           where t.tgrelid = p.relid and t.tgname = 'pgrelay_capture_row'
+                                             and t.tgenabled = 'A')) as partitions_installed
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
      where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')";
 
@@ -376,9 +386,10 @@ pub async fn describe_one(
         Ok(TableKind::Plain)
     };
     let triggers: Vec<String> = row.get("triggers");
-    let installed = kind
-        .as_ref()
-        .is_ok_and(|k| k.triggers().iter().all(|t| triggers.iter().any(|x| x == t)));
+    let installed = row.get::<_, bool>("partitions_installed")
+        && kind
+            .as_ref()
+            .is_ok_and(|k| k.triggers().iter().all(|t| triggers.iter().any(|x| x == t)));
     Ok(Some(Described {
         relid: row.get("oid"),
         keys: row.get("keys"),

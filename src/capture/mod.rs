@@ -94,9 +94,16 @@ const MARKER: &str = "
 /// transaction can make an xid look like it matches every row) must never talk the planner
 /// into a sequential scan of the log, which grows with retention.
 ///
+/// The poll's statements are prepared once, and after five runs PostgreSQL may switch to a
+/// generic plan chosen without the parameters (which xids, how many): on a log whose
+/// statistics are stale that can be a parallel scan hundreds of times slower than the index
+/// lookups the parameters call for. So every run is planned with its parameters, and never
+/// in parallel (the reads are small lookups; workers only add start-up cost).
+///
 /// Timeouts a role or database may set for ordinary sessions do not apply here: a poll of a
 /// large batch is one long read, and capture must not fail on it forever.
 pub const SESSION_SETTINGS: &str = "set synchronous_commit = off; set enable_seqscan = off;
+    set plan_cache_mode = force_custom_plan; set max_parallel_workers_per_gather = 0;
     set statement_timeout = 0; set lock_timeout = 0; set idle_in_transaction_session_timeout = 0";
 
 /// Who holds the horizon back: a session's open transaction, or a prepared one.

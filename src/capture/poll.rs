@@ -587,19 +587,27 @@ pub async fn poll(
         )
         .await?;
     }
-    let relids = hub.relids();
     let handled = Arc::clone(&progress.handled);
-    let rows = client
-        .query(
-            &statements.small,
-            &[
-                &handled.xip_text(),
-                &handled.xmax_text(),
-                &relids,
-                &SMALL_POLL,
-            ],
-        )
-        .await?;
+    // The exposed tables must be read after the poll's snapshot is taken: a table exposed
+    // meanwhile (re-created, say) would have its rows in the snapshot but not read. They are
+    // checked after it instead, and the poll runs again if they changed.
+    let rows = loop {
+        let relids = hub.relids();
+        let rows = client
+            .query(
+                &statements.small,
+                &[
+                    &handled.xip_text(),
+                    &handled.xmax_text(),
+                    &relids,
+                    &SMALL_POLL,
+                ],
+            )
+            .await?;
+        if hub.relids() == relids {
+            break rows;
+        }
+    };
     let snapshot_text: &str = rows
         .first()
         .map(|r| r.get(0))

@@ -86,7 +86,7 @@ async fn a_partitioned_table_streams_as_its_root_however_and_wherever_rows_are_w
     );
     db.exec("truncate m").await;
     let truncate = ws.next_json().await;
-    assert_eq!(truncate["type"], "truncate");
+    assert_eq!(truncate["type"], "truncate", "{truncate}");
     db.exec("insert into m values (9, 'us', 9)").await;
     assert_eq!(
         ws.next_json().await["id"],
@@ -133,6 +133,48 @@ async fn a_partitioned_table_streams_as_its_root_however_and_wherever_rows_are_w
     let mut copy = Copy::new(&["id", "region"]);
     let expected = table_rows(&db, "m", &["id", "region"]).await;
     read_until_equal(&mut fresh, &mut copy, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_capture_on_one_partition_resets_and_install_puts_it_back() {
+    let db = TestDb::new().await.with_tables(MEASURES, &["m"]).await;
+    let relay = Relay::start_with(&db, &["m"], |c| {
+        fast_schema_checks(c);
+        c.install = true;
+    })
+    .await;
+    let mut ws = relay.ws("/ws/m").await;
+    // The root's row trigger is cloned to every partition, and a clone can be disabled on
+    // one partition alone: its writes would go uncaptured.
+    db.exec("alter table m_eu disable trigger all").await;
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "reset", "resource": "m", "reason": "table_changed"})
+    );
+    // Reinstalled: writes into that partition stream again.
+    crate::support::within(crate::support::STEP, async {
+        loop {
+            let enabled: bool = db
+                .client()
+                .await
+                .query_one(
+                    "select coalesce(bool_and(tgenabled = 'A'), false) from pg_trigger
+                      where tgrelid = 'm_eu'::regclass and tgname = 'pgrelay_capture_row'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if enabled {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    db.exec("insert into m_eu values (9, 'eu', 9)").await;
+    let next = ws.next_json().await;
+    assert_eq!((&next["type"], &next["id"]), (&json!("create"), &json!({"id": 9, "region": "eu"})), "{next}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

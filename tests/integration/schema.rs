@@ -214,6 +214,78 @@ async fn removed_or_disabled_capture_triggers_reset_subscribers_and_install_puts
     db.exec("alter table items disable trigger pgrelay_capture_update")
         .await;
     assert_eq!(ws.next_json().await["reason"], "table_changed");
+    // So do triggers set to fire in the wrong sessions: a statement trigger that fires only
+    // under replication (ordinary writes lost), or the replication trigger set to fire
+    // always (every write sent twice). Each is put back as installed.
+    for (toggle, restored) in [
+        (
+            "alter table items enable replica trigger pgrelay_capture_insert",
+            "pgrelay_capture_insert:O",
+        ),
+        (
+            "alter table items enable always trigger pgrelay_capture_replica",
+            "pgrelay_capture_replica:R",
+        ),
+    ] {
+        wait_installed(&db, "items").await;
+        db.exec(toggle).await;
+        assert_eq!(ws.next_json().await["reason"], "table_changed", "{toggle}");
+        wait_for_trigger_state(&db, restored).await;
+    }
+    wait_installed(&db, "items").await;
+    db.exec("insert into items values (3, 'once', 3)").await;
+    let once = ws.next_json().await;
+    assert_eq!(once["id"], 3, "{once}");
+    db.exec("insert into items values (4, 'next', 4)").await;
+    assert_eq!(ws.next_json().await["id"], 4, "nothing sent twice");
+}
+
+/// Waits until every capture trigger of `table` is in its installed state.
+async fn wait_installed(db: &crate::support::TestDb, table: &str) {
+    crate::support::within(crate::support::STEP, async {
+        loop {
+            let ok: bool = db
+                .client()
+                .await
+                .query_one(
+                    "select count(*) = 6 and bool_and(tgenabled = case when tgname ~ '_(insert|update|delete)$' then 'O'
+                                                            when tgname ~ '_replica$' then 'R' else 'A' end)
+                       from pg_trigger where tgrelid = $1::text::regclass and tgname like 'pgrelay%'",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if ok {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+/// Waits until a trigger of `items` is in state `name:tgenabled`.
+async fn wait_for_trigger_state(db: &crate::support::TestDb, state: &str) {
+    crate::support::within(crate::support::STEP, async {
+        loop {
+            let n: i64 = db
+                .client()
+                .await
+                .query_one(
+                    "select count(*) from pg_trigger where tgname || ':' || tgenabled::text = $1",
+                    &[&state],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
