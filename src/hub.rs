@@ -452,6 +452,12 @@ impl Hub {
         topics.get(resource).cloned()
     }
 
+    /// The resource names of every topic.
+    pub fn resources(&self) -> Vec<String> {
+        let topics = self.topics.read().unwrap_or_else(PoisonError::into_inner);
+        topics.keys().map(|k| k.to_string()).collect()
+    }
+
     /// The topic capture routes a table's rows to.
     pub fn topic_by_relid(&self, relid: u32) -> Option<Arc<Topic>> {
         let by_relid = self.by_relid.read().unwrap_or_else(PoisonError::into_inner);

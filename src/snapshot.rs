@@ -65,6 +65,11 @@ impl Snapshot {
         self.xmin
     }
 
+    /// The first xid not yet assigned when the snapshot was taken.
+    pub fn xmax(&self) -> u64 {
+        self.xmax
+    }
+
     /// The transactions in progress, as text (for `$n::text[]::xid8[]`).
     pub fn xip_text(&self) -> Vec<String> {
         self.xip.iter().map(u64::to_string).collect()

@@ -204,6 +204,9 @@ pub struct Progress {
     pruned_seen: u64,
     /// Whether this relay has reported at least once (before that, no row of its own exists).
     reported: bool,
+    /// Whether the start marker is in the log (it is written once, when a session first
+    /// succeeds in writing it).
+    marked: bool,
 }
 
 /// Everything the capture task needs.
@@ -266,12 +269,37 @@ impl Capture {
             listener = Listener::connect(&self.target, Arc::clone(&self.metrics)) => listener?,
         };
         listener.client().batch_execute(SESSION_SETTINGS).await?;
+        let row = listener.client().query_one(START, &[]).await?;
+        let now =
+            Snapshot::parse(row.get(0)).ok_or(CaptureError::Invariant("bad start snapshot"))?;
+        let seq_now: i64 = row.get(1);
+        // A database whose transaction ids or log positions went back (restored from a backup,
+        // or a failover to a replica that was behind) is not the history this relay
+        // published: what it held may be gone, and its seqs will be drawn again. Everyone
+        // starts over, and no position from before resumes.
+        if let Some(p) = progress.as_ref()
+            && (now.xmax() < p.handled.xmax() || seq_now < self.hub.max_published())
+        {
+            tracing::error!(
+                xid_now = now.xmax(),
+                xid_handled = p.handled.xmax(),
+                seq_now,
+                seq_published = self.hub.max_published(),
+                "the database went back in time (restored, or failed over to a replica that was behind); every subscriber is reset"
+            );
+            self.hub
+                .set_start_seq(seq_now.max(self.hub.max_published()));
+            for resource in self.hub.resources() {
+                self.hub.publish_reset(&resource, "events_missing");
+            }
+            *progress = None;
+        }
         let first = progress.is_none();
         if first {
-            let row = listener.client().query_one(START, &[]).await?;
-            let snapshot =
-                Snapshot::parse(row.get(0)).ok_or(CaptureError::Invariant("bad start snapshot"))?;
-            self.hub.set_start_seq(row.get(1));
+            let snapshot = now;
+            if self.hub.max_published() == i64::MIN {
+                self.hub.set_start_seq(seq_now);
+            }
             // Rows pruned before the relay started were never promised to anyone.
             let pruned_seen = listener
                 .client()
@@ -287,14 +315,16 @@ impl Capture {
                 last: None,
                 pruned_seen,
                 reported: false,
+                marked: false,
             });
         }
         let progress = progress.as_mut().expect("progress was set above");
         if self.mode == Mode::Notify {
             listener.client().batch_execute("listen pgrelay").await?;
         }
-        if first {
+        if !progress.marked {
             listener.client().execute(MARKER, &[]).await?;
+            progress.marked = true;
         }
         listener.clear_wake();
         let statements = poll::Statements::prepare(listener.client()).await?;

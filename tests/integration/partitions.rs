@@ -174,7 +174,11 @@ async fn disabling_capture_on_one_partition_resets_and_install_puts_it_back() {
     .await;
     db.exec("insert into m_eu values (9, 'eu', 9)").await;
     let next = ws.next_json().await;
-    assert_eq!((&next["type"], &next["id"]), (&json!("create"), &json!({"id": 9, "region": "eu"})), "{next}");
+    assert_eq!(
+        (&next["type"], &next["id"]),
+        (&json!("create"), &json!({"id": 9, "region": "eu"})),
+        "{next}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

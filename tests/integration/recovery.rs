@@ -215,3 +215,60 @@ async fn a_postgres_restart_while_a_writer_runs_loses_nothing() {
     drop(relay);
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_to_an_earlier_state_resets_every_subscriber() {
+    let cluster = std::sync::Arc::new(Cluster::start().await);
+    let admin = connect(&cluster.url("postgres")).await;
+    admin.batch_execute("create database relay").await.unwrap();
+    drop(admin);
+    let url = cluster.url("relay");
+    connect(&url).await.batch_execute(ITEMS).await.unwrap();
+    let db = crate::support::TestDb::external(url.clone());
+    let relay = Relay::start_with(&db, &["items"], |c| c.install = true).await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("insert into items(name) values ('before')").await;
+    assert_eq!(ws.next_json().await["data"]["name"], "before");
+    // A backup, then changes the backup does not hold (transactions and seqs drawn).
+    let c = std::sync::Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.backup())
+        .await
+        .unwrap();
+    relay.wait_ready().await;
+    for i in 0..20 {
+        db.exec(&format!("insert into items(name) values ('after {i}')"))
+            .await;
+    }
+    let after = ws.events(20).await;
+    let position = after.last().unwrap()["seq"].as_i64().unwrap();
+    // The database is restored: those changes are gone, and its ids go back.
+    let c = std::sync::Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.restore())
+        .await
+        .unwrap();
+    let reset = ws.next_json().await;
+    assert_eq!(
+        (&reset["type"], &reset["reason"]),
+        (&Value::from("reset"), &Value::from("events_missing")),
+        "{reset}"
+    );
+    relay.wait_ready().await;
+    // Capture goes on with the restored history, and a position from the lost one cannot
+    // resume (its seqs will be drawn again).
+    db.exec("insert into items(name) values ('restored')").await;
+    let mut fresh = relay.ws("/ws/items?snapshot=true").await;
+    let rows = fresh.initial_rows().await;
+    let mut seen: Vec<String> = rows
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    if seen.len() < 2 {
+        seen.extend(names(&fresh.events(1).await));
+    }
+    seen.sort();
+    assert_eq!(seen, ["before", "restored"]);
+    let mut resumed = relay.ws(&format!("/ws/items?since={position}")).await;
+    assert_eq!(resumed.next_json().await["type"], "reset");
+    let metrics = http_get(relay.addr, "/readyz").await.unwrap();
+    assert_eq!(metrics.0, 200, "{metrics:?}");
+}

@@ -626,6 +626,24 @@ impl Cluster {
         self.pg_ctl("restart");
     }
 
+    /// Stops the server, copies its data directory aside, and starts it again.
+    pub fn backup(&self) {
+        self.pg_ctl("stop");
+        let backup = self.dir.join("backup").display().to_string();
+        self.run_plain("cp", &["-a", &self.data(), &backup]);
+        self.pg_ctl("start");
+    }
+
+    /// Stops the server and puts the copy [`Cluster::backup`] made back in place: the
+    /// database as it was then (its transaction ids and sequences too), started again.
+    pub fn restore(&self) {
+        self.pg_ctl("stop");
+        let backup = self.dir.join("backup").display().to_string();
+        self.run_plain("rm", &["-rf", &self.data()]);
+        self.run_plain("cp", &["-a", &backup, &self.data()]);
+        self.pg_ctl("start");
+    }
+
     /// Writes `name` into the cluster's directory with `mode`, owned by the server's user
     /// (PostgreSQL refuses a key file others can read); returns its path.
     pub fn write_file(&self, name: &str, contents: &[u8], mode: u32) -> std::path::PathBuf {
