@@ -232,7 +232,7 @@ impl Config {
             return Err(ConfigError::NoTables);
         }
         if let Err(err) = crate::tls::target(&self.database_url) {
-            return Err(ConfigError::BadDatabaseUrl(err.to_string()));
+            return Err(ConfigError::BadDatabaseUrl(crate::error::chain(&err)));
         }
         if self.ping_timeout <= self.ping_interval {
             return Err(ConfigError::Invalid(

@@ -173,7 +173,7 @@ impl Watcher {
             let mut client = match self.pool.get().await {
                 Ok(client) => client,
                 Err(err) => {
-                    tracing::debug!(error = %err, "schema check skipped: no database connection");
+                    tracing::debug!(error = %crate::error::chain(&err), "schema check skipped: no database connection");
                     continue;
                 }
             };

@@ -190,7 +190,7 @@ pub async fn connect(database_url: &str) -> Result<Client, SqlError> {
     let (client, connection) = target.config.connect(target.tls).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "database connection closed");
+            tracing::debug!(error = %crate::error::chain(&err), "database connection closed");
         }
     });
     Ok(client)

@@ -140,7 +140,7 @@ async fn compile_shape(
         .map_err(|e| SetupError::Bad(e.to_string()))?;
     let (filter, policy) = if params.has_filters() || !access.filter.is_empty() {
         let client = state.pool.get().await.map_err(|err| {
-            tracing::warn!(error = %err, "no database connection to check a filter");
+            tracing::warn!(error = %crate::error::chain(&err), "no database connection to check a filter");
             SetupError::Unavailable
         })?;
         let unavailable = |err: &tokio_postgres::Error| {

@@ -657,6 +657,11 @@ impl Cluster {
         path
     }
 
+    /// The directory of the cluster's Unix socket (`host=` this, with [`Cluster::port`]).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// The connection string of a database in this cluster.
     pub fn url(&self, dbname: &str) -> String {
         format!(
