@@ -78,16 +78,21 @@ pub fn small_poll() -> String {
     )
 }
 
-/// The candidate transactions, in publishing order.
+/// The candidate transactions, in publishing order, as a cursor of the batched read's
+/// transaction: a backlog of millions of transactions is listed page by page, never held.
 fn list_transactions() -> String {
     format!(
-        "select c.xid::text, max(c.last_seq), count(*) from (
+        "declare pgrelay_transactions no scroll cursor for
+         select c.xid::text, max(c.last_seq), count(*) from (
              select c.xid, c.last_seq from {FINISHED}
              union all
              select c.xid, c.last_seq from {STARTED_AFTER}) as c
           group by c.xid order by 2, 1"
     )
 }
+
+/// Transactions listed per page of the batched read.
+const LIST_PAGE: i64 = 4096;
 
 fn group_rows() -> String {
     format!(
@@ -119,6 +124,7 @@ impl Statements {
         Ok(Statements {
             small: client.prepare(&small_poll()).await?,
             list: client.prepare(&list_transactions()).await?,
+
             group: client.prepare(&group_rows()).await?,
             window: client.prepare(&txn_window()).await?,
         })
@@ -667,36 +673,50 @@ async fn batched(
     };
     let relids = hub.relids();
     let handled = Arc::clone(&progress.handled);
-    let listed = client
-        .query(
+    client
+        .execute(
             &statements.list,
             &[&handled.xip_text(), &handled.xmax_text()],
         )
         .await?;
-    let mut txns: Vec<(TxnKey, i64)> = Vec::with_capacity(listed.len());
-    for row in &listed {
-        let xid: u64 = row
-            .get::<_, &str>(0)
-            .parse()
-            .map_err(|_| CaptureError::Invariant("xid is not a number"))?;
-        if continuing.is_some() && !batch_snapshot.contains(xid) {
-            continue;
+    // (Prepared once the cursor exists: that is when its columns are known.)
+    let fetch = client
+        .prepare(&format!("fetch {LIST_PAGE} from pgrelay_transactions"))
+        .await?;
+    let mut publisher = Publisher::new(hub, metrics, continuing.clone());
+    loop {
+        let page = match client.query(&fetch, &[]).await {
+            Ok(page) => page,
+            Err(err) => {
+                progress.interrupted = publisher.interrupted(&batch_snapshot);
+                return Err(err.into());
+            }
+        };
+        let mut txns: Vec<(TxnKey, i64)> = Vec::with_capacity(page.len());
+        for row in &page {
+            let xid: u64 = row
+                .get::<_, &str>(0)
+                .parse()
+                .map_err(|_| CaptureError::Invariant("xid is not a number"))?;
+            if continuing.is_some() && !batch_snapshot.contains(xid) {
+                continue;
+            }
+            let key = (row.get::<_, i64>(1), xid);
+            if let Some(i) = &continuing
+                && i.last.is_some_and(|(last, _)| key < last)
+            {
+                continue;
+            }
+            txns.push((key, row.get::<_, i64>(2)));
         }
-        let key = (row.get::<_, i64>(1), xid);
-        if let Some(i) = &continuing
-            && i.last.is_some_and(|(last, _)| key < last)
-        {
-            continue;
+        tracing::trace!(transactions = txns.len(), "batched read: a page listed");
+        if let Err(err) = publish_groups(client, statements, &mut publisher, &txns, &relids).await {
+            progress.interrupted = publisher.interrupted(&batch_snapshot);
+            return Err(err);
         }
-        txns.push((key, row.get::<_, i64>(2)));
-    }
-    drop(listed);
-
-    tracing::trace!(transactions = txns.len(), "batched read: listed");
-    let mut publisher = Publisher::new(hub, metrics, continuing);
-    if let Err(err) = publish_groups(client, statements, &mut publisher, &txns, &relids).await {
-        progress.interrupted = publisher.interrupted(&batch_snapshot);
-        return Err(err);
+        if (page.len() as i64) < LIST_PAGE {
+            break;
+        }
     }
     // Everything is published: the state moves on before the read-only transaction ends, so
     // a connection lost at its COMMIT does not send the batch again.

@@ -272,3 +272,33 @@ async fn a_database_restored_to_an_earlier_state_resets_every_subscriber() {
     let metrics = http_get(relay.addr, "/readyz").await.unwrap();
     assert_eq!(metrics.0, 200, "{metrics:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_more_transactions_than_one_page_is_published_whole_and_in_order() {
+    let cluster = Cluster::start().await;
+    let db = cluster.database("relay", ITEMS).await;
+    crate::support::install(&db, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws/items").await;
+    // Capture is frozen while 5,000 transactions commit (more than one page of the listing).
+    let pid = cluster.capture_pid("relay").await;
+    crate::support::signal("STOP", pid);
+    let writer = db.client().await;
+    let inserts = (0..5000).map(|i| {
+        let writer = &writer;
+        async move {
+            writer
+                .execute("insert into items(name) values ($1)", &[&i.to_string()])
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(inserts).await;
+    crate::support::signal("CONT", pid);
+    let events = ws.events(5000).await;
+    let ids: Vec<i64> = events.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    let expected: Vec<i64> = (1..=5000).collect();
+    assert_eq!(ids, expected);
+    db.exec("insert into items(name) values ('next')").await;
+    assert_eq!(ws.next_json().await["data"]["name"], "next");
+}
