@@ -237,11 +237,28 @@ pub fn parse(column: &str, expr: &str) -> Result<RawCondition, FilterError> {
             ));
         }
     };
+    if matches!(op, Operator::Like | Operator::Ilike) && dangling_escape(&values[0]) {
+        // PostgreSQL refuses such a pattern when it runs; refused here, it is refused the
+        // same way everywhere (subscribe, initial data, REST).
+        return Err(syntax(
+            "a like pattern must not end with the escape character \\ (write \\\\ for a backslash)",
+        ));
+    }
     Ok(RawCondition {
         column: column.to_owned(),
         op,
         values,
     })
+}
+
+/// Whether a pattern ends with an escape character that escapes nothing.
+fn dangling_escape(pattern: &str) -> bool {
+    let mut chars = pattern.chars();
+    let mut dangling = false;
+    while let Some(c) = chars.next() {
+        dangling = c == '\\' && chars.next().is_none();
+    }
+    dangling
 }
 
 /// Splits `a,"b,c",d` (PostgREST list syntax: double quotes protect commas, `\` escapes).
@@ -869,6 +886,7 @@ mod tests {
         assert_eq!(p("eq.10").op, Operator::Eq);
         assert_eq!(p("eq.a.b").values, vec!["a.b"]);
         assert_eq!(p("like.*ab*").values, vec!["%ab%"]);
+        assert_eq!(p(r"like.ab\\").values, vec![r"ab\\"]);
         assert_eq!(p("is.null").op, Operator::IsNull);
         assert_eq!(p("in.(1,2,3)").values, vec!["1", "2", "3"]);
         assert_eq!(p(r#"in.("a,b",c,"d\"e")"#).values, vec!["a,b", "c", "d\"e"]);
@@ -880,6 +898,9 @@ mod tests {
             "in.1,2",
             r#"in.("a)"#,
             r#"in.("a"b)"#,
+            r"like.ab\",
+            r"ilike.\",
+            r"like.a\\\",
         ] {
             assert!(parse("c", bad).is_err(), "{bad}");
         }

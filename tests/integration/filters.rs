@@ -364,6 +364,8 @@ mod live {
             ("price=gt.abc", "abc"),
             ("nope=eq.1", "nope"),
             ("price=like.1*", "like"),
+            // A pattern PostgreSQL would refuse when it runs (a dangling escape).
+            ("name=like.a%5C", "escape character"),
             ("price=between.1", "unknown operator"),
             ("select=id,nope", "nope"),
             ("events=upsert", "upsert"),
@@ -389,6 +391,10 @@ mod live {
             (
                 json!({"type": "subscribe", "resource": "items", "nope": "eq.1"}),
                 "nope",
+            ),
+            (
+                json!({"type": "subscribe", "resource": "items", "name": "ilike.*\\", "snapshot": true}),
+                "escape character",
             ),
             (json!({"type": "subscribe", "resource": "ghosts"}), "ghosts"),
             (json!({"type": "subscribe"}), "resource"),
