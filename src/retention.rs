@@ -1,7 +1,7 @@
 //! Pruning of `pgrelay.changes` by age and/or event count, in small batches.
 //!
 //! Each batch is its own short statement, so pruning never holds locks for long and never
-//! blocks writers. Rows are visited in (xid, seq) order through the log's one index, oldest
+//! blocks writers. Rows are visited in (xid, stmt, seq) order through the log's one index, oldest
 //! transactions first.
 
 use std::time::Duration;
@@ -25,18 +25,42 @@ const UNREAD: &str = "exists (select 1 from pgrelay.relays r
                                  and case when r.snapshot is null then c.xid >= r.horizon
                                           else not pg_visible_in_snapshot(c.xid, r.snapshot) end)";
 
-// Log rows are chunks of events; `n` counts the events of one.
+// Log rows are chunks of events; `n` counts the events of one. Both kinds of retention
+// delete a prefix of the log in the order of its index, (xid, stmt, seq): finding where the
+// prefix ends walks the index from one end and stops there, and the deletes walk it from the
+// start, so a round costs what it deletes (plus what must be kept, for the count), never a
+// scan of the whole log.
 
 // Each delete reports how many rows it removed and the highest xid among them, which goes to
 // pgrelay.pruned (see sql/install.sql).
 
-fn prune_by_age() -> String {
+/// The first log row, in index order, young enough to keep: it and everything after it stay.
+const AGE_CUTOFF: &str = "
+    select c.xid::text as cut_xid, c.stmt as cut_stmt, c.seq as cut_seq
+      from pgrelay.changes c where c.ts >= now() - make_interval(secs => $1)
+     order by c.xid, c.stmt, c.seq limit 1";
+
+/// The newest log row that comes after `$1` newer events: it and everything older goes.
+/// (The output names differ from the columns': `order by xid` would otherwise sort the xid's
+/// text, and 9 sorts after 10.)
+const EVENTS_CUTOFF: &str = "
+    select t.xid::text as cut_xid, t.stmt as cut_stmt, t.seq as cut_seq from (
+        select c.xid, c.stmt, c.seq,
+               sum(c.n) over (order by c.xid desc, c.stmt desc, c.seq desc) - c.n as newer
+          from pgrelay.changes c
+    ) as t where t.newer >= $1 order by t.xid desc, t.stmt desc, t.seq desc limit 1";
+
+/// Deletes up to `$4` log rows before (`<`, or up to with `<=`) the cutoff `($1, $2, $3)`,
+/// oldest first.
+fn prune_prefix(inclusive: bool) -> String {
+    let op = if inclusive { "<=" } else { "<" };
     format!(
         "with gone as (
              delete from pgrelay.changes where ctid = any(array(
                  select ctid from pgrelay.changes c
-                  where c.ts < now() - make_interval(secs => $1) and not {UNREAD}
-                  order by c.xid, c.seq limit $2))
+                  where (c.xid, c.stmt, c.seq) {op} ($1::text::xid8, $2, $3)
+                    and not {UNREAD}
+                  order by c.xid, c.stmt, c.seq limit $4))
              returning xid)
          select count(*), max(xid)::text from gone"
     )
@@ -45,25 +69,6 @@ fn prune_by_age() -> String {
 const RECORD_PRUNED: &str = "
     insert into pgrelay.pruned (xid) values ($1::text::xid8)
     on conflict (one) do update set xid = greatest(pruned.xid, excluded.xid)";
-
-/// The newest log row that comes after `$1` newer events: it and everything older goes.
-const EVENTS_CUTOFF: &str = "
-    select xid::text, seq from (
-        select xid, seq, sum(n) over (order by xid desc, seq desc) - n as newer
-          from pgrelay.changes
-    ) as t where newer >= $1 order by xid desc, seq desc limit 1";
-
-fn prune_up_to() -> String {
-    format!(
-        "with gone as (
-             delete from pgrelay.changes where ctid = any(array(
-                 select ctid from pgrelay.changes c
-                  where (c.xid, c.seq) <= ($1::text::xid8, $2) and not {UNREAD}
-                  order by c.xid, c.seq limit $3))
-             returning xid)
-         select count(*), max(xid)::text from gone"
-    )
-}
 
 const PRUNE_RELAYS: &str = "delete from pgrelay.relays where seen_at < now() - interval '1 day'";
 
@@ -118,30 +123,38 @@ pub async fn prune(
     let mut deleted = 0;
     if let Some(age) = retention.max_age {
         let secs = age.as_secs_f64();
-        let statement = client.prepare(&prune_by_age()).await?;
-        loop {
-            let n = deleted_rows(&client, &statement, &[&secs, &BATCH]).await?;
-            deleted += n;
-            if n < BATCH as u64 || token.is_cancelled() {
-                break;
-            }
-        }
+        // Everything is old when no row is young: the cutoff is past the end.
+        let cutoff = match client.query_opt(AGE_CUTOFF, &[&secs]).await? {
+            Some(row) => (row.get(0), row.get(1), row.get(2), false),
+            None => (u64::MAX.to_string(), i64::MAX, i64::MAX, true),
+        };
+        deleted += prune_before(&client, cutoff, token).await?;
     }
     if let Some(events) = retention.max_rows
         && let Some(row) = client.query_opt(EVENTS_CUTOFF, &[&events]).await?
     {
-        let (xid, seq): (String, i64) = (row.get(0), row.get(1));
-        let statement = client.prepare(&prune_up_to()).await?;
-        loop {
-            let n = deleted_rows(&client, &statement, &[&xid, &seq, &BATCH]).await?;
-            deleted += n;
-            if n < BATCH as u64 || token.is_cancelled() {
-                break;
-            }
-        }
+        let cutoff = (row.get(0), row.get(1), row.get(2), true);
+        deleted += prune_before(&client, cutoff, token).await?;
     }
     client.execute(PRUNE_RELAYS, &[]).await?;
     Ok(deleted)
+}
+
+/// Deletes, batch by batch, the log rows before the cutoff `(xid, stmt, seq, inclusive)`.
+async fn prune_before(
+    client: &tokio_postgres::Client,
+    (xid, stmt, seq, inclusive): (String, i64, i64, bool),
+    token: &CancellationToken,
+) -> Result<u64, SqlError> {
+    let statement = client.prepare(&prune_prefix(inclusive)).await?;
+    let mut deleted = 0;
+    loop {
+        let n = deleted_rows(client, &statement, &[&xid, &stmt, &seq, &BATCH]).await?;
+        deleted += n;
+        if n < BATCH as u64 || token.is_cancelled() {
+            return Ok(deleted);
+        }
+    }
 }
 
 /// Runs one delete, records the highest xid it removed, and returns how many rows it removed.

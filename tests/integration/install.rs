@@ -187,6 +187,82 @@ async fn retention_prunes_the_log_by_row_count_and_by_age() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_count_keeps_the_newest_transactions_across_an_xid_with_more_digits() {
+    use std::time::Duration;
+    // A cluster of its own, whose transaction ids are about to reach 10,000: the rows kept
+    // straddle 9,999 and 10,000, which sort the other way round as text.
+    let cluster = crate::support::Cluster::start().await;
+    let db = cluster
+        .database(
+            "retention",
+            "create table items(id serial primary key, n int)",
+        )
+        .await;
+    crate::support::install(&db, &["items"]).await;
+    let client = db.client().await;
+    let now: i64 = client
+        .query_one("select pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let burns = (now..9_975).map(|_| {
+        let client = &client;
+        async move {
+            client
+                .query_one("select pg_current_xact_id()", &[])
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(burns).await;
+    for g in 1..=30 {
+        client
+            .execute("insert into items(n) values ($1)", &[&g])
+            .await
+            .unwrap();
+    }
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        c.retention.max_age = None;
+        c.retention.max_rows = Some(10);
+        c.retention.interval = Duration::from_millis(100);
+    })
+    .await;
+    crate::support::within(crate::support::STEP, async {
+        while log_rows(&db).await > 10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let kept: Vec<i32> = client
+        .query(
+            "select (body->0->3->>'n')::int4 from pgrelay.changes where relid <> 0 order by xid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The newest ten events: the relay's start marker and the last nine rows.
+    assert_eq!(kept, (22..=30).collect::<Vec<_>>());
+    let (lo, hi): (String, String) = {
+        let r = client
+            .query_one(
+                "select min(xid)::text, max(xid)::text from pgrelay.changes where relid <> 0",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        lo.len() < hi.len(),
+        "the kept rows straddle 10,000: {lo}..{hi}"
+    );
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_tables_and_the_running_relays_lag() {
     let db = TestDb::new().await;
     db.exec("create table items(id serial primary key, n int)")
