@@ -125,11 +125,12 @@ drop function if exists pgrelay.key_of(json, text[]);
 
 -- The seq of the statement now running on `root` at this trigger depth (drawn by its BEFORE
 -- STATEMENT trigger), or `fallback` when it has none (a logical-replication apply worker
--- fires row triggers only).
+-- fires row triggers only). The setting is the session's: a writer can set it to anything,
+-- so anything that is not a seq counts as none (a write must never fail on it).
 create or replace function pgrelay.statement_seq(root oid, fallback bigint) returns bigint
 language sql stable as $$
-    select coalesce(nullif(current_setting(format('pgrelay.s_%s_%s', root, pg_trigger_depth()), true), '')::bigint,
-                    fallback)
+    select coalesce(case when s ~ '^[0-9]{1,18}$' then s::bigint end, fallback)
+      from (select current_setting(format('pgrelay.s_%s_%s', root, pg_trigger_depth()), true) as s) as x
 $$;
 
 -- BEFORE STATEMENT (and BEFORE TRUNCATE): draws the statement's seq. Argument: the oid of the

@@ -247,3 +247,30 @@ async fn an_unprivileged_role_that_listens_and_notifies_reads_and_forges_nothing
     drop(snoop_client);
     snoop.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_sets_capture_settings_to_garbage_still_writes_and_streams() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            // The statement seq lives in a setting any session can change; a user trigger
+            // that fires between capture's BEFORE and AFTER triggers sets it to garbage.
+            "create table g (id int primary key);
+             create function spoil() returns trigger language plpgsql as $$
+             begin
+               perform set_config(format('pgrelay.s_%s_1', 'g'::regclass::oid),
+                                  case when new.id = 1 then 'not a number' else '99999999999999999999' end,
+                                  true);
+               return null;
+             end $$;
+             create trigger spoil after insert on g for each row execute function spoil()",
+            &["g"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["g"]).await;
+    let mut ws = relay.ws("/ws/g").await;
+    db.exec("insert into g values (1)").await;
+    assert_eq!(ws.next_json().await["id"], 1);
+    db.exec("insert into g values (2)").await;
+    assert_eq!(ws.next_json().await["id"], 2);
+}
