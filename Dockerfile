@@ -15,4 +15,7 @@ COPY --from=build /src/target/release/pgrelay /usr/local/bin/pgrelay
 USER pgrelay
 EXPOSE 8080
 ENTRYPOINT ["pgrelay"]
+# Listening on every interface needs authentication (PGRELAY_JWT_SECRET, a config file with
+# API keys, ...) or an explicit PGRELAY_ALLOW_ANONYMOUS=true; without either the relay
+# refuses to start and says so. DATABASE_URL and PGRELAY_TABLES configure the rest.
 CMD ["serve", "--listen", "0.0.0.0:8080"]
