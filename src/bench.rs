@@ -59,6 +59,8 @@ pub struct BenchConfig {
     pub writers: usize,
     /// Rows per INSERT statement for `fanout`.
     pub statement_rows: usize,
+    /// Subscribe with `batch=true`.
+    pub batch: bool,
 }
 
 /// What one run measured.
@@ -283,24 +285,37 @@ async fn receive(
             _ => continue,
         };
         let text = text.as_str();
-        if !text.starts_with("{\"type\":\"create\"") {
+        const CREATE: &str = "{\"type\":\"create\"";
+        // A `batch` frame holds the same messages, one after another.
+        let events: Vec<&str> = if text.starts_with("{\"type\":\"batch\"") {
+            let starts: Vec<usize> = text.match_indices(CREATE).map(|(i, _)| i).collect();
+            starts
+                .iter()
+                .enumerate()
+                .map(|(n, &i)| &text[i..starts.get(n + 1).copied().unwrap_or(text.len())])
+                .collect()
+        } else if text.starts_with(CREATE) {
+            vec![text]
+        } else {
             continue;
-        }
+        };
         seen.frames += 1;
-        if measure_latency && let Some(ts) = frame_ts(text) {
-            let latency = SystemTime::now().duration_since(ts).unwrap_or_default();
-            seen.latencies.push(latency.as_secs_f64() * 1000.0);
-        }
-        if let Some(id) = frame_id(text) {
-            if measure_latency {
-                seen.arrivals.push((id, Instant::now()));
+        for event in events {
+            if measure_latency && let Some(ts) = frame_ts(event) {
+                let latency = SystemTime::now().duration_since(ts).unwrap_or_default();
+                seen.latencies.push(latency.as_secs_f64() * 1000.0);
             }
-            if id >= seen.counts.len() {
-                seen.counts.resize(id + 1, 0);
-            }
-            seen.counts[id] = seen.counts[id].saturating_add(1);
-            if seen.counts[id] == 1 {
-                distinct += 1;
+            if let Some(id) = frame_id(event) {
+                if measure_latency {
+                    seen.arrivals.push((id, Instant::now()));
+                }
+                if id >= seen.counts.len() {
+                    seen.counts.resize(id + 1, 0);
+                }
+                seen.counts[id] = seen.counts[id].saturating_add(1);
+                if seen.counts[id] == 1 {
+                    distinct += 1;
+                }
             }
         }
         let want = *expected.borrow();
@@ -339,7 +354,11 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         .as_ref()
         .and_then(LocalRelay::pid)
         .map(|p| p.to_string());
-    let url = format!("{base_url}/ws/{TABLE}");
+    let url = if config.batch {
+        format!("{base_url}/ws/{TABLE}?batch=true")
+    } else {
+        format!("{base_url}/ws/{TABLE}")
+    };
 
     if config.scenario == Scenario::Idle {
         return idle(config, &url, relay_pid.as_deref()).await;

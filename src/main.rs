@@ -114,6 +114,9 @@ struct BenchArgs {
     /// Rows per INSERT statement for `fanout`.
     #[arg(long, default_value_t = 1)]
     statement_rows: usize,
+    /// Subscribe with `batch=true`: events that arrive together come as one `batch` frame.
+    #[arg(long)]
+    batch: bool,
     /// Repeat the scenario this many times (each run is reported, then the median).
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -272,6 +275,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         payload_bytes: args.payload,
         writers: args.writers,
         statement_rows: args.statement_rows,
+        batch: args.batch,
     };
     let mut reports = Vec::new();
     for run in 1..=args.runs.max(1) {

@@ -45,6 +45,8 @@ pub struct Params {
     pub events: Option<Vec<EventType>>,
     /// Row filter conditions, ANDed.
     pub filters: Vec<RawCondition>,
+    /// Receive events that arrive together as `batch` frames (`None`: as before, i.e. not).
+    pub batch: Option<bool>,
 }
 
 impl Params {
@@ -54,6 +56,7 @@ impl Params {
         for (key, value) in pairs {
             match key.as_str() {
                 "snapshot" => params.snapshot = parse_bool(key, value)?,
+                "batch" => params.batch = Some(parse_bool(key, value)?),
                 "since" => {
                     let seq = value
                         .parse()
@@ -106,6 +109,7 @@ impl Params {
             since: message.since,
             select: message.select.or_else(|| self.select.clone()),
             events: message.events.or_else(|| self.events.clone()),
+            batch: message.batch.or(self.batch),
             filters: if message.filters.is_empty() {
                 self.filters.clone()
             } else {

@@ -586,6 +586,15 @@ impl Subscription {
             batch: Vec::with_capacity(WRITE_BATCH),
         }
     }
+
+    /// Entries taken from the cursor per write: more when they go out as `batch` frames.
+    fn write_limit(&self) -> usize {
+        if self.params.batch == Some(true) {
+            BATCH_EVENTS
+        } else {
+            WRITE_BATCH
+        }
+    }
 }
 
 /// Why a socket loop ended, and how to close it.
@@ -1294,7 +1303,8 @@ async fn next_batch(subs: &mut [Subscription], first: usize) -> (usize, Result<(
         0 => std::future::pending().await,
         1 => {
             let sub = &mut subs[0];
-            (0, sub.cursor.next_batch(&mut sub.batch, WRITE_BATCH).await)
+            let limit = sub.write_limit();
+            (0, sub.cursor.next_batch(&mut sub.batch, limit).await)
         }
         n => {
             let mut waits: Vec<_> = subs
@@ -1302,7 +1312,8 @@ async fn next_batch(subs: &mut [Subscription], first: usize) -> (usize, Result<(
                 .enumerate()
                 .map(|(i, sub)| {
                     Box::pin(async move {
-                        (i, sub.cursor.next_batch(&mut sub.batch, WRITE_BATCH).await)
+                        let limit = sub.write_limit();
+                        (i, sub.cursor.next_batch(&mut sub.batch, limit).await)
                     })
                 })
                 .collect();
@@ -1326,12 +1337,15 @@ async fn write_events(
         shape,
         seen_in,
         batch,
+        params,
         ..
     } = sub;
     let metrics = &state.metrics;
     let mut ended = None;
+    let batching = params.batch == Some(true);
     let write = async {
         let mut sent = 0u64;
+        let mut group = Group::default();
         for entry in batch.iter() {
             if entry
                 .xid
@@ -1341,6 +1355,21 @@ async fn write_events(
             }
             match shape.deliver(entry, topic) {
                 Delivery::Send(frame) => {
+                    let event = matches!(
+                        entry.kind,
+                        crate::hub::EntryKind::Change(_) | crate::hub::EntryKind::Truncate
+                    );
+                    if batching && event {
+                        if let Some(full) = group.push(topic.resource_json(), &frame) {
+                            sink.feed(Message::Text(full.into())).await?;
+                            sent += 1;
+                        }
+                        continue;
+                    }
+                    if let Some(rest) = group.take() {
+                        sink.feed(Message::Text(rest.into())).await?;
+                        sent += 1;
+                    }
                     sink.feed(Message::Text(frame)).await?;
                     sent += 1;
                 }
@@ -1350,6 +1379,10 @@ async fn write_events(
                     break;
                 }
             }
+        }
+        if let Some(rest) = group.take() {
+            sink.feed(Message::Text(rest.into())).await?;
+            sent += 1;
         }
         sink.flush().await?;
         metrics.add(&metrics.frames_sent, sent);
@@ -1381,6 +1414,54 @@ async fn write_events(
     };
     batch.clear();
     result.map(|()| ended)
+}
+
+/// Most events in one `batch` frame.
+const BATCH_EVENTS: usize = 1000;
+
+/// Most bytes of events in one `batch` frame (one event larger than this goes alone, in a
+/// batch of one).
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Events waiting to go out as one `{"type":"batch","resource":…,"events":[…]}` frame, each
+/// element exactly the message it would have been on its own.
+#[derive(Default)]
+struct Group {
+    text: String,
+    events: usize,
+}
+
+impl Group {
+    /// Adds an event; returns the frame when the group is full.
+    fn push(&mut self, resource_json: &str, frame: &str) -> Option<String> {
+        if self.events > 0 && self.text.len() + frame.len() > BATCH_BYTES {
+            let full = self.take();
+            self.push(resource_json, frame);
+            return full;
+        }
+        if self.events == 0 {
+            self.text.reserve(frame.len() + resource_json.len() + 40);
+            self.text.push_str(r#"{"type":"batch","resource":"#);
+            self.text.push_str(resource_json);
+            self.text.push_str(r#","events":["#);
+        } else {
+            self.text.push(',');
+        }
+        self.text.push_str(frame);
+        self.events += 1;
+        (self.events >= BATCH_EVENTS).then(|| self.take()).flatten()
+    }
+
+    /// The frame of what is waiting, if anything is.
+    fn take(&mut self) -> Option<String> {
+        if self.events == 0 {
+            return None;
+        }
+        self.events = 0;
+        let mut text = std::mem::take(&mut self.text);
+        text.push_str("]}");
+        Some(text)
+    }
 }
 
 /// How a socket whose client frames could not be read ends: a client that broke the protocol

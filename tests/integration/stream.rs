@@ -573,3 +573,44 @@ async fn a_poll_reads_only_new_rows_however_long_the_log_is() {
         "the poll walked the log ({walked} rows): {plan}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_subscribers_get_events_together_each_exactly_as_sent_alone() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut single = relay.ws("/ws/items").await;
+    let mut batched = relay.ws("/ws/items?batch=true").await;
+    let mut by_message = relay.ws("/ws").await;
+    by_message
+        .send_json(
+            json!({"type": "subscribe", "resource": "items", "batch": true, "price": "gte.1000"}),
+        )
+        .await;
+    assert_eq!(by_message.next_json().await["type"], "subscribed");
+    db.exec("insert into items(name, price) select 'n' || g, g from generate_series(1, 2500) g; truncate items")
+        .await;
+    let alone: Vec<Value> = single.events(2501).await;
+    // The same events, in the same order, in frames of at most 1,000.
+    let mut together = Vec::new();
+    let mut frames = 0;
+    while together.len() < alone.len() {
+        let frame = batched.next_json().await;
+        assert_eq!(frame["type"], "batch", "{frame}");
+        assert_eq!(frame["resource"], "items");
+        let events = frame["events"].as_array().unwrap();
+        assert!(!events.is_empty() && events.len() <= 1000);
+        together.extend(events.iter().cloned());
+        frames += 1;
+    }
+    assert_eq!(together, alone);
+    assert!(frames >= 3, "{frames} frames");
+    // Filters apply to batches as to single events.
+    let mut filtered = Vec::new();
+    while filtered.len() < 1502 {
+        let frame = by_message.next_json().await;
+        assert_eq!(frame["type"], "batch", "{frame}");
+        filtered.extend(frame["events"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(filtered.first().unwrap()["id"], 1000);
+    assert_eq!(filtered.last().unwrap()["type"], "truncate");
+}
