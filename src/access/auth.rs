@@ -144,10 +144,9 @@ impl Principal {
 /// Why a token was refused. The messages name the reason, never the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No token, and anonymous access is off.
-    #[error(
-        "Authentication required: send a token (Authorization: Bearer, access_token, or an auth message)"
-    )]
+    /// No token, and anonymous access is off. (Where a token may come from depends on the
+    /// route: REST and WebSocket say so in their own messages.)
+    #[error("Authentication required")]
     Missing,
     /// The token has expired.
     #[error("The token has expired")]

@@ -134,8 +134,19 @@ impl ApiError {
     }
 }
 
+/// What a REST request without a token is told: exactly where REST reads one (as PostgREST
+/// and Supabase's clients send it; a query string would end up in access logs).
+pub const REST_TOKEN_MISSING: &str = "Authentication required: send the token in an \
+     Authorization: Bearer header or an apikey header (REST does not read ?access_token=)";
+
+/// What a WebSocket without a token is told: every place a socket's token may come from.
+pub const WS_TOKEN_MISSING: &str = "Authentication required: send the token in an auth \
+     message ({\"type\":\"auth\",\"token\":…}), an Authorization: Bearer or apikey header, \
+     or ?access_token=";
+
 impl ApiError {
-    /// 401 for a missing, invalid or expired token (the message says which, never the token).
+    /// 401 for a missing, invalid or expired token on REST (the message says which, never
+    /// the token).
     pub fn unauthorized(err: &AuthError) -> Self {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -143,7 +154,10 @@ impl ApiError {
                 AuthError::Expired => "token_expired",
                 _ => "unauthorized",
             },
-            message: err.to_string(),
+            message: match err {
+                AuthError::Missing => REST_TOKEN_MISSING.to_owned(),
+                _ => err.to_string(),
+            },
         }
     }
 
