@@ -306,6 +306,9 @@ pub enum ConfigError {
     /// An option's value is wrong (the message never holds a secret).
     #[error("Invalid setting {0}: {1}")]
     Option(&'static str, String),
+    /// The JWT key source cannot be read or used (the message names the file, never a key).
+    #[error("Cannot load the JWT keys: {0}")]
+    Keys(String),
     /// A `[[policy]]` is wrong.
     #[error("Invalid {0}")]
     Policy(String),

@@ -73,8 +73,8 @@ pub async fn run(
     if !address.ip().is_loopback() && !config.auth.enabled() && !config.allow_anonymous {
         return Err(config::ConfigError::AnonymousExposed(address).into());
     }
-    let authenticator = access::Authenticator::new(config.auth.clone())
-        .map_err(|m| config::ConfigError::Option("auth", m))?;
+    let authenticator =
+        access::Authenticator::new(config.auth.clone()).map_err(config::ConfigError::Keys)?;
     let tls = config.listener_tls()?.map(TlsAcceptor::from);
     let mut client = sql::connect(&config.database_url).await?;
     let mode = config.capture_mode.name();

@@ -499,11 +499,13 @@ impl AuthSettings {
             ));
         }
         let keys = if let Some(secret) = self.jwt_secret {
-            if secret.len() < 32 {
+            if secret.len() < auth::MIN_SECRET_BYTES {
                 return Err(bad(
                     "jwt_secret",
-                    "must be at least 32 bytes (HMAC keys shorter than the hash are guessable)"
-                        .into(),
+                    format!(
+                        "must be at least {} bytes (HMAC keys shorter than the hash are guessable)",
+                        auth::MIN_SECRET_BYTES
+                    ),
                 ));
             }
             Some(KeySource::Secret(Secret(secret)))

@@ -859,3 +859,60 @@ async fn rest_reads_the_token_where_its_401_says_and_nowhere_else() {
     db.exec("insert into docs values (2, 1, 'u', 's')").await;
     assert_eq!(ws.next_json().await["id"], 2);
 }
+
+/// `--jwt-secret-file` holds a secret to the same rule as `--jwt-secret`: 32 bytes at least,
+/// after one trailing line break; the error names the file, never the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_secret_file_is_refused_like_a_short_secret() {
+    let db = TestDb::new().await.with_tables(DOCS, &["docs"]).await;
+    let dir = std::env::temp_dir().join(format!(
+        "pgrelay-secret-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = |name: &str, contents: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        pgrelay::access::auth::JwtConfig {
+            keys: pgrelay::access::auth::KeySource::SecretFile(path),
+            algorithms: vec![],
+            audience: None,
+            issuer: None,
+            leeway: Duration::from_secs(5),
+            require_exp: true,
+        }
+    };
+    let thirty_one = "s".repeat(31);
+    for (name, contents) in [
+        ("five", "hunt2\n".to_owned()),
+        ("thirty-one", format!("{thirty_one}\n")),
+        ("thirty-one-crlf", format!("{thirty_one}\r\n")),
+        ("empty", String::new()),
+    ] {
+        let jwt = secret_file(name, &contents);
+        let relay = Relay::spawn_with(&db, &["docs"], |c| c.auth.jwt = Some(jwt)).await;
+        let err = relay.stop().await.expect_err(name).to_string();
+        assert!(
+            err.contains("--jwt-secret-file")
+                && err.contains(&dir.join(name).display().to_string())
+                && err.contains("at least 32 bytes"),
+            "{name}: {err}"
+        );
+        let secret = contents.trim_end();
+        assert!(secret.is_empty() || !err.contains(secret), "{name}: {err}");
+    }
+    // 32 bytes and one newline: the newline is not part of the secret.
+    let secret = "0123456789abcdef0123456789abcdef";
+    let jwt = secret_file("ok", &format!("{secret}\n"));
+    let relay = Relay::start_with(&db, &["docs"], |c| c.auth.jwt = Some(jwt)).await;
+    let signed = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"role": "r", "exp": now() + 600}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let r = http_as(relay.addr, "GET", "/api/docs", Some(&signed), None).await;
+    assert_eq!(r.status, 200, "{}", r.body());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
