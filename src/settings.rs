@@ -123,7 +123,7 @@ pub struct Settings {
     #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
-    /// Host names the relay answers to besides localhost, 127.0.0.1 and [::1], comma
+    /// Host names the relay answers to besides `localhost`, `127.0.0.1` and `[::1]`, comma
     /// separated (`relay.test`, `relay.test:8080`; `*` for any); other names get 421 (DNS
     /// rebinding). Checked on a loopback listener always, on others once this is set.
     #[arg(long, env = "PGRELAY_ALLOWED_HOSTS", value_delimiter = ',')]
