@@ -103,6 +103,9 @@ pub struct Config {
     pub limits: Limits,
     /// Web pages (origins) allowed besides the relay's own.
     pub origins: crate::http::origin::Origins,
+    /// `Host` names the relay answers to besides the loopback ones (`*` for any); checked
+    /// on a loopback listener always, on others once set. See [`crate::http::host`].
+    pub allowed_hosts: Vec<String>,
     /// PEM certificate chain the listener serves HTTPS and WSS with (with `tls_key`); plain
     /// HTTP when neither is set.
     pub tls_cert: Option<PathBuf>,
@@ -208,6 +211,7 @@ impl Config {
             rest_set_role: false,
             limits: Limits::for_pool(16),
             origins: crate::http::origin::Origins::default(),
+            allowed_hosts: Vec::new(),
             tls_cert: None,
             tls_key: None,
         }
@@ -280,6 +284,8 @@ impl Config {
                 "the report and schema check intervals must be positive",
             ));
         }
+        crate::http::host::Hosts::new(true, &self.allowed_hosts)
+            .map_err(|m| ConfigError::Option("allowed_hosts", m))?;
         self.listener_tls()?;
         Ok(())
     }
@@ -306,6 +312,9 @@ pub enum ConfigError {
     /// An option's value is wrong (the message never holds a secret).
     #[error("Invalid setting {0}: {1}")]
     Option(&'static str, String),
+    /// The JWT key source cannot be read or used (the message names the file, never a key).
+    #[error("Cannot load the JWT keys: {0}")]
+    Keys(String),
     /// A `[[policy]]` is wrong.
     #[error("Invalid {0}")]
     Policy(String),

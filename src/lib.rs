@@ -73,9 +73,11 @@ pub async fn run(
     if !address.ip().is_loopback() && !config.auth.enabled() && !config.allow_anonymous {
         return Err(config::ConfigError::AnonymousExposed(address).into());
     }
-    let authenticator = access::Authenticator::new(config.auth.clone())
-        .map_err(|m| config::ConfigError::Option("auth", m))?;
+    let authenticator =
+        access::Authenticator::new(config.auth.clone()).map_err(config::ConfigError::Keys)?;
     let tls = config.listener_tls()?.map(TlsAcceptor::from);
+    let hosts = http::host::Hosts::new(address.ip().is_loopback(), &config.allowed_hosts)
+        .map_err(|m| config::ConfigError::Option("allowed_hosts", m))?;
     let mut client = sql::connect(&config.database_url).await?;
     let mode = config.capture_mode.name();
     if config.install {
@@ -176,6 +178,7 @@ pub async fn run(
         tracker: tracker.clone(),
         gate,
         snapshots,
+        hosts: Arc::new(hosts),
     });
     let scheme = if tls.is_some() { "https" } else { "http" };
     let limits = &state.config.limits;

@@ -123,6 +123,12 @@ pub struct Settings {
     #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
+    /// Host names the relay answers to besides `localhost`, `127.0.0.1` and `[::1]`, comma
+    /// separated (`relay.test`, `relay.test:8080`; `*` for any); other names get 421 (DNS
+    /// rebinding). Checked on a loopback listener always, on others once this is set.
+    #[arg(long, env = "PGRELAY_ALLOWED_HOSTS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_hosts: Option<Vec<String>>,
     /// Serve HTTPS and WSS with this PEM certificate chain (needs --tls-key).
     #[arg(long, env = "PGRELAY_TLS_CERT", requires = "tls_key")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -308,7 +314,7 @@ impl Settings {
             schema_interval_ms, ping_interval, ping_timeout, max_frame, queue_bytes,
             history_events, history_bytes, pool_size, pool_wait_timeout, pool_connect_timeout,
             max_body, retention_secs, retention_rows, allow_anonymous, rest_set_role, tls_cert,
-            tls_key, allowed_origins);
+            tls_key, allowed_origins, allowed_hosts);
         layer!(self.auth, under.auth; jwt_secret, jwt_secret_file, jwt_public_key_file,
             jwks_file, jwt_algorithms, jwt_audience, jwt_issuer, jwt_leeway, jwt_require_exp,
             role_claim, default_role, anonymous_role, auth_timeout);
@@ -369,6 +375,7 @@ impl Settings {
             allow_anonymous: Some(false),
             rest_set_role: Some(false),
             allowed_origins: Some(Vec::new()),
+            allowed_hosts: Some(Vec::new()),
             auth: AuthSettings {
                 jwt_leeway: Some(30),
                 jwt_require_exp: Some(true),
@@ -459,6 +466,7 @@ impl Settings {
         config.allow_anonymous = self.allow_anonymous.unwrap_or(false);
         config.rest_set_role = self.rest_set_role.unwrap_or(false);
         config.origins.allowed = self.allowed_origins.unwrap_or_default();
+        config.allowed_hosts = self.allowed_hosts.unwrap_or_default();
         config.tls_cert = self.tls_cert;
         config.tls_key = self.tls_key;
         config.auth = self.auth.into_auth()?;
@@ -499,11 +507,13 @@ impl AuthSettings {
             ));
         }
         let keys = if let Some(secret) = self.jwt_secret {
-            if secret.len() < 32 {
+            if secret.len() < auth::MIN_SECRET_BYTES {
                 return Err(bad(
                     "jwt_secret",
-                    "must be at least 32 bytes (HMAC keys shorter than the hash are guessable)"
-                        .into(),
+                    format!(
+                        "must be at least {} bytes (HMAC keys shorter than the hash are guessable)",
+                        auth::MIN_SECRET_BYTES
+                    ),
                 ));
             }
             Some(KeySource::Secret(Secret(secret)))
@@ -654,6 +664,19 @@ mod tests {
         .unwrap();
         let err = policy.into_config().unwrap_err().to_string();
         assert!(err.contains("policy 1"), "{err}");
+    }
+
+    #[test]
+    fn allowed_hosts_come_from_the_file_and_bad_ones_are_named() {
+        let file =
+            Settings::from_toml("tables = [\"items\"]\nallowed_hosts = [\"relay.test\"]").unwrap();
+        assert_eq!(file.into_config().unwrap().allowed_hosts, ["relay.test"]);
+        let bad = Settings::from_toml("tables = [\"items\"]\nallowed_hosts = [\"a/b\"]").unwrap();
+        let err = bad.into_config().unwrap_err().to_string();
+        assert!(
+            err.contains("allowed_hosts") && err.contains("a/b"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -144,10 +144,9 @@ impl Principal {
 /// Why a token was refused. The messages name the reason, never the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No token, and anonymous access is off.
-    #[error(
-        "Authentication required: send a token (Authorization: Bearer, access_token, or an auth message)"
-    )]
+    /// No token, and anonymous access is off. (Where a token may come from depends on the
+    /// route: REST and WebSocket say so in their own messages.)
+    #[error("Authentication required")]
     Missing,
     /// The token has expired.
     #[error("The token has expired")]
@@ -180,6 +179,10 @@ impl std::fmt::Debug for Authenticator {
         f.debug_struct("Authenticator").finish_non_exhaustive()
     }
 }
+
+/// The shortest HMAC secret accepted (`--jwt-secret` and `--jwt-secret-file` alike): as long
+/// as HS256's hash, so a secret cannot be guessed faster than a key.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 const HMAC: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
 const RSA: [Algorithm; 6] = [
@@ -469,9 +472,17 @@ fn load_keys(jwt: &JwtConfig) -> Result<KeySet, String> {
             let bytes = read(path)?;
             let text = String::from_utf8(bytes)
                 .map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
-            let secret = text.trim_end_matches(['\n', '\r']);
-            if secret.is_empty() {
-                return Err(format!("{} is empty", path.display()));
+            // One trailing line break (what `echo` and editors add) is not part of the secret.
+            let secret = text
+                .strip_suffix("\r\n")
+                .or_else(|| text.strip_suffix('\n'))
+                .unwrap_or(&text);
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(format!(
+                    "--jwt-secret-file {}: the secret must be at least {MIN_SECRET_BYTES} bytes \
+                     (HMAC keys shorter than the hash are guessable)",
+                    path.display()
+                ));
             }
             set.all.push((
                 DecodingKey::from_secret(secret.as_bytes()),

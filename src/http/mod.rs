@@ -1,5 +1,6 @@
 //! HTTP surface: routes, shared state, and the one `recover` that renders every rejection.
 
+pub mod host;
 pub mod origin;
 pub mod rest;
 pub mod server;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub gate: Gate,
     /// Initial-data reads running at once (see [`crate::config::Limits::max_snapshots`]).
     pub snapshots: Arc<tokio::sync::Semaphore>,
+    /// The `Host` names the listener answers to (DNS rebinding).
+    pub hosts: Arc<host::Hosts>,
 }
 
 impl AppState {
@@ -134,8 +137,19 @@ impl ApiError {
     }
 }
 
+/// What a REST request without a token is told: exactly where REST reads one (as PostgREST
+/// and Supabase's clients send it; a query string would end up in access logs).
+pub const REST_TOKEN_MISSING: &str = "Authentication required: send the token in an \
+     Authorization: Bearer header or an apikey header (REST does not read ?access_token=)";
+
+/// What a WebSocket without a token is told: every place a socket's token may come from.
+pub const WS_TOKEN_MISSING: &str = "Authentication required: send the token in an auth \
+     message ({\"type\":\"auth\",\"token\":…}), an Authorization: Bearer or apikey header, \
+     or ?access_token=";
+
 impl ApiError {
-    /// 401 for a missing, invalid or expired token (the message says which, never the token).
+    /// 401 for a missing, invalid or expired token on REST (the message says which, never
+    /// the token).
     pub fn unauthorized(err: &AuthError) -> Self {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -143,7 +157,10 @@ impl ApiError {
                 AuthError::Expired => "token_expired",
                 _ => "unauthorized",
             },
-            message: err.to_string(),
+            message: match err {
+                AuthError::Missing => REST_TOKEN_MISSING.to_owned(),
+                _ => err.to_string(),
+            },
         }
     }
 
@@ -193,13 +210,15 @@ pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let origins = Arc::new(state.config.origins.clone());
+    let hosts = Arc::clone(&state.hosts);
     let browser_facing = ws::table_route(Arc::clone(&state))
         .or(ws::multiplexed_route(Arc::clone(&state)))
         .or(rest::routes(Arc::clone(&state)));
+    // Health checks pass whatever their Host; everything else must be sent to a name the
+    // relay answers to (DNS rebinding), then come from an allowed origin.
     health()
         .or(ready(Arc::clone(&state)))
-        .or(metrics(state))
-        .or(origin::guard(origins, browser_facing))
+        .or(host::guard(hosts).and(metrics(state).or(origin::guard(origins, browser_facing))))
         .recover(recover)
 }
 
@@ -208,9 +227,10 @@ pub fn routes(
 pub fn overflow_routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let hosts = Arc::clone(&state.hosts);
     health()
         .or(ready(Arc::clone(&state)))
-        .or(metrics(state))
+        .or(host::guard(hosts).and(metrics(state)))
         .or(warp::any().map(|| {
             let body = json!({"error": {"code": "unavailable", "message": "The relay is at its connection limit; try again later"}});
             warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE)

@@ -193,7 +193,10 @@ impl Refusal {
         Refusal {
             status: api.status,
             code: api.code,
-            message: api.message,
+            message: match err {
+                AuthError::Missing => super::WS_TOKEN_MISSING.to_owned(),
+                _ => api.message,
+            },
             close: close::UNAUTHORIZED,
             reason: match err {
                 AuthError::Expired => "token expired",
@@ -314,7 +317,7 @@ pub fn table_route(
                 let resource = decode(&resource);
                 let (pairs, query_token) = take_token(pairs);
                 let token = header_token.or(query_token);
-                let opening = open_table(&state, resource, &pairs, token).await;
+                let opening = open_table(&state, resource, &pairs, token, upgrade).await;
                 match opening {
                     Opening::Refused(refusal) if !upgrade => Err(refusal.into_rejection()),
                     opening => Ok::<_, Rejection>((state, opening)),
@@ -343,36 +346,40 @@ pub fn table_route(
         .recover(upgrade_required)
 }
 
-/// Checks a `/ws/{table}` request: its keys, its token, and (when the token came with it) the
+/// Checks a `/ws/{table}` request: its token, its keys, and (when the token came with it) the
 /// table and the caller's access.
+///
+/// Without a token (when one is required) nothing about the table is looked at, so exposed
+/// and unknown tables cannot be told apart: a plain HTTP request is a 401, an upgrade waits
+/// for the `auth` message like any other and learns about the table only after it.
 async fn open_table(
     state: &AppState,
     resource: String,
     pairs: &[(String, String)],
     token: Option<String>,
+    upgrade: bool,
 ) -> Opening {
+    let principal = match state.gate.principal(token.as_deref()) {
+        Ok(principal) => Some(principal),
+        // No token: the socket may still send one in an `auth` message.
+        Err(AuthError::Missing) if upgrade => None,
+        Err(err) => return Opening::Refused(Refusal::unauthorized(&err)),
+    };
+    // (The keys are checked without the table, so a bad one says nothing about it.)
     let params = match Params::from_pairs(pairs) {
         Ok(params) => params,
         Err(message) => {
             return Opening::Refused(Refusal::from_setup(SetupError::Bad(message), &resource));
         }
     };
-    let principal = match state.gate.principal(token.as_deref()) {
-        Ok(principal) => principal,
-        // No token: the socket may still send one in an `auth` message.
-        Err(AuthError::Missing) => {
-            if state.table(&resource).is_none() {
-                return Opening::Refused(Refusal::from_setup(SetupError::NotFound, &resource));
-            }
-            return Opening::Table(Box::new(First {
-                resource,
-                params,
-                principal: None,
-                ready: None,
-                cursor: None,
-            }));
-        }
-        Err(err) => return Opening::Refused(Refusal::unauthorized(&err)),
+    let Some(principal) = principal else {
+        return Opening::Table(Box::new(First {
+            resource,
+            params,
+            principal: None,
+            ready: None,
+            cursor: None,
+        }));
     };
     match prepare(state, &resource, &params, &principal).await {
         Ok(ready) => Opening::Table(Box::new(First {
@@ -419,7 +426,7 @@ pub fn multiplexed_route(
                     .principal(header_token.or(query_token).as_deref())
                 {
                     Ok(principal) => Opening::Multiplexed(Some(principal)),
-                    Err(AuthError::Missing) => Opening::Multiplexed(None),
+                    Err(AuthError::Missing) if upgrade => Opening::Multiplexed(None),
                     Err(err) => Opening::Refused(Refusal::unauthorized(&err)),
                 };
                 match opening {

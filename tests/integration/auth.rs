@@ -10,7 +10,7 @@ use pgrelay::Config;
 use pgrelay::settings::Settings;
 use serde_json::{Value, json};
 
-use crate::support::{Relay, STEP, TestDb, http_as, within};
+use crate::support::{Relay, Response, STEP, TestDb, http_as, http_raw, within};
 
 const SECRET: &str = "a-test-secret-that-is-long-enough-for-hs256";
 
@@ -720,4 +720,199 @@ async fn a_relay_without_auth_refuses_to_listen_beyond_loopback_unless_told() {
     .await;
     let _ = tx.send(());
     within(STEP, server).await.unwrap().unwrap();
+}
+
+/// A request with extra header lines (each ending in `\r\n`).
+async fn request_with(relay: &Relay, method: &str, path: &str, headers: &str) -> Response {
+    let a = relay.addr;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n{headers}Content-Length: 0\r\n"
+    );
+    within(STEP, http_raw(a, head, Vec::new())).await.unwrap()
+}
+
+/// Without a token nothing tells an exposed table from one that is not: a socket to any of
+/// them waits for its `auth` message (a ping is answered), and learns only after it that
+/// the table is unknown or forbidden (4004, the same message); plain HTTP and REST answer 401
+/// before looking at the table or its query keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_exposed_tables_cannot_be_told_from_unknown_ones() {
+    let db = TestDb::new()
+        .await
+        .with_tables(DOCS, &["docs", "other"])
+        .await;
+    let relay = docs_relay(&db).await;
+    let member = token("member", 1, 600);
+    // docs: exposed and readable; other: exposed, no right for members; nosuch: not exposed.
+    let mut not_found = Vec::new();
+    for table in ["docs", "other", "nosuch"] {
+        let mut ws = relay.ws(&format!("/ws/{table}?snapshot=true")).await;
+        ws.send_json(json!({"type": "ping"})).await;
+        let pong = ws.next_json().await;
+        assert_eq!(pong["type"], "pong", "{table}: {pong}");
+        ws.send_json(json!({"type": "auth", "token": member})).await;
+        let ok = ws.next_json().await;
+        assert_eq!(ok["type"], "authenticated", "{table}: {ok}");
+        let next = ws.next_json().await;
+        if table == "docs" {
+            assert_eq!(next["type"], "initial", "{next}");
+            continue;
+        }
+        assert_eq!(next["code"], "not_found", "{table}: {next}");
+        not_found.push(
+            next["message"]
+                .as_str()
+                .unwrap()
+                .replace(&format!("{table:?}"), "T"),
+        );
+        assert_eq!(ws.expect_close().await, Some(4004), "{table}");
+    }
+    assert_eq!(
+        not_found[0], not_found[1],
+        "forbidden and unknown read alike"
+    );
+
+    // A bad key without a token: refused alike, before anything about the table.
+    for table in ["docs", "nosuch"] {
+        let mut ws = relay.ws(&format!("/ws/{table}?since=abc")).await;
+        assert_eq!(ws.next_json().await["code"], "bad_request", "{table}");
+        assert_eq!(ws.expect_close().await, Some(4400), "{table}");
+    }
+
+    // Plain HTTP and REST: 401 with the same body, whatever the table and the query.
+    let mut bodies = Vec::new();
+    for table in ["docs", "other", "nosuch"] {
+        for (method, path, headers) in [
+            ("GET", format!("/ws/{table}"), ""),
+            ("GET", format!("/ws/{table}?since=abc&select="), ""),
+            ("GET", format!("/api/{table}"), ""),
+            ("GET", format!("/api/{table}?limit=abc&nosuch=eq.1"), ""),
+            ("GET", format!("/api/{table}/1?select=nosuch"), ""),
+            (
+                "POST",
+                format!("/api/{table}"),
+                "Content-Type: text/plain\r\n",
+            ),
+            ("DELETE", format!("/api/{table}/1"), ""),
+        ] {
+            let r = request_with(&relay, method, &path, headers).await;
+            assert_eq!(r.status, 401, "{method} {path}: {}", r.body());
+            bodies.push((path.starts_with("/ws"), r.body().to_owned()));
+        }
+    }
+    for (ws, body) in &bodies {
+        let first = bodies.iter().find(|(w, _)| w == ws).unwrap();
+        assert_eq!(&first.1, body);
+    }
+    let r = request_with(&relay, "GET", "/ws", "").await;
+    assert_eq!(r.status, 401, "{}", r.body());
+}
+
+/// REST takes its token from exactly the headers its 401 names (as PostgREST and Supabase's
+/// clients send it), never from the query string; sockets also take `?access_token=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_reads_the_token_where_its_401_says_and_nowhere_else() {
+    let db = TestDb::new()
+        .await
+        .with_tables(DOCS, &["docs", "other"])
+        .await;
+    db.exec("insert into docs values (1, 1, 't', 's')").await;
+    let relay = docs_relay(&db).await;
+    let member = token("member", 1, 600);
+
+    let r = request_with(
+        &relay,
+        "GET",
+        &format!("/api/docs?access_token={member}"),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.body());
+    let message = r.json["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("Authorization: Bearer") && message.contains("apikey header"),
+        "{message}"
+    );
+    assert!(
+        message.contains("does not read ?access_token="),
+        "the message must not suggest a query token: {message}"
+    );
+    assert!(!message.contains(&member));
+    for headers in [
+        format!("Authorization: Bearer {member}\r\n"),
+        format!("apikey: {member}\r\n"),
+        format!("Authorization: Bearer {member}\r\napikey: not-a-key\r\n"),
+    ] {
+        let r = request_with(&relay, "GET", "/api/docs", &headers).await;
+        assert_eq!(r.status, 200, "{headers}: {}", r.body());
+        assert_eq!(r.json.as_array().unwrap().len(), 1);
+    }
+
+    // A socket's message names every way it may authenticate.
+    let r = request_with(&relay, "GET", "/ws/docs", "").await;
+    let message = r.json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("auth") && message.contains("?access_token="),
+        "{message}"
+    );
+    let mut ws = relay.ws(&format!("/ws/docs?access_token={member}")).await;
+    db.exec("insert into docs values (2, 1, 'u', 's')").await;
+    assert_eq!(ws.next_json().await["id"], 2);
+}
+
+/// `--jwt-secret-file` holds a secret to the same rule as `--jwt-secret`: 32 bytes at least,
+/// after one trailing line break; the error names the file, never the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_secret_file_is_refused_like_a_short_secret() {
+    let db = TestDb::new().await.with_tables(DOCS, &["docs"]).await;
+    let dir = std::env::temp_dir().join(format!(
+        "pgrelay-secret-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = |name: &str, contents: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        pgrelay::access::auth::JwtConfig {
+            keys: pgrelay::access::auth::KeySource::SecretFile(path),
+            algorithms: vec![],
+            audience: None,
+            issuer: None,
+            leeway: Duration::from_secs(5),
+            require_exp: true,
+        }
+    };
+    let thirty_one = "s".repeat(31);
+    for (name, contents) in [
+        ("five", "hunt2\n".to_owned()),
+        ("thirty-one", format!("{thirty_one}\n")),
+        ("thirty-one-crlf", format!("{thirty_one}\r\n")),
+        ("empty", String::new()),
+    ] {
+        let jwt = secret_file(name, &contents);
+        let relay = Relay::spawn_with(&db, &["docs"], |c| c.auth.jwt = Some(jwt)).await;
+        let err = relay.stop().await.expect_err(name).to_string();
+        assert!(
+            err.contains("--jwt-secret-file")
+                && err.contains(&dir.join(name).display().to_string())
+                && err.contains("at least 32 bytes"),
+            "{name}: {err}"
+        );
+        let secret = contents.trim_end();
+        assert!(secret.is_empty() || !err.contains(secret), "{name}: {err}");
+    }
+    // 32 bytes and one newline: the newline is not part of the secret.
+    let secret = "0123456789abcdef0123456789abcdef";
+    let jwt = secret_file("ok", &format!("{secret}\n"));
+    let relay = Relay::start_with(&db, &["docs"], |c| c.auth.jwt = Some(jwt)).await;
+    let signed = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"role": "r", "exp": now() + 600}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let r = http_as(relay.addr, "GET", "/api/docs", Some(&signed), None).await;
+    assert_eq!(r.status, 200, "{}", r.body());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

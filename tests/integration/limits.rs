@@ -385,3 +385,177 @@ async fn browsers_from_other_origins_are_refused_and_allowed_ones_get_cors() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+/// One request to `addr` naming `host` in its `Host` header, with extra header lines.
+async fn to_host(
+    addr: std::net::SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> crate::support::Response {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{headers}Content-Length: 0\r\n"
+    );
+    within(STEP, http_raw(addr, head, Vec::new()))
+        .await
+        .unwrap()
+}
+
+const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+/// DNS rebinding: a page on evil.example whose name is re-pointed to 127.0.0.1 sends
+/// `Host: evil.example:port` and a matching `Origin`, which the same-origin rule accepts. A
+/// relay on loopback answers only to loopback names and `allowed_hosts`: 421 otherwise, while
+/// health checks answer whatever the Host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_loopback_answers_only_to_its_own_names() {
+    let db = TestDb::new().await.with_tables(TABLES, &["a"]).await;
+    db.exec("insert into a values (1, 'x')").await;
+    let relay = Relay::start(&db, &["a"]).await;
+    let (a, port) = (relay.addr, relay.addr.port());
+    let evil = format!("evil.example:{port}");
+    let rebound = format!("Origin: http://{evil}\r\n");
+    for (method, path, headers) in [
+        ("GET", "/api/a", rebound.clone()),
+        ("GET", "/api/a", String::new()),
+        ("DELETE", "/api/a/1", rebound.clone()),
+        ("GET", "/ws/a", format!("{rebound}{UPGRADE}")),
+        ("GET", "/ws", format!("{rebound}{UPGRADE}")),
+        ("GET", "/api/nosuch", String::new()),
+        ("GET", "/metrics", String::new()),
+    ] {
+        let r = to_host(a, &evil, method, path, &headers).await;
+        assert_eq!(
+            (r.status, r.json["error"]["code"].as_str()),
+            (421, Some("host_not_allowed")),
+            "{method} {path}: {}",
+            r.body()
+        );
+        assert!(
+            r.json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("allowed_hosts")
+        );
+    }
+    for path in ["/healthz", "/readyz"] {
+        let r = to_host(a, &evil, "GET", path, "").await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body());
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("LocalHost.:{port}"),
+        format!("app.localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "127.0.0.1".to_owned(),
+    ] {
+        let own = format!("Origin: http://{host}\r\n");
+        let r = to_host(a, &host, "GET", "/api/a", &own).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.body());
+        let r = to_host(a, &host, "GET", "/ws/a", &format!("{own}{UPGRADE}")).await;
+        assert_eq!(r.status, 101, "{host}: {}", r.body());
+    }
+    let n: i64 = db
+        .client()
+        .await
+        .query_one("select count(*) from a", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the rebound DELETE deleted nothing");
+    drop(relay);
+
+    // Names of its own are listed; with a port, only on that port.
+    let relay = Relay::start_with(&db, &["a"], |c| {
+        c.allowed_hosts = vec!["relay.test".into(), format!("pinned.test:1")];
+    })
+    .await;
+    let port = relay.addr.port();
+    for (host, status) in [
+        (format!("relay.test:{port}"), 200),
+        (format!("RELAY.test:{port}"), 200),
+        (format!("pinned.test:{port}"), 421),
+        (format!("evil.example:{port}"), 421),
+    ] {
+        let r = to_host(relay.addr, &host, "GET", "/api/a", "").await;
+        assert_eq!(r.status, status, "{host}: {}", r.body());
+    }
+}
+
+/// A relay on another address (in a container, say) is reached under names it cannot know:
+/// any Host passes, until `allowed_hosts` names its own (what docker-compose.yml does). The
+/// option comes from the flag and the environment, and shows in `--print-config`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_listeners_check_hosts_once_they_are_named() {
+    let db = TestDb::new().await.with_tables(TABLES, &["a"]).await;
+    let serve = |hosts: Vec<String>| {
+        let db = &db;
+        async move {
+            let relay = Relay::spawn_on("0.0.0.0:0", db, &["a"], |c| {
+                c.allow_anonymous = true;
+                c.allowed_hosts = hosts;
+            })
+            .await;
+            relay.wait_ready().await;
+            relay
+        }
+    };
+    let relay = serve(Vec::new()).await;
+    for host in ["pgrelay:8080", "evil.example"] {
+        let r = to_host(relay.addr, host, "GET", "/api/a", "").await;
+        assert_eq!(r.status, 200, "{host}: {}", r.body());
+    }
+    relay.stop().await.unwrap();
+
+    let relay = serve(vec!["pgrelay".into()]).await;
+    for (host, path, status) in [
+        ("pgrelay:8080", "/api/a", 200),
+        ("127.0.0.1:8080", "/api/a", 200),
+        ("evil.example:8080", "/api/a", 421),
+        ("evil.example:8080", "/healthz", 200),
+        ("pgrelay", "/readyz", 200),
+    ] {
+        let r = to_host(relay.addr, host, "GET", path, "").await;
+        assert_eq!(r.status, status, "{host} {path}: {}", r.body());
+    }
+    relay.stop().await.unwrap();
+
+    // The flag and the environment; a bad entry is named.
+    let print = |args: &[&str], env: Option<&str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        command
+            .arg("serve")
+            .args(args)
+            .env_remove("PGRELAY_ALLOWED_HOSTS")
+            .kill_on_drop(true);
+        if let Some(env) = env {
+            command.env("PGRELAY_ALLOWED_HOSTS", env);
+        }
+        async move {
+            let out = within(STEP, command.output()).await.unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        }
+    };
+    let (ok, text) = print(&["--print-config"], None).await;
+    assert!(ok && text.contains("allowed_hosts = []"), "{text}");
+    let (ok, text) = print(&["--print-config"], Some("relay.test,relay.test:8080")).await;
+    assert!(
+        ok && text.contains(r#"allowed_hosts = ["relay.test", "relay.test:8080"]"#),
+        "{text}"
+    );
+    let (ok, text) = print(
+        &["--tables", "a", "--allowed-hosts", "http://relay.test"],
+        None,
+    )
+    .await;
+    assert!(
+        !ok && text.contains("allowed_hosts") && text.contains("http://relay.test"),
+        "{text}"
+    );
+}

@@ -196,6 +196,17 @@ impl Relay {
     /// Starts a relay after `tweak` adjusts its config, without waiting for it: for relays
     /// that must refuse to start ([`Relay::stop`] returns why) or that are not plain HTTP.
     pub async fn spawn_with(db: &TestDb, tables: &[&str], tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::spawn_on("127.0.0.1:0", db, tables, tweak).await
+    }
+
+    /// [`Relay::spawn_with`] listening on `bind` (e.g. `0.0.0.0:0`); `addr` is its port on
+    /// 127.0.0.1.
+    pub async fn spawn_on(
+        bind: &str,
+        db: &TestDb,
+        tables: &[&str],
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let names = tables
             .iter()
             .map(|t| TableName::parse(t).unwrap())
@@ -206,8 +217,9 @@ impl Relay {
         config.schema_interval = Duration::from_millis(200);
         config.max_backoff = Duration::from_millis(500);
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(pgrelay::run(config, listener, async {
             let _ = shutdown_rx.await;
