@@ -363,7 +363,9 @@ async fn refuse(mut tcp: TcpStream, tls: bool, status: u16, code: &str, message:
     // Take in what the client sent first: closing with unread bytes would reset the
     // connection, and the client might lose the answer.
     let mut request = [0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_millis(200), tcp.readable()).await;
+    // (A second: under load a health check's request can take a while to arrive, and a
+    // refusal without it would answer /healthz with 503.)
+    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.readable()).await;
     let read = tcp.try_read(&mut request).unwrap_or(0);
     let (status, reason, body) = if request[..read].starts_with(b"GET /healthz ") {
         (200, "OK", serde_json::json!({"status": "ok"}).to_string())
