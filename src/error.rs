@@ -16,6 +16,9 @@ pub enum Error {
     /// The capture task failed for good.
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// The database refused the relay at start for a reason waiting will not fix.
+    #[error("Cannot connect to {0}: {1}")]
+    Startup(String, #[source] Box<SqlError>),
     /// Binding or serving the listener.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

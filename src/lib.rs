@@ -78,7 +78,35 @@ pub async fn run(
     let tls = config.listener_tls()?.map(TlsAcceptor::from);
     let hosts = http::host::Hosts::new(address.ip().is_loopback(), &config.allowed_hosts)
         .map_err(|m| config::ConfigError::Option("allowed_hosts", m))?;
-    let mut client = sql::connect(&config.database_url).await?;
+    tokio::pin!(shutdown);
+    // A database that is not up yet (started together with the relay, restarting) is waited
+    // for, as capture waits for it once running; a setting that cannot work fails at once.
+    let mut backoff = std::time::Duration::from_millis(100);
+    let mut client = loop {
+        match sql::connect(&config.database_url).await {
+            Ok(client) => break client,
+            Err(err) if sql::is_unavailable(&err) => {
+                tracing::warn!(database = %sql::describe_target(&config.database_url),
+                    error = %error::chain(&err), retry_in = ?backoff,
+                    "the database is not reachable yet; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(
+                    config
+                        .max_backoff
+                        .max(std::time::Duration::from_millis(100)),
+                );
+            }
+            Err(err) => {
+                return Err(Error::Startup(
+                    sql::describe_target(&config.database_url),
+                    Box::new(err),
+                ));
+            }
+        }
+    };
     let mode = config.capture_mode.name();
     if config.install {
         sql::install(&mut client, &config.tables, mode).await?;
@@ -125,7 +153,6 @@ pub async fn run(
     tracker.spawn(capture.run(token.clone()));
     // Serve only once capture is caught up: a subscriber must not connect into a window whose
     // commits the relay will never see, and initial data needs a position.
-    tokio::pin!(shutdown);
     tokio::select! {
         _ = capture_state.wait_listening() => {}
         _ = &mut shutdown => {

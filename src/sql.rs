@@ -184,6 +184,60 @@ pub fn target(database_url: &str, application_name: &str) -> Result<crate::tls::
     Ok(target)
 }
 
+/// Where a connection string points, for messages: `host:port/dbname` (no credentials).
+pub fn describe_target(database_url: &str) -> String {
+    let Ok(target) = target(database_url, "pgrelay") else {
+        return "the database".to_owned();
+    };
+    let config = &target.config;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            let port = config
+                .get_ports()
+                .get(i)
+                .or_else(|| config.get_ports().first())
+                .copied()
+                .unwrap_or(5432);
+            format!("{host}:{port}")
+        })
+        .collect();
+    format!(
+        "{}/{}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or("(default database)")
+    )
+}
+
+/// Whether a failure to connect is the database not being there yet (refused, unreachable,
+/// starting up, out of connection slots), worth trying again, rather than a setting that
+/// will not work (a password, a certificate, a database that does not exist).
+pub fn is_unavailable(err: &SqlError) -> bool {
+    let SqlError::Db(err) = err else {
+        return false;
+    };
+    if let Some(db) = err.as_db_error() {
+        return matches!(
+            db.code().code(),
+            "57P01" | "57P02" | "57P03" | "53300" | "08001" | "08004" | "08006"
+        );
+    }
+    std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::PermissionDenied
+            )
+        })
+}
+
 /// Opens a plain connection and drives it on a task (for commands and setup).
 pub async fn connect(database_url: &str) -> Result<Client, SqlError> {
     let target = target(database_url, "pgrelay")?;

@@ -302,3 +302,32 @@ async fn a_backlog_of_more_transactions_than_one_page_is_published_whole_and_in_
     db.exec("insert into items(name) values ('next')").await;
     assert_eq!(ws.next_json().await["data"]["name"], "next");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_before_its_database_waits_for_it() {
+    let cluster = std::sync::Arc::new(Cluster::start().await);
+    let admin = connect(&cluster.url("postgres")).await;
+    admin.batch_execute("create database relay").await.unwrap();
+    drop(admin);
+    let url = cluster.url("relay");
+    connect(&url).await.batch_execute(ITEMS).await.unwrap();
+    let c = std::sync::Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.stop()).await.unwrap();
+    let db = crate::support::TestDb::external(url.clone());
+    let relay = Relay::spawn_with(&db, &["items"], |c| c.install = true).await;
+    // Not serving while the database is down, and not given up either.
+    let early =
+        tokio::time::timeout(Duration::from_millis(700), http_get(relay.addr, "/readyz")).await;
+    assert!(
+        !matches!(early, Ok(Ok((200, _)))),
+        "ready without a database: {early:?}"
+    );
+    let c = std::sync::Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || c.start_again())
+        .await
+        .unwrap();
+    relay.wait_ready().await;
+    let mut ws = relay.ws("/ws/items").await;
+    db.exec("insert into items(name) values ('up')").await;
+    assert_eq!(ws.next_json().await["data"]["name"], "up");
+}

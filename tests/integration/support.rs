@@ -638,6 +638,16 @@ impl Cluster {
         self.pg_ctl("restart");
     }
 
+    /// Stops the server (`pg_ctl stop -m fast`).
+    pub fn stop(&self) {
+        self.pg_ctl("stop");
+    }
+
+    /// Starts the server again after [`Cluster::stop`].
+    pub fn start_again(&self) {
+        self.pg_ctl("start");
+    }
+
     /// Stops the server, copies its data directory aside, and starts it again.
     pub fn backup(&self) {
         self.pg_ctl("stop");
