@@ -18,6 +18,16 @@ use pgrelay::TableName;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as `text` (colours only on a terminal) or `json` (one object per line, for
+    /// log collectors). `RUST_LOG` chooses what is logged (default `pgrelay=info,warn`).
+    #[arg(long, global = true, env = "PGRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -135,14 +145,19 @@ fn tables(names: &[String]) -> anyhow::Result<Vec<TableName>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "pgrelay=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "pgrelay=info,warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            logs.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
     match cli.command {
         Command::Serve(settings) => serve(*settings).await,
         Command::ApiKey { role } => {

@@ -220,6 +220,20 @@ pub fn routes(
         .or(ready(Arc::clone(&state)))
         .or(host::guard(hosts).and(metrics(state).or(origin::guard(origins, browser_facing))))
         .recover(recover)
+        .with(warp::log::custom(log_request))
+}
+
+/// One line per request (in the span of its connection, which names the peer): health
+/// checks and metrics scrapes at debug, the rest at info. Never the query string, which may
+/// carry a token.
+fn log_request(info: warp::log::Info<'_>) {
+    let (method, path, status) = (info.method(), info.path(), info.status().as_u16());
+    let ms = info.elapsed().as_secs_f64() * 1000.0;
+    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        tracing::debug!(target: "pgrelay::http", %method, path, status, ms, "request");
+    } else {
+        tracing::info!(target: "pgrelay::http", %method, path, status, ms, "request");
+    }
 }
 
 /// What a connection past the connection cap is served: the health routes, and a 503 for

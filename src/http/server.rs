@@ -223,39 +223,43 @@ pub async fn serve<F, R, H, HR>(
         let watcher = graceful.watcher();
         let routes = routes.clone();
         let health = health.clone();
-        tokio::spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(if full_service {
-                    header_timeout
+        let span = tracing::info_span!("connection", %peer);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(if full_service {
+                        header_timeout
+                    } else {
+                        HEALTH_HEADER_TIMEOUT
+                    })
+                    .keep_alive(full_service);
+                let Some(io) = open(tcp, peer, tls, slot).await else {
+                    return;
+                };
+                let result = if full_service {
+                    let service = TowerToHyperService::new(warp::service(routes));
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection_with_upgrades(io, service)
+                                .into_owned(),
+                        )
+                        .await
                 } else {
-                    HEALTH_HEADER_TIMEOUT
-                })
-                .keep_alive(full_service);
-            let Some(io) = open(tcp, peer, tls, slot).await else {
-                return;
-            };
-            let result = if full_service {
-                let service = TowerToHyperService::new(warp::service(routes));
-                watcher
-                    .watch(
-                        builder
-                            .serve_connection_with_upgrades(io, service)
-                            .into_owned(),
-                    )
-                    .await
-            } else {
-                let service = TowerToHyperService::new(warp::service(health));
-                watcher
-                    .watch(builder.serve_connection(io, service).into_owned())
-                    .await
-            };
-            if let Err(err) = result {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
-            }
-        });
+                    let service = TowerToHyperService::new(warp::service(health));
+                    watcher
+                        .watch(builder.serve_connection(io, service).into_owned())
+                        .await
+                };
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+            },
+            span,
+        ));
     }
     drop(listener);
     graceful.shutdown().await;

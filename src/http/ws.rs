@@ -543,7 +543,8 @@ fn upgrade(handshake: Handshake, state: Arc<AppState>, opening: Opening) -> impl
         .max_frame_size(Some(limit));
     let Handshake { accept, on_upgrade } = handshake;
     let tracker = state.tracker.clone();
-    tracker.spawn(async move {
+    // In the span of the connection it came on (its peer): the socket's log lines say who.
+    tracker.spawn(tracing::Instrument::in_current_span(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
@@ -556,7 +557,7 @@ fn upgrade(handshake: Handshake, state: Arc<AppState>, opening: Opening) -> impl
             }
             Err(err) => tracing::debug!(error = %err, "websocket upgrade did not complete"),
         }
-    });
+    }));
     let reply =
         warp::reply::with_status(warp::reply(), warp::http::StatusCode::SWITCHING_PROTOCOLS);
     let reply = warp::reply::with_header(reply, "connection", "upgrade");
@@ -739,9 +740,26 @@ impl Session {
 
     #[tracing::instrument(name = "ws", skip_all, fields(table = ?self.single))]
     async fn run(mut self, opening: Opening) {
+        let opened = Instant::now();
+        tracing::info!("socket opened");
         let end = match self.serve(opening).await {
             Ok(end) | Err(end) => end,
         };
+        let role = self.principal.as_ref().map(|p| p.role.clone());
+        match &end {
+            End::Close(code, reason) => tracing::info!(
+                code,
+                reason,
+                role,
+                secs = opened.elapsed().as_secs_f64(),
+                "socket closed"
+            ),
+            End::Gone => tracing::info!(
+                role,
+                secs = opened.elapsed().as_secs_f64(),
+                "socket closed by the client"
+            ),
+        }
         if let End::Close(code, reason) = end {
             if code == close::SLOW_CONSUMER {
                 self.state.metrics.inc(&self.state.metrics.slow_consumers);
@@ -765,7 +783,6 @@ impl Session {
             })
             .await;
         }
-        tracing::debug!("socket closed");
     }
 
     async fn serve(&mut self, opening: Opening) -> Result<End, End> {

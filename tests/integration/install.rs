@@ -414,3 +414,70 @@ async fn retention_keeps_rows_a_relay_has_not_read_and_an_open_transaction_does_
         "the open transaction's row, at commit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_logs_json_lines_per_request_and_socket_naming_the_peer_never_a_token() {
+    use tokio::io::AsyncReadExt;
+    let db = TestDb::new()
+        .await
+        .with_tables("create table items(id int primary key)", &["items"])
+        .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["serve", "--tables", "items", "--listen", &addr.to_string()])
+        .args(["--log-format", "json"])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "pgrelay=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    crate::support::within(crate::support::STEP, async {
+        while !matches!(
+            crate::support::http_get(addr, "/readyz").await,
+            Ok((200, _))
+        ) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    crate::support::http_get(addr, "/api/items?apikey=SECRET-TOKEN")
+        .await
+        .unwrap();
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/items?access_token=SECRET-TOKEN"))
+            .await
+            .unwrap();
+    drop(ws);
+    crate::support::signal("TERM", child.id().unwrap() as i32);
+    let mut stderr = child.stderr.take().unwrap();
+    let mut text = String::new();
+    crate::support::within(crate::support::STEP, stderr.read_to_string(&mut text))
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["message"] == "request" && l["path"] == "/api/items")
+        .unwrap_or_else(|| panic!("no request line: {text}"));
+    assert!(request["status"].is_number(), "{request}");
+    assert!(
+        request.to_string().contains(r#""peer":"127.0.0.1:"#),
+        "{request}"
+    );
+    assert!(
+        lines.iter().any(|l| l["message"] == "socket opened"),
+        "{text}"
+    );
+    assert!(!text.contains("SECRET"), "a token was logged: {text}");
+    assert!(!text.contains("\u{1b}["), "colour codes in a log: {text}");
+}
