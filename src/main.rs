@@ -80,6 +80,9 @@ enum Command {
     /// Measure delivery rate, latency, loss and relay CPU/RSS (see BENCHMARKS.md).
     Bench(BenchArgs),
     /// Print a table's events as JSON lines.
+    ///
+    /// Reconnects when the connection drops (resuming after the last event printed), starts
+    /// over on `reset`, and exits with an error on a refusal (the relay's message printed).
     Tail {
         /// Base URL of the relay.
         #[arg(long, default_value = "ws://127.0.0.1:8080")]
@@ -87,6 +90,12 @@ enum Command {
         /// Send the initial rows first.
         #[arg(long)]
         snapshot: bool,
+        /// Resume after this event seq (from an earlier tail, say).
+        #[arg(long)]
+        since: Option<i64>,
+        /// A JWT or API key, sent as `Authorization: Bearer`.
+        #[arg(long, env = "PGRELAY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Table (resource) to follow, optionally with query keys: `items?price=gt.10`.
         table: String,
     },
@@ -249,8 +258,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Tail {
             url,
             snapshot,
+            since,
+            token,
             table,
-        } => tail(&url, &table, snapshot).await,
+        } => tail(&url, &table, snapshot, since, token.as_deref()).await,
         Command::Bench(args) => run_bench(args).await,
     }
 }
@@ -336,27 +347,109 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn tail(url: &str, table: &str, snapshot: bool) -> anyhow::Result<()> {
-    // `table` may carry query keys: `items?price=gt.10`.
-    let mut target = format!("{}/ws/{}", url.trim_end_matches('/'), table);
-    if snapshot {
-        target.push(if target.contains('?') { '&' } else { '?' });
-        target.push_str("snapshot=true");
-    }
-    let (mut socket, _) = tokio_tungstenite::connect_async(&target)
-        .await
-        .with_context(|| format!("connecting to {target}"))?;
-    while let Some(message) = socket.next().await {
-        match message.context("reading from the relay")? {
-            tokio_tungstenite::tungstenite::Message::Text(text) => println!("{}", text.as_str()),
-            tokio_tungstenite::tungstenite::Message::Close(frame) => {
-                if let Some(frame) = frame {
-                    eprintln!("closed: {} {}", u16::from(frame.code), frame.reason);
+/// Close codes after which `tail` connects again (resuming): the relay went away or asked
+/// the client to come back later. Every other close is a refusal, and final.
+const TAIL_RETRY_CODES: [u16; 5] = [1000, 1001, 1011, 1013, 4008];
+
+async fn tail(
+    url: &str,
+    table: &str,
+    snapshot: bool,
+    since: Option<i64>,
+    token: Option<&str>,
+) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+    let mut position = since;
+    let mut want_snapshot = snapshot && since.is_none();
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        // `table` may carry query keys: `items?price=gt.10`.
+        let mut target = format!("{}/ws/{}", url.trim_end_matches('/'), table);
+        let mut add = |key: &str| {
+            target.push(if target.contains('?') { '&' } else { '?' });
+            target.push_str(key);
+        };
+        if let Some(seq) = position {
+            add(&format!("since={seq}"));
+        }
+        if want_snapshot || (snapshot && position.is_none()) {
+            add("snapshot=true");
+        }
+        let mut request = target
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("bad relay URL {target}"))?;
+        if let Some(token) = token {
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {token}")
+                    .parse()
+                    .context("the token cannot be sent in a header")?,
+            );
+        }
+        let mut socket = match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => socket,
+            Err(tungstenite::Error::Http(response)) => {
+                let status = response.status();
+                let body = response
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                if status.as_u16() == 503 || status.as_u16() == 429 {
+                    eprintln!("relay busy ({status}): {body}; retrying in {backoff:?}");
+                } else {
+                    anyhow::bail!("the relay refused {table}: {status}: {body}");
                 }
-                break;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                continue;
             }
-            _ => {}
+            Err(err) => {
+                eprintln!("cannot reach the relay ({err}); retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                continue;
+            }
+        };
+        backoff = std::time::Duration::from_millis(200);
+        want_snapshot = false;
+        while let Some(message) = socket.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(err) => {
+                    eprintln!("connection lost ({err}); reconnecting");
+                    break;
+                }
+            };
+            match message {
+                Message::Text(text) => {
+                    println!("{}", text.as_str());
+                    let Ok(value) = serde_json::from_str::<serde_json::Value>(text.as_str()) else {
+                        continue;
+                    };
+                    if value["type"] == "reset" {
+                        // The copy is stale: start over with the current rows.
+                        position = None;
+                        want_snapshot = true;
+                        break;
+                    }
+                    if let Some(seq) = value["seq"].as_i64() {
+                        position = Some(seq);
+                    }
+                }
+                Message::Close(frame) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    if !TAIL_RETRY_CODES.contains(&code) {
+                        anyhow::bail!("the relay closed the socket: {code} {reason}");
+                    }
+                    eprintln!("closed: {code} {reason}; reconnecting");
+                    break;
+                }
+                _ => {}
+            }
         }
     }
-    Ok(())
 }

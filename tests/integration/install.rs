@@ -481,3 +481,90 @@ async fn serve_logs_json_lines_per_request_and_socket_naming_the_peer_never_a_to
     assert!(!text.contains("SECRET"), "a token was logged: {text}");
     assert!(!text.contains("\u{1b}["), "colour codes in a log: {text}");
 }
+
+/// The relay binary on `port`, waited for.
+async fn relay_process(db: &TestDb, port: u16) -> tokio::process::Child {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["serve", "--tables", "items", "--listen", &addr.to_string()])
+        .env("DATABASE_URL", &db.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    crate::support::within(crate::support::STEP, async {
+        while !matches!(
+            crate::support::http_get(addr, "/readyz").await,
+            Ok((200, _))
+        ) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_a_table_across_a_relay_restart_and_stops_on_a_refusal() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new()
+        .await
+        .with_tables("create table items(id int primary key, v text)", &["items"])
+        .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("ws://127.0.0.1:{port}");
+    let mut relay = relay_process(&db, port).await;
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["tail", "--url", &url, "--snapshot", "items"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut next = async || -> serde_json::Value {
+        let line = crate::support::within(crate::support::STEP, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next().await["type"], "initial");
+    db.exec("insert into items values (1, 'before')").await;
+    assert_eq!(next().await["data"]["v"], "before");
+    // The relay restarts: tail reconnects, resumes, is told to start over (the new relay
+    // cannot vouch for the old position), and gets the table again with what changed.
+    relay.kill().await.unwrap();
+    db.exec("insert into items values (2, 'while away')").await;
+    let _relay = relay_process(&db, port).await;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|m: &serde_json::Value| {
+        m["type"] == "initial" && m["data"].as_array().is_some_and(|rows| rows.len() == 2)
+    }) {
+        seen.push(next().await);
+    }
+    assert!(seen.iter().any(|m| m["type"] == "reset"), "{seen:?}");
+    db.exec("insert into items values (3, 'after')").await;
+    assert_eq!(next().await["data"]["v"], "after");
+    drop(tail);
+
+    // A refusal is final: the relay's message is printed and the exit status says so.
+    let out = crate::support::within(
+        crate::support::STEP,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+            .args(["tail", "--url", &url, "ghosts"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("not_found"), "{stdout}");
+    assert!(stderr.contains("4004"), "{stderr}");
+}
