@@ -422,31 +422,9 @@ async fn serve_logs_json_lines_per_request_and_socket_naming_the_peer_never_a_to
         .await
         .with_tables("create table items(id int primary key)", &["items"])
         .await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
-        .args(["serve", "--tables", "items", "--listen", &addr.to_string()])
-        .args(["--log-format", "json"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "pgrelay=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    crate::support::within(crate::support::STEP, async {
-        while !matches!(
-            crate::support::http_get(addr, "/readyz").await,
-            Ok((200, _))
-        ) {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    let mut child = relay_process(&db, port, &["--log-format", "json"], true).await;
     crate::support::http_get(addr, "/api/items?apikey=SECRET-TOKEN")
         .await
         .unwrap();
@@ -482,14 +460,33 @@ async fn serve_logs_json_lines_per_request_and_socket_naming_the_peer_never_a_to
     assert!(!text.contains("\u{1b}["), "colour codes in a log: {text}");
 }
 
-/// The relay binary on `port`, waited for.
-async fn relay_process(db: &TestDb, port: u16) -> tokio::process::Child {
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The relay binary serving `items` on `port` (its stderr piped when `logs`), waited for.
+async fn relay_process(
+    db: &TestDb,
+    port: u16,
+    extra: &[&str],
+    logs: bool,
+) -> tokio::process::Child {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
         .args(["serve", "--tables", "items", "--listen", &addr.to_string()])
+        .args(extra)
         .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "pgrelay=info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(if logs {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -512,13 +509,9 @@ async fn tail_follows_a_table_across_a_relay_restart_and_stops_on_a_refusal() {
         .await
         .with_tables("create table items(id int primary key, v text)", &["items"])
         .await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("ws://127.0.0.1:{port}");
-    let mut relay = relay_process(&db, port).await;
+    let mut relay = relay_process(&db, port, &[], false).await;
     let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
         .args(["tail", "--url", &url, "--snapshot", "items"])
         .stdout(std::process::Stdio::piped())
@@ -541,7 +534,7 @@ async fn tail_follows_a_table_across_a_relay_restart_and_stops_on_a_refusal() {
     // cannot vouch for the old position), and gets the table again with what changed.
     relay.kill().await.unwrap();
     db.exec("insert into items values (2, 'while away')").await;
-    let _relay = relay_process(&db, port).await;
+    let _relay = relay_process(&db, port, &[], false).await;
     let mut seen = Vec::new();
     while !seen.iter().any(|m: &serde_json::Value| {
         m["type"] == "initial" && m["data"].as_array().is_some_and(|rows| rows.len() == 2)

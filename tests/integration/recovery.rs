@@ -219,12 +219,7 @@ async fn a_postgres_restart_while_a_writer_runs_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restored_to_an_earlier_state_resets_every_subscriber() {
     let cluster = std::sync::Arc::new(Cluster::start().await);
-    let admin = connect(&cluster.url("postgres")).await;
-    admin.batch_execute("create database relay").await.unwrap();
-    drop(admin);
-    let url = cluster.url("relay");
-    connect(&url).await.batch_execute(ITEMS).await.unwrap();
-    let db = crate::support::TestDb::external(url.clone());
+    let db = cluster.database("relay", ITEMS).await;
     let relay = Relay::start_with(&db, &["items"], |c| c.install = true).await;
     let mut ws = relay.ws("/ws/items").await;
     db.exec("insert into items(name) values ('before')").await;
@@ -306,14 +301,9 @@ async fn a_backlog_of_more_transactions_than_one_page_is_published_whole_and_in_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_started_before_its_database_waits_for_it() {
     let cluster = std::sync::Arc::new(Cluster::start().await);
-    let admin = connect(&cluster.url("postgres")).await;
-    admin.batch_execute("create database relay").await.unwrap();
-    drop(admin);
-    let url = cluster.url("relay");
-    connect(&url).await.batch_execute(ITEMS).await.unwrap();
+    let db = cluster.database("relay", ITEMS).await;
     let c = std::sync::Arc::clone(&cluster);
     tokio::task::spawn_blocking(move || c.stop()).await.unwrap();
-    let db = crate::support::TestDb::external(url.clone());
     let relay = Relay::spawn_with(&db, &["items"], |c| c.install = true).await;
     // Not serving while the database is down, and not given up either.
     let early =

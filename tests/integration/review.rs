@@ -308,6 +308,14 @@ async fn a_role_cannot_attach_capture_to_its_own_table_to_forge_another_tables_e
     .await;
 }
 
+/// A table whose BEFORE INSERT trigger deletes the row the insert replaces.
+const REPLACING_TABLE: &str = "
+    create table r (id int primary key, v text);
+    create function replace_row() returns trigger language plpgsql as $$
+    begin delete from r where id = new.id; return new; end $$;
+    create trigger replace_row before insert on r for each row
+      when (pg_trigger_depth() = 0) execute function replace_row()";
+
 /// Reads and applies messages until the event of key `sentinel` arrives.
 async fn apply_until(ws: &mut Ws, copy: &mut Copy, sentinel: i64) {
     loop {
@@ -327,14 +335,12 @@ async fn writes_made_while_a_statement_changes_its_rows_keep_each_rows_order() {
             // A BEFORE trigger that replaces the row an INSERT is about to write, and a
             // function in RETURNING that updates the row just written: both write the table
             // while the statement runs, so the log's statement order is wrong for them.
-            "create table r (id int primary key, v text);
-             create function replace_row() returns trigger language plpgsql as $$
-             begin delete from r where id = new.id; return new; end $$;
-             create trigger replace_row before insert on r for each row
-               when (pg_trigger_depth() = 0) execute function replace_row();
+            &format!(
+                "{REPLACING_TABLE};
              create function bump(k int) returns int language plpgsql as $$
              begin update r set v = v || '+bumped' where id = k; return k; end $$;
-             insert into r values (1, 'old'), (2, 'a'), (3, 'keep')",
+             insert into r values (1, 'old'), (2, 'a'), (3, 'keep')"
+            ),
             &["r"],
         )
         .await;
@@ -361,12 +367,10 @@ async fn a_transaction_too_large_to_reorder_resets_its_table_when_its_order_is_w
     let db = TestDb::new()
         .await
         .with_tables(
-            "create table r (id int primary key, v text);
-             create function replace_row() returns trigger language plpgsql as $$
-             begin delete from r where id = new.id; return new; end $$;
-             create trigger replace_row before insert on r for each row
-               when (pg_trigger_depth() = 0) execute function replace_row();
-             insert into r select g, 'old' from generate_series(1, 70) g",
+            &format!(
+                "{REPLACING_TABLE};
+             insert into r select g, 'old' from generate_series(1, 70) g"
+            ),
             &["r"],
         )
         .await;

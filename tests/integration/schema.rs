@@ -189,24 +189,11 @@ async fn removed_or_disabled_capture_triggers_reset_subscribers_and_install_puts
         json!({"type": "reset", "resource": "items", "reason": "table_changed"})
     );
     // …and capture is back (reinstalled), so writes stream again.
-    crate::support::within(crate::support::STEP, async {
-        loop {
-            let n: i64 = db
-                .client()
-                .await
-                .query_one(
-                    "select count(*) from pg_trigger where tgname = 'pgrelay_capture_insert'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if n == 1 {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
+    wait_for(
+        &db,
+        "select count(*) = 1 from pg_trigger where tgname = 'pgrelay_capture_insert'",
+        &[],
+    )
     .await;
     db.exec("insert into items values (2, 'seen', 2)").await;
     assert_eq!(ws.next_json().await["id"], 2);
@@ -240,51 +227,45 @@ async fn removed_or_disabled_capture_triggers_reset_subscribers_and_install_puts
     assert_eq!(ws.next_json().await["id"], 4, "nothing sent twice");
 }
 
-/// Waits until every capture trigger of `table` is in its installed state.
-async fn wait_installed(db: &crate::support::TestDb, table: &str) {
+/// Waits until the boolean query `sql` (on `db`) answers true.
+async fn wait_for(
+    db: &crate::support::TestDb,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) {
+    let client = db.client().await;
     crate::support::within(crate::support::STEP, async {
-        loop {
-            let ok: bool = db
-                .client()
-                .await
-                .query_one(
-                    "select count(*) = 6 and bool_and(tgenabled = case when tgname ~ '_(insert|update|delete)$' then 'O'
-                                                            when tgname ~ '_replica$' then 'R' else 'A' end)
-                       from pg_trigger where tgrelid = $1::text::regclass and tgname like 'pgrelay%'",
-                    &[&table],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if ok {
-                return;
-            }
+        while !client
+            .query_one(sql, params)
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     })
     .await;
 }
 
+/// Waits until every capture trigger of `table` is in its installed state.
+async fn wait_installed(db: &crate::support::TestDb, table: &str) {
+    wait_for(
+        db,
+        "select count(*) = 6 and bool_and(tgenabled = case when tgname ~ '_(insert|update|delete)$' then 'O'
+                                                when tgname ~ '_replica$' then 'R' else 'A' end)
+           from pg_trigger where tgrelid = $1::text::regclass and tgname like 'pgrelay%'",
+        &[&table],
+    )
+    .await;
+}
+
 /// Waits until a trigger of `items` is in state `name:tgenabled`.
 async fn wait_for_trigger_state(db: &crate::support::TestDb, state: &str) {
-    crate::support::within(crate::support::STEP, async {
-        loop {
-            let n: i64 = db
-                .client()
-                .await
-                .query_one(
-                    "select count(*) from pg_trigger where tgname || ':' || tgenabled::text = $1",
-                    &[&state],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if n == 1 {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
+    wait_for(
+        db,
+        "select count(*) = 1 from pg_trigger where tgname || ':' || tgenabled::text = $1",
+        &[&state],
+    )
     .await;
 }
 
