@@ -360,7 +360,14 @@ fn parse_clock(text: &str) -> Option<i128> {
     } else {
         format!("{fraction:0<6}").parse().ok()?
     };
-    Some(((h * 60 + m) * 60 + s) * 1_000_000 + micros)
+    // Checked: PostgreSQL renders small numbers here, but a value that is not its rendering
+    // must not overflow (a panic in a debug build, a wrong order in a release one).
+    h.checked_mul(60)?
+        .checked_add(m)?
+        .checked_mul(60)?
+        .checked_add(s)?
+        .checked_mul(1_000_000)?
+        .checked_add(micros)
 }
 
 /// `+HH[:MM[:SS]]` / `-…`, seconds east of UTC.
@@ -377,7 +384,7 @@ fn parse_offset(text: &str) -> Option<i128> {
             return None;
         }
         let n: i128 = part.parse().ok()?;
-        total += n * unit;
+        total = total.checked_add(n.checked_mul(unit)?)?;
         unit /= 60;
     }
     Some(sign * total)
@@ -405,7 +412,10 @@ fn parse_instant(text: &str, kind: Kind) -> Option<TimeKey> {
     } else {
         (time, 0)
     };
-    let micros = days * MICROS_PER_DAY + parse_clock(clock)? - offset * 1_000_000;
+    let micros = days
+        .checked_mul(MICROS_PER_DAY)?
+        .checked_add(parse_clock(clock)?)?
+        .checked_sub(offset.checked_mul(1_000_000)?)?;
     Some(TimeKey::At(micros))
 }
 
@@ -978,6 +988,26 @@ mod tests {
         assert!(n(json!("Infinity")) < n(json!("NaN")));
         assert!(n(json!("-Infinity")) < n(json!(-1e300)));
         let t = |v: &str| key_of(Kind::TimestampTz, &json!(v)).unwrap();
+        // Out of any range PostgreSQL renders: not a value, rather than an overflow.
+        for (kind, text) in [
+            (Kind::Time, "99999999999999999999999999999999999:00:00"),
+            (
+                Kind::Timestamp,
+                "2026-01-01T99999999999999999999999999999999:00:00",
+            ),
+            (
+                Kind::TimestampTz,
+                "2026-01-01T00:00:00+99999999999999999999999999999999",
+            ),
+            (
+                Kind::TimestampTz,
+                "2026-01-01T00:00:00+00:99999999999999999999999999999999",
+            ),
+            (Kind::Date, "9223372036854775807-12-31"),
+        ] {
+            let key = key_of(kind, &json!(text));
+            assert!(kind == Kind::Date || key.is_none(), "{text}");
+        }
         assert_eq!(
             t("2026-01-01T05:00:00+05:00"),
             t("2026-01-01T00:00:00+00:00")
