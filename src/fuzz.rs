@@ -32,7 +32,7 @@ pub fn client_message(data: &[u8]) {
         return;
     };
     match read_message(text) {
-        ClientMessage::Ping => {}
+        ClientMessage::Ping | ClientMessage::NotJson => {}
         ClientMessage::Bad(message) => check_error(&message, text.len()),
         ClientMessage::Auth(value) => {
             let _ = auth_token(&value);

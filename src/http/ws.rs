@@ -538,14 +538,16 @@ pub(crate) enum ClientMessage {
     Subscribe(Value),
     /// `{"type":"unsubscribe","resource":…}`.
     Unsubscribe(Value),
-    /// Not a message: answered with this `bad_request` message.
+    /// Not JSON.
+    NotJson,
+    /// JSON but not a message: answered with this `bad_request` message.
     Bad(String),
 }
 
 /// Reads a text message (JSON with a string `type`).
 pub(crate) fn read_message(text: &str) -> ClientMessage {
     let Ok(value) = serde_json::from_str::<Value>(text) else {
-        return ClientMessage::Bad("Message is not valid JSON".into());
+        return ClientMessage::NotJson;
     };
     match value.get("type").and_then(Value::as_str) {
         Some("ping") => ClientMessage::Ping,
@@ -999,8 +1001,12 @@ impl Session {
             Message::Text(text) => text,
         };
         let message = read_message(text.as_str());
+        // Text that is not JSON is answered before the caller is asked for, as it always was.
         if self.principal.is_none()
-            && !matches!(message, ClientMessage::Auth(_) | ClientMessage::Ping)
+            && !matches!(
+                message,
+                ClientMessage::Auth(_) | ClientMessage::Ping | ClientMessage::NotJson
+            )
         {
             let refusal = Refusal::unauthorized(&AuthError::Missing);
             self.send_error(refusal.code, &refusal.message).await?;
@@ -1011,6 +1017,10 @@ impl Session {
             ClientMessage::Auth(value) => self.on_auth(&value).await,
             ClientMessage::Subscribe(value) => self.on_subscribe(&value).await,
             ClientMessage::Unsubscribe(value) => self.on_unsubscribe(&value).await,
+            ClientMessage::NotJson => {
+                self.send_error("bad_request", "Message is not valid JSON")
+                    .await
+            }
             ClientMessage::Bad(m) => self.send_error("bad_request", &m).await,
         }
     }
