@@ -360,7 +360,14 @@ fn parse_clock(text: &str) -> Option<i128> {
     } else {
         format!("{fraction:0<6}").parse().ok()?
     };
-    Some(((h * 60 + m) * 60 + s) * 1_000_000 + micros)
+    // Checked: PostgreSQL renders small numbers here, but a value that is not its rendering
+    // must not overflow (a panic in a debug build, a wrong order in a release one).
+    h.checked_mul(60)?
+        .checked_add(m)?
+        .checked_mul(60)?
+        .checked_add(s)?
+        .checked_mul(1_000_000)?
+        .checked_add(micros)
 }
 
 /// `+HH[:MM[:SS]]` / `-…`, seconds east of UTC.
@@ -377,7 +384,7 @@ fn parse_offset(text: &str) -> Option<i128> {
             return None;
         }
         let n: i128 = part.parse().ok()?;
-        total += n * unit;
+        total = total.checked_add(n.checked_mul(unit)?)?;
         unit /= 60;
     }
     Some(sign * total)
@@ -405,7 +412,10 @@ fn parse_instant(text: &str, kind: Kind) -> Option<TimeKey> {
     } else {
         (time, 0)
     };
-    let micros = days * MICROS_PER_DAY + parse_clock(clock)? - offset * 1_000_000;
+    let micros = days
+        .checked_mul(MICROS_PER_DAY)?
+        .checked_add(parse_clock(clock)?)?
+        .checked_sub(offset.checked_mul(1_000_000)?)?;
     Some(TimeKey::At(micros))
 }
 
@@ -776,58 +786,102 @@ pub async fn compile(
 ) -> Result<Filter, FilterError> {
     let mut conditions = Vec::with_capacity(raw.len());
     for cond in raw {
-        let column = columns
-            .iter()
-            .find(|c| c.name == cond.column)
-            .ok_or_else(|| FilterError::UnknownColumn(cond.column.clone()))?
-            .clone();
-        if !cond.op.allowed_on(column.kind) {
-            return Err(FilterError::BadOperator {
-                op: cond.op.name(),
-                column: column.name,
-                sql_type: column.sql_type,
-            });
-        }
-        let (sql_values, keys, pattern) = match cond.op {
-            Operator::IsNull | Operator::IsTrue | Operator::IsFalse => (vec![], vec![], None),
-            Operator::Like | Operator::Ilike => {
-                let fold = cond.op == Operator::Ilike;
-                let pattern = Pattern::new(&cond.values[0], fold).ok_or_else(|| {
-                    FilterError::TooLarge(format!(
-                        "the pattern for column {:?} is too complex",
-                        cond.column
-                    ))
-                })?;
-                (cond.values, vec![], Some(pattern))
-            }
-            _ => {
-                let rendered = render_values(client, &column, &cond.values).await?;
-                let mut sql_values = Vec::with_capacity(rendered.len());
-                let mut keys = Vec::with_capacity(rendered.len());
-                for (value, raw_value) in rendered.iter().zip(&cond.values) {
-                    let bad = || FilterError::BadValue {
-                        column: column.name.clone(),
-                        value: raw_value.clone(),
-                        sql_type: column.sql_type.clone(),
-                    };
-                    keys.push(key_of(column.kind, value).ok_or_else(bad)?);
-                    sql_values.push(match value {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    });
-                }
-                (sql_values, keys, None)
-            }
+        let column = checked_column(columns, &cond)?;
+        let rendered = if takes_values(cond.op) {
+            render_values(client, &column, &cond.values).await?
+        } else {
+            Vec::new()
         };
-        conditions.push(Condition {
-            column,
-            op: cond.op,
-            sql_values,
-            keys,
-            pattern,
-        });
+        conditions.push(typed(column, cond, &rendered)?);
     }
     Ok(Filter { conditions })
+}
+
+/// [`compile`] with `render` standing in for PostgreSQL's `to_json(value::type)` (fuzzing:
+/// everything but the database's conversion is the code [`compile`] runs).
+pub(crate) fn compile_rendered(
+    columns: &[Column],
+    raw: Vec<RawCondition>,
+    mut render: impl FnMut(&Column, &[String]) -> Result<Vec<Value>, FilterError>,
+) -> Result<Filter, FilterError> {
+    let mut conditions = Vec::with_capacity(raw.len());
+    for cond in raw {
+        let column = checked_column(columns, &cond)?;
+        let rendered = if takes_values(cond.op) {
+            render(&column, &cond.values)?
+        } else {
+            Vec::new()
+        };
+        conditions.push(typed(column, cond, &rendered)?);
+    }
+    Ok(Filter { conditions })
+}
+
+/// Whether an operator's values are converted to the column's type (patterns stay text).
+fn takes_values(op: Operator) -> bool {
+    !matches!(
+        op,
+        Operator::IsNull | Operator::IsTrue | Operator::IsFalse | Operator::Like | Operator::Ilike
+    )
+}
+
+/// The condition's column, if the table has it and the operator applies to its type.
+fn checked_column(columns: &[Column], cond: &RawCondition) -> Result<Column, FilterError> {
+    let column = columns
+        .iter()
+        .find(|c| c.name == cond.column)
+        .ok_or_else(|| FilterError::UnknownColumn(cond.column.clone()))?
+        .clone();
+    if !cond.op.allowed_on(column.kind) {
+        return Err(FilterError::BadOperator {
+            op: cond.op.name(),
+            column: column.name,
+            sql_type: column.sql_type,
+        });
+    }
+    Ok(column)
+}
+
+/// A condition typed with its values as PostgreSQL rendered them (`rendered`, one per value,
+/// when [`takes_values`]).
+fn typed(column: Column, cond: RawCondition, rendered: &[Value]) -> Result<Condition, FilterError> {
+    let (sql_values, keys, pattern) = match cond.op {
+        Operator::IsNull | Operator::IsTrue | Operator::IsFalse => (vec![], vec![], None),
+        Operator::Like | Operator::Ilike => {
+            let fold = cond.op == Operator::Ilike;
+            let pattern = Pattern::new(&cond.values[0], fold).ok_or_else(|| {
+                FilterError::TooLarge(format!(
+                    "the pattern for column {:?} is too complex",
+                    cond.column
+                ))
+            })?;
+            (cond.values, vec![], Some(pattern))
+        }
+        _ => {
+            let mut sql_values = Vec::with_capacity(rendered.len());
+            let mut keys = Vec::with_capacity(rendered.len());
+            for (value, raw_value) in rendered.iter().zip(&cond.values) {
+                let bad = || FilterError::BadValue {
+                    column: column.name.clone(),
+                    value: raw_value.clone(),
+                    sql_type: column.sql_type.clone(),
+                };
+                keys.push(key_of(column.kind, value).ok_or_else(bad)?);
+                sql_values.push(match value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+            }
+            (sql_values, keys, None)
+        }
+    };
+    Ok(Condition {
+        column,
+        op: cond.op,
+        sql_values,
+        keys,
+        pattern,
+    })
 }
 
 /// `to_json(value::type)` for each value, in order, in one query; a value PostgreSQL rejects
@@ -934,6 +988,26 @@ mod tests {
         assert!(n(json!("Infinity")) < n(json!("NaN")));
         assert!(n(json!("-Infinity")) < n(json!(-1e300)));
         let t = |v: &str| key_of(Kind::TimestampTz, &json!(v)).unwrap();
+        // Out of any range PostgreSQL renders: not a value, rather than an overflow.
+        for (kind, text) in [
+            (Kind::Time, "99999999999999999999999999999999999:00:00"),
+            (
+                Kind::Timestamp,
+                "2026-01-01T99999999999999999999999999999999:00:00",
+            ),
+            (
+                Kind::TimestampTz,
+                "2026-01-01T00:00:00+99999999999999999999999999999999",
+            ),
+            (
+                Kind::TimestampTz,
+                "2026-01-01T00:00:00+00:99999999999999999999999999999999",
+            ),
+            (Kind::Date, "9223372036854775807-12-31"),
+        ] {
+            let key = key_of(kind, &json!(text));
+            assert!(kind == Kind::Date || key.is_none(), "{text}");
+        }
         assert_eq!(
             t("2026-01-01T05:00:00+05:00"),
             t("2026-01-01T00:00:00+00:00")

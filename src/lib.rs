@@ -34,6 +34,8 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod http;
 pub mod hub;
 pub mod metrics;

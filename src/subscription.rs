@@ -100,6 +100,11 @@ impl Params {
         Ok(params)
     }
 
+    /// Parses the query keys a subscribe message carries (see [`message_pairs`]).
+    pub fn from_message(message: &Value) -> Result<Self, String> {
+        message_pairs(message).and_then(|pairs| Params::from_pairs(&pairs))
+    }
+
     /// The keys of `self` overridden by those `message` carries: its filter (if it has one)
     /// replaces the whole filter, its `select`/`events` replace those; `snapshot` and `since`
     /// are the message's own.

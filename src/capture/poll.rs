@@ -325,6 +325,37 @@ fn decode<'a>(
     Ok(items)
 }
 
+/// A change as [`decode`] reads it from a chunk body: `(seq, op, id, data, old)`, or `None`
+/// for a truncate.
+pub(crate) type Decoded<'a> = Option<(i64, Op, String, Option<&'a RawValue>, Option<&'a RawValue>)>;
+
+/// Decodes one chunk body of a table keyed by `keys` as the poll loop does (fuzzing: the
+/// same [`parse_body`] and [`decode`], without a database); the error is what the loop logs.
+pub(crate) fn decode_body<'a>(
+    body: &'a str,
+    keys: Option<Vec<String>>,
+) -> Result<Vec<Decoded<'a>>, String> {
+    let chunk = Chunk {
+        xid: 1,
+        seq: 1,
+        last_seq: 1,
+        stmt: 0,
+        relid: 1,
+        ts: String::new(),
+        keys,
+        body: None,
+    };
+    let events = parse_body(body).map_err(|err| err.to_string())?;
+    let items = decode(0, &chunk, &events).map_err(str::to_owned)?;
+    Ok(items
+        .into_iter()
+        .map(|item| match item.what {
+            What::Change { op, id, data, old } => Some((item.seq, op, id, data, old)),
+            What::Truncate { .. } => None,
+        })
+        .collect())
+}
+
 fn chunk(row: &tokio_postgres::Row) -> Result<Option<Chunk>, CaptureError> {
     let Some(xid) = row.get::<_, Option<&str>>(1) else {
         return Ok(None);

@@ -352,39 +352,7 @@ async fn list_rows(
         .map_err(|err| filter_error(err, &table))?;
     let filter = filter.and(scope.policy(&client).await?);
     let mut params: Params = Vec::new();
-    let condition = filter.to_sql(&mut params);
-    let mut order: Vec<String> = request
-        .order
-        .iter()
-        .map(|o| {
-            format!(
-                "t.{} {}{}",
-                quote_ident(&o.column),
-                if o.descending { "desc" } else { "asc" },
-                match o.nulls_first {
-                    Some(true) => " nulls first",
-                    Some(false) => " nulls last",
-                    None => "",
-                }
-            )
-        })
-        .collect();
-    // The key breaks ties, so pages by offset neither repeat nor skip rows.
-    order.extend(
-        table
-            .key_columns
-            .iter()
-            .map(|k| format!("t.{}", quote_ident(k))),
-    );
-    params.push(Box::new(request.limit));
-    let limit = params.len();
-    params.push(Box::new(request.offset));
-    let offset = params.len();
-    let sql = format!(
-        "select to_json(t.*)::text from {} as t where {condition} order by {} limit ${limit} offset ${offset}",
-        quote_table(&table.name),
-        order.join(", "),
-    );
+    let sql = list_sql(&table, &request, &filter, &mut params);
     let shown = scope.columns_shown(request.select.clone());
     let tx = begin(&state, &mut client, &scope).await?;
     let rows = tx
@@ -449,6 +417,48 @@ async fn read_row(
         StatusCode::OK,
         project(row.get(0), shown.as_deref()),
     ))
+}
+
+/// `select … where <filter> order by … limit $n offset $m`, binding the values.
+fn list_sql(
+    table: &TableInfo,
+    request: &ListRequest,
+    filter: &filter::Filter,
+    params: &mut Params,
+) -> String {
+    let condition = filter.to_sql(params);
+    let mut order: Vec<String> = request
+        .order
+        .iter()
+        .map(|o| {
+            format!(
+                "t.{} {}{}",
+                quote_ident(&o.column),
+                if o.descending { "desc" } else { "asc" },
+                match o.nulls_first {
+                    Some(true) => " nulls first",
+                    Some(false) => " nulls last",
+                    None => "",
+                }
+            )
+        })
+        .collect();
+    // The key breaks ties, so pages by offset neither repeat nor skip rows.
+    order.extend(
+        table
+            .key_columns
+            .iter()
+            .map(|k| format!("t.{}", quote_ident(k))),
+    );
+    params.push(Box::new(request.limit));
+    let limit = params.len();
+    params.push(Box::new(request.offset));
+    let offset = params.len();
+    format!(
+        "select to_json(t.*)::text from {} as t where {condition} order by {} limit ${limit} offset ${offset}",
+        quote_table(&table.name),
+        order.join(", "),
+    )
 }
 
 /// Refuses a stored row outside the caller's rows (the transaction is rolled back).
@@ -1024,6 +1034,112 @@ fn update_sql(
         "update {target} as t set {} from jsonb_populate_record(null::{target}, $1::jsonb) as r where {key} and {policy} returning to_json(t.*)::text",
         sets.join(", "),
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing
+
+/// The statements (SQL, number of bound values) a request to `table` runs, or the error it is
+/// answered with before reaching the database: the handlers' own parsing and SQL helpers in
+/// their order, with `compile` standing in for the database's typing of filter values and the
+/// caller allowed everything (see [`crate::fuzz`]). `id` is the raw `{id}` path segment.
+pub(crate) fn plan_request(
+    table: &TableInfo,
+    method: &str,
+    id: Option<&str>,
+    query: &[(String, String)],
+    body: &[u8],
+    max_rows: i64,
+    compile: impl Fn(&[filter::Column], Vec<RawCondition>) -> Result<filter::Filter, FilterError>,
+) -> Result<Vec<(String, usize)>, ApiError> {
+    let known = |names: &mut dyn Iterator<Item = &String>| {
+        for name in names {
+            if !table.columns.iter().any(|c| &c.name == name) {
+                return Err(unknown_column(table, name));
+            }
+        }
+        Ok(())
+    };
+    let no_policy = filter::Filter::default();
+    let mut params: Params = Vec::new();
+    let sql = match (method, id) {
+        ("GET", None) => {
+            let request = ListRequest::from_pairs(query, max_rows)?;
+            known(&mut request.columns())?;
+            let filter = compile(&table.columns, request.filters.clone())
+                .map_err(|err| filter_error(err, table))?;
+            list_sql(table, &request, &filter, &mut params)
+        }
+        ("GET", Some(id)) => {
+            for (key, value) in query {
+                match key.as_str() {
+                    "select" => known(&mut parse_select(value)?.iter())?,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "Unknown query key {other:?} (a single row takes only select)"
+                        )));
+                    }
+                }
+            }
+            let key = parse_key(table, id)?;
+            format!(
+                "select to_json(t.*)::text from {} as t where {} and {}",
+                quote_table(&table.name),
+                key_condition(table, &key, &mut params)?,
+                no_policy.to_sql(&mut params),
+            )
+        }
+        ("POST", None) => {
+            let (rows, _) = parse_body(body)?;
+            known(&mut rows.iter().flat_map(Map::keys))?;
+            let first = rows.first().map(|r| named_columns(table, r));
+            if let Some(first) = first.filter(|f| {
+                rows.len() > 1
+                    && !f.is_empty()
+                    && rows.iter().all(|r| &named_columns(table, r) == f)
+            }) {
+                return Ok(vec![(insert_many_sql(table, &first), 1)]);
+            }
+            return Ok(rows
+                .iter()
+                .map(|row| {
+                    let columns = named_columns(table, row);
+                    let bound = usize::from(!columns.is_empty());
+                    (insert_one_sql(table, &columns), bound)
+                })
+                .collect());
+        }
+        ("PATCH" | "PUT", Some(id)) => {
+            let write = if method == "PUT" {
+                Write::Put
+            } else {
+                Write::Patch
+            };
+            let key = parse_key(table, id)?;
+            let (rows, many) = parse_body(body)?;
+            let row = match rows.into_iter().next() {
+                Some(row) if !many => row,
+                _ => return Err(ApiError::bad_request("The body must be one JSON object")),
+            };
+            if write == Write::Patch && row.is_empty() {
+                return Err(ApiError::bad_request("The body names no column to update"));
+            }
+            known(&mut row.keys())?;
+            params.push(Box::new(Value::Object(row.clone())));
+            update_sql(table, &row, write, &key, &no_policy, &mut params)?
+        }
+        ("DELETE", Some(id)) => {
+            let key = parse_key(table, id)?;
+            format!(
+                "delete from {} as t where {} and {} returning to_json(t.*)::text",
+                quote_table(&table.name),
+                key_condition(table, &key, &mut params)?,
+                no_policy.to_sql(&mut params),
+            )
+        }
+        _ => return Err(ApiError::not_found("No such route")),
+    };
+    Ok(vec![(sql, params.len())])
 }
 
 // ---------------------------------------------------------------------------------------------

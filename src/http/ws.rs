@@ -35,7 +35,7 @@ use crate::filter;
 use crate::hub::{Cursor, Entry, Overflow, Resume, Topic};
 use crate::snapshot::{self, Snapshot, Upkeep};
 use crate::sql::TableInfo;
-use crate::subscription::{Delivery, Params, Shape, ShapeError, message_pairs};
+use crate::subscription::{Delivery, Params, Shape, ShapeError};
 
 /// A WebSocket after pgrelay's own upgrade (see [`handshake`]).
 type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
@@ -265,7 +265,7 @@ async fn prepare(
 
 /// The query keys that carry a token (`access_token`, and Supabase's `apikey`), taken out of
 /// the subscription's keys.
-fn take_token(pairs: Vec<(String, String)>) -> (Vec<(String, String)>, Option<String>) {
+pub(crate) fn take_token(pairs: Vec<(String, String)>) -> (Vec<(String, String)>, Option<String>) {
     let mut token = None;
     let mut rest = Vec::with_capacity(pairs.len());
     for (key, value) in pairs {
@@ -477,7 +477,7 @@ fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone
 /// Not an upgrade, no `Host`, or a key that is not the base64 of 16 bytes (or is given twice):
 /// 400. A `Sec-WebSocket-Version` other than 13, or none: 426, which [`upgrade_required`]
 /// answers with the version pgrelay speaks (4.2.2).
-fn check_upgrade(headers: &HeaderMap) -> Result<&str, ApiError> {
+pub(crate) fn check_upgrade(headers: &HeaderMap) -> Result<&str, ApiError> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|value| {
             value
@@ -532,6 +532,48 @@ async fn upgrade_required(rejection: Rejection) -> Result<impl Reply, Rejection>
         header::SEC_WEBSOCKET_VERSION,
         "13",
     ))
+}
+
+/// A client's text message, read; what the socket does with it depends on the socket.
+#[derive(Debug)]
+pub(crate) enum ClientMessage {
+    /// `{"type":"ping"}`.
+    Ping,
+    /// `{"type":"auth","token":…}`.
+    Auth(Value),
+    /// `{"type":"subscribe",…}`.
+    Subscribe(Value),
+    /// `{"type":"unsubscribe","resource":…}`.
+    Unsubscribe(Value),
+    /// Not JSON.
+    NotJson,
+    /// JSON but not a message: answered with this `bad_request` message.
+    Bad(String),
+}
+
+/// Reads a text message (JSON with a string `type`).
+pub(crate) fn read_message(text: &str) -> ClientMessage {
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        return ClientMessage::NotJson;
+    };
+    match value.get("type").and_then(Value::as_str) {
+        Some("ping") => ClientMessage::Ping,
+        Some("auth") => ClientMessage::Auth(value),
+        Some("subscribe") => ClientMessage::Subscribe(value),
+        Some("unsubscribe") => ClientMessage::Unsubscribe(value),
+        Some(other) => ClientMessage::Bad(format!(
+            "Unknown message type {other:?} (expected subscribe, unsubscribe, auth or ping)"
+        )),
+        None => ClientMessage::Bad("Message has no string \"type\"".into()),
+    }
+}
+
+/// The token of an `auth` message (`token`, or `access_token`).
+pub(crate) fn auth_token(message: &Value) -> Option<&str> {
+    message
+        .get("token")
+        .or_else(|| message.get("access_token"))
+        .and_then(Value::as_str)
 }
 
 /// Replies 101 and runs the session on the upgraded connection, as a task of the tracker.
@@ -897,11 +939,7 @@ impl Session {
     /// or refreshes the token before it expires. A token that would change what the socket's
     /// subscriptions may see is refused: the client reconnects with it.
     async fn on_auth(&mut self, message: &Value) -> Result<(), End> {
-        let token = message
-            .get("token")
-            .or_else(|| message.get("access_token"))
-            .and_then(Value::as_str);
-        let Some(token) = token else {
+        let Some(token) = auth_token(message) else {
             return self
                 .send_error("bad_request", "An auth message needs a \"token\" string")
                 .await;
@@ -995,33 +1033,28 @@ impl Session {
             }
             Message::Text(text) => text,
         };
-        let text = text.as_str();
-        let Ok(value) = serde_json::from_str::<Value>(text) else {
-            return self
-                .send_error("bad_request", "Message is not valid JSON")
-                .await;
-        };
-        let kind = value.get("type").and_then(Value::as_str);
-        if self.principal.is_none() && !matches!(kind, Some("auth" | "ping")) {
+        let message = read_message(text.as_str());
+        // Text that is not JSON is answered before the caller is asked for, as it always was.
+        if self.principal.is_none()
+            && !matches!(
+                message,
+                ClientMessage::Auth(_) | ClientMessage::Ping | ClientMessage::NotJson
+            )
+        {
             let refusal = Refusal::unauthorized(&AuthError::Missing);
             self.send_error(refusal.code, &refusal.message).await?;
             return Err(End::Close(refusal.close, refusal.reason));
         }
-        match kind {
-            Some("ping") => self.send_text(control::pong()).await,
-            Some("auth") => self.on_auth(&value).await,
-            Some("subscribe") => self.on_subscribe(&value).await,
-            Some("unsubscribe") => self.on_unsubscribe(&value).await,
-            Some(other) => {
-                let m = format!(
-                    "Unknown message type {other:?} (expected subscribe, unsubscribe, auth or ping)"
-                );
-                self.send_error("bad_request", &m).await
-            }
-            None => {
-                self.send_error("bad_request", "Message has no string \"type\"")
+        match message {
+            ClientMessage::Ping => self.send_text(control::pong()).await,
+            ClientMessage::Auth(value) => self.on_auth(&value).await,
+            ClientMessage::Subscribe(value) => self.on_subscribe(&value).await,
+            ClientMessage::Unsubscribe(value) => self.on_unsubscribe(&value).await,
+            ClientMessage::NotJson => {
+                self.send_error("bad_request", "Message is not valid JSON")
                     .await
             }
+            ClientMessage::Bad(m) => self.send_error("bad_request", &m).await,
         }
     }
 
@@ -1059,7 +1092,7 @@ impl Session {
             }
             return Ok(());
         };
-        let mut params = match message_pairs(message).and_then(|pairs| Params::from_pairs(&pairs)) {
+        let mut params = match Params::from_message(message) {
             Ok(params) => params,
             Err(m) => {
                 return self
