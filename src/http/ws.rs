@@ -48,11 +48,11 @@ const READ_BUFFER: usize = 1024;
 /// Most frames fed to the socket before one flush.
 const WRITE_BATCH: usize = 256;
 
-/// How long a subscriber more than its queue limit behind may go without completing a write
-/// before it is closed as a slow consumer.
+/// How long a subscriber more than its queue limit behind may go without its socket taking a
+/// frame before it is closed as a slow consumer.
 /// (Long enough that a client merely starved of CPU for a moment is not dropped: at 1 s,
 /// `pgrelay bench` saw busy-but-reading subscribers closed on a saturated 2-core machine.)
-const STALL_GRACE: Duration = Duration::from_secs(5);
+const STALL_GRACE: Duration = Duration::from_secs(15);
 
 /// How long a close frame may take to go out before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -1400,6 +1400,9 @@ async fn write_events(
     let metrics = &state.metrics;
     let mut ended = None;
     let batching = params.batch == Some(true);
+    // When the socket last took a frame: a subscriber is slow when it takes nothing for a
+    // while, not when it takes a batch slowly.
+    let progress = Progress::new();
     let write = async {
         let mut sent = 0u64;
         let mut group = Group::default();
@@ -1418,16 +1421,16 @@ async fn write_events(
                     );
                     if batching && event {
                         if let Some(full) = group.push(topic.resource_json(), &frame) {
-                            sink.feed(Message::Text(full.into())).await?;
+                            feed(sink, Message::Text(full.into()), &progress).await?;
                             sent += 1;
                         }
                         continue;
                     }
                     if let Some(rest) = group.take() {
-                        sink.feed(Message::Text(rest.into())).await?;
+                        feed(sink, Message::Text(rest.into()), &progress).await?;
                         sent += 1;
                     }
-                    sink.feed(Message::Text(frame)).await?;
+                    feed(sink, Message::Text(frame), &progress).await?;
                     sent += 1;
                 }
                 Delivery::Skip => {}
@@ -1438,7 +1441,7 @@ async fn write_events(
             }
         }
         if let Some(rest) = group.take() {
-            sink.feed(Message::Text(rest.into())).await?;
+            feed(sink, Message::Text(rest.into()), &progress).await?;
             sent += 1;
         }
         sink.flush().await?;
@@ -1453,8 +1456,14 @@ async fn write_events(
             overflow = async {
                 let overflow = cursor.overflowed().await;
                 if overflow == Overflow::Lagged {
-                    // Too far behind: close unless this write completes soon.
-                    tokio::time::sleep(STALL_GRACE).await;
+                    // Too far behind: close once the socket has taken nothing for a while.
+                    loop {
+                        let idle_until = progress.last() + STALL_GRACE;
+                        if Instant::now() >= idle_until {
+                            break;
+                        }
+                        tokio::time::sleep_until(idle_until).await;
+                    }
                 }
                 overflow
             } => Err(overflow_end(overflow)),
@@ -1471,6 +1480,42 @@ async fn write_events(
     };
     batch.clear();
     result.map(|()| ended)
+}
+
+/// When a socket last took a frame (shared by the write and the stall check racing it).
+struct Progress {
+    start: Instant,
+    millis: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            start: Instant::now(),
+            millis: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn note(&self) {
+        let millis = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis
+            .store(millis, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.millis.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Feeds one frame to the socket and notes that it took it.
+async fn feed(
+    sink: &mut SplitSink<WebSocket, Message>,
+    message: Message,
+    progress: &Progress,
+) -> Result<(), WsError> {
+    sink.feed(message).await?;
+    progress.note();
+    Ok(())
 }
 
 /// Most events in one `batch` frame.
@@ -1540,7 +1585,11 @@ fn read_error_end(err: &WsError) -> End {
 
 fn overflow_end(overflow: Overflow) -> End {
     match overflow {
-        Overflow::Lagged | Overflow::Evicted => End::Close(close::SLOW_CONSUMER, "slow consumer"),
+        Overflow::Lagged => End::Close(close::SLOW_CONSUMER, "slow consumer: not reading"),
+        Overflow::Evicted => End::Close(
+            close::SLOW_CONSUMER,
+            "slow consumer: fell behind the history",
+        ),
         Overflow::Closed => End::Close(close::GOING_AWAY, "server shutting down"),
     }
 }
