@@ -367,10 +367,23 @@ async fn refuse(mut tcp: TcpStream, tls: bool, status: u16, code: &str, message:
     // Take in what the client sent first: closing with unread bytes would reset the
     // connection, and the client might lose the answer.
     let mut request = [0u8; 1024];
-    // (A second: under load a health check's request can take a while to arrive, and a
-    // refusal without it would answer /healthz with 503.)
-    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.readable()).await;
-    let read = tcp.try_read(&mut request).unwrap_or(0);
+    // (Up to a second: under load a health check's request can take a while to arrive, and
+    // a refusal without it would answer /healthz with 503. Readiness can be spurious: a read
+    // that would block waits again.)
+    let read = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if tcp.readable().await.is_err() {
+                return 0;
+            }
+            match tcp.try_read(&mut request) {
+                Ok(n) => return n,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return 0,
+            }
+        }
+    })
+    .await
+    .unwrap_or(0);
     let (status, reason, body) = if request[..read].starts_with(b"GET /healthz ") {
         (200, "OK", serde_json::json!({"status": "ok"}).to_string())
     } else {

@@ -536,11 +536,23 @@ async fn the_password_shows_in_no_error_and_no_log_line() {
         ),
         tls.url("localhost", "sslmode=sometimes"),
         format!("postgres://postgres:{PASSWORD}@localhost:notaport/tls"),
-        format!("host=localhost port=1 user=postgres password={PASSWORD} dbname=tls"),
     ];
     for url in refused {
         errors.push(tls.refusal(url).await);
     }
+    // A database that is not there (yet) is waited for, with a warning per attempt.
+    let waiting = Relay::spawn_with(&tls.db, &["items"], |c| {
+        c.database_url =
+            format!("host=localhost port=1 user=postgres password={PASSWORD} dbname=tls")
+    })
+    .await;
+    within(STEP, async {
+        while !logs.text().contains("the database is not reachable yet") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    waiting.stop().await.unwrap();
 
     // The binary, logging everything, prints why it stops.
     let url = tls.url(
