@@ -218,7 +218,11 @@ pub fn routes(
     // relay answers to (DNS rebinding), then come from an allowed origin.
     health()
         .or(ready(Arc::clone(&state)))
-        .or(host::guard(hosts).and(metrics(state).or(origin::guard(origins, browser_facing))))
+        .or(host::guard(hosts).and(
+            metrics(state)
+                .or(root())
+                .or(origin::guard(origins, browser_facing)),
+        ))
         .recover(recover)
         .with(warp::log::custom(log_request))
 }
@@ -249,6 +253,25 @@ pub fn overflow_routes(
             let body = json!({"error": {"code": "unavailable", "message": "The relay is at its connection limit; try again later"}});
             warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE)
         }))
+}
+
+/// GET /: what this relay serves (no table names: `/api` lists those the caller may use).
+fn root() -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path::end().and(warp::get()).map(|| {
+        warp::reply::json(&json!({
+            "name": "pgrelay",
+            "version": env!("CARGO_PKG_VERSION"),
+            "routes": {
+                "/api": "the tables you may use, with their columns and rights",
+                "/api/{table}": "REST: read and write rows (PostgREST-style filters)",
+                "/ws/{table}": "WebSocket: a table's changes (filters, select, snapshot, since, batch)",
+                "/ws": "WebSocket: several tables on one socket (subscribe messages)",
+                "/healthz": "the process is up",
+                "/readyz": "capture is connected and caught up",
+                "/metrics": "Prometheus metrics",
+            },
+        }))
+    })
 }
 
 /// GET /healthz: the process is up.

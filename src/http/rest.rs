@@ -45,7 +45,8 @@ type Row = Map<String, Value>;
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    list(Arc::clone(&state))
+    index(Arc::clone(&state))
+        .or(list(Arc::clone(&state)))
         .or(get_one(Arc::clone(&state)))
         .or(create(Arc::clone(&state)))
         .or(update(Arc::clone(&state)))
@@ -58,6 +59,46 @@ async fn respond(
     result: impl Future<Output = Result<warp::reply::Response, ApiError>>,
 ) -> Result<warp::reply::Response, Rejection> {
     result.await.map_err(warp::reject::custom)
+}
+
+/// GET /api: the tables this caller may use, with their key, visible columns and rights
+/// (a table it has no right on is not listed, as it would not be found).
+fn index(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    warp::path!("api")
+        .and(warp::get())
+        .and(with_state(Arc::clone(&state)))
+        .and(caller(state))
+        .map(|state: Arc<AppState>, who: Principal| {
+            let mut tables: Vec<serde_json::Value> = state
+                .tables
+                .all()
+                .iter()
+                .filter_map(|t| state.table_for(&t.resource, &who))
+                .map(|(table, access)| {
+                    let columns: Vec<&str> = table
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .filter(|c| access.sees(c))
+                        .collect();
+                    serde_json::json!({
+                        "name": table.resource,
+                        "key": table.key_columns,
+                        "columns": columns,
+                        "rights": {
+                            "read": access.read,
+                            "insert": access.insert,
+                            "update": access.update,
+                            "delete": access.delete,
+                        },
+                        "rest": format!("/api/{}", table.resource),
+                        "websocket": format!("/ws/{}", table.resource),
+                    })
+                })
+                .collect();
+            tables.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            warp::reply::json(&serde_json::json!({ "tables": tables }))
+        })
 }
 
 /// GET /api/{table}?price=gt.10&select=id,name&order=price.desc,id&limit=10&offset=20

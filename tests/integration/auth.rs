@@ -916,3 +916,78 @@ async fn a_short_secret_file_is_refused_like_a_short_secret() {
     assert_eq!(r.status, 200, "{}", r.body());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `/api` lists the tables the caller may use, as its policies shape them; `/` names no table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_index_lists_only_what_the_caller_may_use() {
+    let db = TestDb::new()
+        .await
+        .with_tables(DOCS, &["docs", "other"])
+        .await;
+    let relay = docs_relay(&db).await;
+    let names = |body: &Value| -> Vec<String> {
+        body["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let admin = http_as(
+        relay.addr,
+        "GET",
+        "/api",
+        Some(&token("admin", 1, 600)),
+        None,
+    )
+    .await;
+    assert_eq!(admin.status, 200, "{}", admin.body());
+    let admin: Value = serde_json::from_str(admin.body()).unwrap();
+    assert_eq!(names(&admin), ["docs", "other"]);
+    let member = http_as(
+        relay.addr,
+        "GET",
+        "/api",
+        Some(&token("member", 1, 600)),
+        None,
+    )
+    .await;
+    let member: Value = serde_json::from_str(member.body()).unwrap();
+    assert_eq!(names(&member), ["docs"]);
+    assert_eq!(
+        member["tables"][0]["columns"],
+        json!(["id", "tenant_id", "title"]),
+        "the hidden column is not listed"
+    );
+    assert_eq!(member["tables"][0]["key"], json!(["id"]));
+    let viewer = http_as(
+        relay.addr,
+        "GET",
+        "/api",
+        Some(&token("viewer", 1, 600)),
+        None,
+    )
+    .await;
+    let viewer: Value = serde_json::from_str(viewer.body()).unwrap();
+    assert_eq!(
+        viewer["tables"][0]["rights"],
+        json!({"read": true, "insert": false, "update": false, "delete": false})
+    );
+    let stranger = http_as(
+        relay.addr,
+        "GET",
+        "/api",
+        Some(&token("nobody", 1, 600)),
+        None,
+    )
+    .await;
+    let stranger: Value = serde_json::from_str(stranger.body()).unwrap();
+    assert_eq!(names(&stranger), Vec::<String>::new());
+    let anonymous = http_as(relay.addr, "GET", "/api", None, None).await;
+    assert_eq!(anonymous.status, 401);
+    let root = http_as(relay.addr, "GET", "/", None, None).await;
+    assert_eq!(root.status, 200);
+    let root: Value = serde_json::from_str(root.body()).unwrap();
+    assert_eq!(root["name"], "pgrelay");
+    assert!(!root.to_string().contains("docs"));
+}
