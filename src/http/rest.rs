@@ -420,7 +420,7 @@ async fn read_row(
     let mut select = None;
     for (key, value) in &query {
         match key.as_str() {
-            "select" => select = Some(parse_select(value)?),
+            "select" => select = parse_select(value)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "Unknown query key {other:?} (a single row takes only select)"
@@ -810,7 +810,7 @@ impl ListRequest {
         };
         for (key, value) in pairs {
             match key.as_str() {
-                "select" => request.select = Some(parse_select(value)?),
+                "select" => request.select = parse_select(value)?,
                 "order" => request.order = parse_order(value)?,
                 "limit" => {
                     request.limit = parse_count(key, value)?;
@@ -843,14 +843,19 @@ impl ListRequest {
     }
 }
 
-fn parse_select(value: &str) -> Result<Vec<String>, ApiError> {
+/// `select=col1,col2`; `select=*` (as PostgREST's clients send for "everything") is every
+/// column the caller sees (`None`).
+fn parse_select(value: &str) -> Result<Option<Vec<String>>, ApiError> {
+    if value.trim() == "*" {
+        return Ok(None);
+    }
     let columns: Vec<String> = value.split(',').map(|c| c.trim().to_owned()).collect();
     if columns.iter().any(String::is_empty) {
         return Err(ApiError::bad_request(format!(
             "select must list columns, not {value:?}"
         )));
     }
-    Ok(columns)
+    Ok(Some(columns))
 }
 
 /// `col`, `col.asc`, `col.desc`, each optionally followed by `.nullsfirst`/`.nullslast`,
@@ -1114,7 +1119,7 @@ pub(crate) fn plan_request(
         ("GET", Some(id)) => {
             for (key, value) in query {
                 match key.as_str() {
-                    "select" => known(&mut parse_select(value)?.iter())?,
+                    "select" => known(&mut parse_select(value)?.iter().flatten())?,
                     other => {
                         return Err(ApiError::bad_request(format!(
                             "Unknown query key {other:?} (a single row takes only select)"

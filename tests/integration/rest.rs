@@ -866,3 +866,20 @@ async fn char_keys_and_a_column_named_t_are_handled_exactly() {
     db.exec("insert into \"Order Items\" values (5)").await;
     assert_eq!(ws.next_json().await["resource"], "Order Items");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_star_is_every_column_as_postgrest_clients_send_it() {
+    let (db, relay) = setup().await;
+    db.exec("insert into items(name, price) values ('apple', 2)")
+        .await;
+    let all = http(relay.addr, "GET", "/api/items", None).await;
+    let star = http(relay.addr, "GET", "/api/items?select=*", None).await;
+    assert_eq!(star.status, 200, "{}", star.body());
+    assert_eq!(star.json, all.json);
+    assert_eq!(star.json[0]["name"], "apple");
+    let one = http(relay.addr, "GET", "/api/items/1?select=*", None).await;
+    assert_eq!(one.json["price"], 2);
+    // Mixed with columns it is still a column name, and there is none called "*".
+    let mixed = http(relay.addr, "GET", "/api/items?select=*,name", None).await;
+    assert_error(&mixed, 400, "unknown_column");
+}
