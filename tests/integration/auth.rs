@@ -933,26 +933,13 @@ async fn the_api_index_lists_only_what_the_caller_may_use() {
             .map(|t| t["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    let admin = http_as(
-        relay.addr,
-        "GET",
-        "/api",
-        Some(&token("admin", 1, 600)),
-        None,
-    )
-    .await;
-    assert_eq!(admin.status, 200, "{}", admin.body());
-    let admin: Value = serde_json::from_str(admin.body()).unwrap();
-    assert_eq!(names(&admin), ["docs", "other"]);
-    let member = http_as(
-        relay.addr,
-        "GET",
-        "/api",
-        Some(&token("member", 1, 600)),
-        None,
-    )
-    .await;
-    let member: Value = serde_json::from_str(member.body()).unwrap();
+    let index = async |role: &str| -> Value {
+        let r = http_as(relay.addr, "GET", "/api", Some(&token(role, 1, 600)), None).await;
+        assert_eq!(r.status, 200, "{}", r.body());
+        serde_json::from_str(r.body()).unwrap()
+    };
+    assert_eq!(names(&index("admin").await), ["docs", "other"]);
+    let member = index("member").await;
     assert_eq!(names(&member), ["docs"]);
     assert_eq!(
         member["tables"][0]["columns"],
@@ -960,29 +947,11 @@ async fn the_api_index_lists_only_what_the_caller_may_use() {
         "the hidden column is not listed"
     );
     assert_eq!(member["tables"][0]["key"], json!(["id"]));
-    let viewer = http_as(
-        relay.addr,
-        "GET",
-        "/api",
-        Some(&token("viewer", 1, 600)),
-        None,
-    )
-    .await;
-    let viewer: Value = serde_json::from_str(viewer.body()).unwrap();
     assert_eq!(
-        viewer["tables"][0]["rights"],
+        index("viewer").await["tables"][0]["rights"],
         json!({"read": true, "insert": false, "update": false, "delete": false})
     );
-    let stranger = http_as(
-        relay.addr,
-        "GET",
-        "/api",
-        Some(&token("nobody", 1, 600)),
-        None,
-    )
-    .await;
-    let stranger: Value = serde_json::from_str(stranger.body()).unwrap();
-    assert_eq!(names(&stranger), Vec::<String>::new());
+    assert_eq!(names(&index("nobody").await), Vec::<String>::new());
     let anonymous = http_as(relay.addr, "GET", "/api", None, None).await;
     assert_eq!(anonymous.status, 401);
     let root = http_as(relay.addr, "GET", "/", None, None).await;
