@@ -456,18 +456,20 @@ impl<'a> Publisher<'a> {
                 Err(why) => self.unreadable(chunk, &why),
             }
         }
-        let links: Vec<Link<'_>> = items.iter().map(Item::link).collect();
+        // Rows are only checked where they can be out of order: a table with events from
+        // more than one chunk, or a transaction published as it is read.
         let (order, unresolved) = match tracker {
             Some(tracker) => {
-                let mut broken = Vec::new();
-                for link in &links {
-                    if !tracker.check(link) {
-                        broken.push(link.relid);
-                    }
-                }
+                let broken = items
+                    .iter()
+                    .map(Item::link)
+                    .filter(|link| !tracker.check(link))
+                    .map(|link| link.relid)
+                    .collect();
                 ((0..items.len()).collect(), broken)
             }
             None if several => {
+                let links: Vec<Link<'_>> = items.iter().map(Item::link).collect();
                 let (order, unresolved) = order::repair(&links);
                 if order.iter().enumerate().any(|(i, o)| i != *o) {
                     tracing::debug!(
@@ -500,27 +502,18 @@ impl<'a> Publisher<'a> {
                             .publish_change(chunk.relid, batch, chunk.xid, &chunk.ts, &change);
                     self.count(published);
                 }
-                What::Truncate { partition: false } => {
-                    truncated.push(chunk.relid);
-                    let published = self.hub.publish_truncate(
-                        chunk.relid,
-                        batch,
-                        chunk.xid,
-                        &chunk.ts,
-                        item.seq,
-                        false,
-                    );
-                    self.count(published);
-                }
                 What::Truncate { partition: true } if truncated.contains(&chunk.relid) => {}
-                What::Truncate { partition: true } => {
+                What::Truncate { partition } => {
+                    if !partition {
+                        truncated.push(chunk.relid);
+                    }
                     let published = self.hub.publish_truncate(
                         chunk.relid,
                         batch,
                         chunk.xid,
                         &chunk.ts,
                         item.seq,
-                        true,
+                        *partition,
                     );
                     self.count(published);
                 }

@@ -122,14 +122,7 @@ impl TestDb {
     /// Creates tables and installs capture on them.
     pub async fn with_tables(self, ddl: &str, tables: &[&str]) -> Self {
         self.exec(ddl).await;
-        let mut client = self.client().await;
-        let names: Vec<TableName> = tables
-            .iter()
-            .map(|t| TableName::parse(t).unwrap())
-            .collect();
-        pgrelay::sql::install(&mut client, &names, "notify")
-            .await
-            .expect("install capture");
+        install(&self, tables).await;
         self
     }
 }
