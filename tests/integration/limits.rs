@@ -269,8 +269,10 @@ async fn slow_snapshot_readers_cannot_pin_the_pool() {
         c.pool_wait_timeout = Duration::from_secs(1);
     })
     .await;
-    let mut stalled = crate::support::stalled_client(relay.addr, "/ws/a?snapshot=true").await;
+    // (Timed from before the connection: the deadline runs from the snapshot's start, which
+    // a loaded machine can reach before the handshake's answer is read here.)
     let started = Instant::now();
+    let mut stalled = crate::support::stalled_client(relay.addr, "/ws/a?snapshot=true").await;
     crate::support::wait_for_metrics(relay.addr, &["pgrelay_snapshots_running 1"]).await;
     let mut second = relay.ws("/ws/a?snapshot=true").await;
     let first = second.next_json().await;
