@@ -34,6 +34,12 @@
 -- which order, comes from the log alone, so a forged or lost notification changes nothing.
 -- In 'poll' mode the triggers never NOTIFY (no commit-time lock) and relays poll.
 --
+-- Locks: a capture function waits for the log's own locks (extending pgrelay.changes or its
+-- index while other writers do) however short the writer's lock_timeout is: its functions run
+-- with lock_timeout = 0, so a writer is never cancelled inside pgrelay's trigger. (NOTIFY's
+-- commit-time lock is taken at COMMIT, outside any function: in 'notify' mode a short
+-- lock_timeout can still cancel a commit; 'poll' mode takes no such lock.)
+--
 -- Rendering: the capture functions pin the settings that shape to_json's text (TimeZone UTC,
 -- extra_float_digits, bytea_output, IntervalStyle), so events look the same whatever the
 -- writer's session settings, and the same as the relay's own reads.
@@ -156,6 +162,7 @@ create or replace function pgrelay.capture() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set extra_float_digits = 1 set bytea_output = 'hex' set intervalstyle = 'postgres'
+set lock_timeout = 0
 as $$
 #variable_conflict use_column
 declare
@@ -240,6 +247,7 @@ create or replace function pgrelay.capture_row() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
 set timezone = 'UTC' set extra_float_digits = 1 set bytea_output = 'hex' set intervalstyle = 'postgres'
+set lock_timeout = 0
 as $$
 declare
     root   oid := tg_argv[1]::oid;
@@ -284,6 +292,7 @@ $$;
 create or replace function pgrelay.capture_partition_truncate() returns trigger
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
+set lock_timeout = 0
 as $$
 declare
     root oid := tg_argv[1]::oid;

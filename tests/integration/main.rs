@@ -11,6 +11,7 @@ mod limits;
 mod long;
 mod model;
 mod partitions;
+mod poll;
 mod protocol;
 mod recovery;
 mod replicas;

@@ -972,12 +972,17 @@ pub fn signal(name: &str, pid: i32) {
 
 /// Installs capture on `tables` of a database the test created itself.
 pub async fn install(db: &TestDb, tables: &[&str]) {
+    install_mode(db, tables, "notify").await;
+}
+
+/// Installs capture on `tables` in `mode` (`notify` or `poll`).
+pub async fn install_mode(db: &TestDb, tables: &[&str], mode: &str) {
     let mut client = db.client().await;
     let names: Vec<TableName> = tables
         .iter()
         .map(|t| TableName::parse(t).unwrap())
         .collect();
-    pgrelay::sql::install(&mut client, &names, "notify")
+    pgrelay::sql::install(&mut client, &names, mode)
         .await
         .expect("install capture");
 }
