@@ -5,8 +5,13 @@
 #   DATABASE_URL  server to use (default postgres://postgres@127.0.0.1:5432/postgres); the
 #                 database named in it is only used to create and drop the bench databases.
 #   REPS          repetitions per variant and workload (default 3)
-#   WORKLOADS     subset/order of: insert1 bulk1000 update1 (default: all three)
-#   VARIANTS      subset/order of: a b c d e (default: a b c d); ratios need a and b
+#   WORKLOADS     subset/order of: insert1 insert8 bulk1000 bulk200k update1
+#                 (default: insert1 bulk1000 update1)
+#   VARIANTS      subset/order of: a b c d e f (default: a b c d); ratios need a and b
+#   LOCK_TIMEOUT  if set (e.g. 1ms), the pgbench sessions run with that lock_timeout and each
+#                 transaction is BEGIN; write; COMMIT: clients cancelled by a lock timeout are
+#                 counted per variant and by where it struck (in the write, in pgrelay's
+#                 trigger, at COMMIT) instead of failing the run.
 #   SYNCHRONOUS_COMMIT  if set (e.g. off), used by the pgbench sessions; default: the server's.
 #                 'off' takes the WAL flush out of every commit, so the CPU cost of capture
 #                 is not buried under (noisy) fsync latency.
@@ -18,9 +23,13 @@
 #   d  row-level variant of pgrelay capture (bench/capture_row.sql, pgrelay.capture_row)
 #   e  optional: the same, ported naively (pgrelay.capture_row_naive keeps a SQL key function,
 #      like the earlier pgrelay.key_of, inside the per-row INSERT)
+#   f  pgrelay statement-level capture in poll mode (pgrelay.install(…, 'poll')): the log is
+#      written the same way, no NOTIFY (no commit-time lock)
 # Workloads:
 #   insert1   single-row INSERT transactions       pgbench -n -c 4 -j 2 -T D
+#   insert8   single-row INSERT transactions       pgbench -n -c 8 -j 2 -T D
 #   bulk1000  INSERT ... SELECT generate_series     pgbench -n -c 1      -T D  (1,000 rows/stmt)
+#   bulk200k  INSERT ... SELECT generate_series     pgbench -n -c 1      -t 2  (200,000 rows/stmt)
 #   update1   single-row UPDATE by random id        pgbench -n -c 4 -j 2 -T D  (100,000-row table)
 # Measurements are interleaved round robin (a,b,c,d,a,b,c,d,...) and the median TPS is reported.
 # Nobody LISTENs. Progress goes to stderr; the markdown report goes to stdout.
@@ -36,10 +45,10 @@ UPDATE_ROWS=100000
 [[ $DURATION =~ ^[0-9]+$ && $DURATION -gt 0 ]] || { echo "usage: $0 [duration-seconds]" >&2; exit 2; }
 [[ $REPS =~ ^[0-9]+$ && $REPS -gt 0 ]] || { echo "REPS must be a positive integer" >&2; exit 2; }
 for w in $WORKLOADS; do
-    case $w in insert1|bulk1000|update1) ;; *) echo "unknown workload: $w" >&2; exit 2 ;; esac
+    case $w in insert1|insert8|bulk1000|bulk200k|update1) ;; *) echo "unknown workload: $w" >&2; exit 2 ;; esac
 done
 for v in $VARIANTS; do
-    case $v in a|b|c|d|e) ;; *) echo "unknown variant: $v" >&2; exit 2 ;; esac
+    case $v in a|b|c|d|e|f) ;; *) echo "unknown variant: $v" >&2; exit 2 ;; esac
 done
 [[ " $VARIANTS " == *" a "* && " $VARIANTS " == *" b "* ]] || { echo "VARIANTS must include a and b" >&2; exit 2; }
 
@@ -62,6 +71,10 @@ BENCH_PGOPTIONS=$PGOPTIONS
 if [[ -n ${SYNCHRONOUS_COMMIT:-} ]]; then
     [[ $SYNCHRONOUS_COMMIT =~ ^[a-z_]+$ ]] || { echo "bad SYNCHRONOUS_COMMIT" >&2; exit 2; }
     BENCH_PGOPTIONS="$PGOPTIONS -c synchronous_commit=$SYNCHRONOUS_COMMIT"
+fi
+if [[ -n ${LOCK_TIMEOUT:-} ]]; then
+    [[ $LOCK_TIMEOUT =~ ^[0-9]+(ms|s)?$ ]] || { echo "bad LOCK_TIMEOUT" >&2; exit 2; }
+    BENCH_PGOPTIONS="$BENCH_PGOPTIONS -c lock_timeout=$LOCK_TIMEOUT"
 fi
 psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -At -d "$URL" "$@"; }
 psql_db() { local db=$1; shift; psql -X -q -v ON_ERROR_STOP=1 -At -d "$(url_for "$db")" "$@"; }
@@ -93,16 +106,36 @@ cat >"$TMP/insert1.sql" <<'EOF'
 \set p random(1, 100000)
 insert into bench_items (name, price) values ('item-' || :p, :p / 10.0);
 EOF
+cp "$TMP/insert1.sql" "$TMP/insert8.sql"
 cat >"$TMP/bulk1000.sql" <<'EOF'
 insert into bench_items (name, price) select 'item-' || g, g / 10.0 from generate_series(1, 1000) as g;
+EOF
+cat >"$TMP/bulk200k.sql" <<'EOF'
+insert into bench_items (name, price) select 'item-' || g, g / 10.0 from generate_series(1, 200000) as g;
 EOF
 cat >"$TMP/update1.sql" <<EOF
 \set id random(1, $UPDATE_ROWS)
 update bench_items set price = price + 1 where id = :id;
 EOF
 
-rows_per_tx() { case $1 in bulk1000) echo 1000 ;; *) echo 1 ;; esac; }
-pgbench_opts() { case $1 in bulk1000) echo "-n -c 1 -T $DURATION" ;; *) echo "-n -c 4 -j 2 -T $DURATION" ;; esac; }
+if [[ -n ${LOCK_TIMEOUT:-} ]]; then
+    # Explicit transactions: a cancel at COMMIT is then told apart from one in the write
+    # (pgbench numbers the script's commands from 0: \set, begin, the write, commit).
+    for w in insert1 insert8 bulk1000 bulk200k update1; do
+        awk '/^\\/ {print; next} {print "begin;"; print; print "commit;"}' "$TMP/$w.sql" >"$TMP/$w.tx"
+        mv "$TMP/$w.tx" "$TMP/$w.sql"
+    done
+fi
+
+rows_per_tx() { case $1 in bulk1000) echo 1000 ;; bulk200k) echo 200000 ;; *) echo 1 ;; esac; }
+pgbench_opts() {
+    case $1 in
+        bulk1000) echo "-n -c 1 -T $DURATION" ;;
+        bulk200k) echo "-n -c 1 -t 2" ;;
+        insert8) echo "-n -c 8 -j 2 -T $DURATION" ;;
+        *) echo "-n -c 4 -j 2 -T $DURATION" ;;
+    esac
+}
 variant_name() {
     case $1 in
         a) echo "(a) no trigger" ;;
@@ -110,12 +143,15 @@ variant_name() {
         c) echo "(c) pgrelay statement-level" ;;
         d) echo "(d) pgrelay row-level variant" ;;
         e) echo "(e) row-level, naive key_of port" ;;
+        f) echo "(f) pgrelay statement-level, poll mode" ;;
     esac
 }
 workload_name() {
     case $1 in
         insert1) echo "single-row INSERT (-c 4 -j 2)" ;;
+        insert8) echo "single-row INSERT (-c 8 -j 2)" ;;
         bulk1000) echo "1,000-row INSERT ... SELECT (-c 1)" ;;
+        bulk200k) echo "200,000-row INSERT ... SELECT (-c 1 -t 2)" ;;
         update1) echo "single-row UPDATE (-c 4 -j 2)" ;;
     esac
 }
@@ -146,6 +182,7 @@ create trigger bench_notify after insert or update on bench_items
 EOF
         ;;
         c) psql_db "$db" -f "$INSTALL_SQL" -c "select pgrelay.install('public', 'bench_items')" >/dev/null ;;
+        f) psql_db "$db" -f "$INSTALL_SQL" -c "select pgrelay.install('public', 'bench_items', 'poll')" >/dev/null ;;
         d) psql_db "$db" -f "$INSTALL_SQL" -f "$ROW_SQL" \
                    -c "select pgrelay.install_row('public', 'bench_items', 'capture_row')" >/dev/null ;;
         e) psql_db "$db" -f "$INSTALL_SQL" -f "$ROW_SQL" \
@@ -161,6 +198,29 @@ drop_db() {
 }
 
 declare -A TPS   # TPS[workload,variant] = "run1 run2 run3"
+declare -A ABORTS  # ABORTS[workload,variant,where] = clients cancelled, all runs together
+declare -A CLIENTS # CLIENTS[workload,variant] = clients started, all runs together
+
+# Counts the clients a lock timeout cancelled in pgbench output $3, by where it struck: the
+# script's last command is COMMIT; an error in the write whose context names a pgrelay
+# function struck inside pgrelay's trigger, any other one the table's own locks.
+count_aborts() {
+    local workload=$1 v=$2 out=$3 commit clients where line context
+    commit=$(( $(grep -c . "$TMP/$workload.sql") - 1 ))
+    clients=$(sed -n 's/^number of clients: \([0-9]*\).*/\1/p' <<<"$out")
+    CLIENTS[$workload,$v]=$(( ${CLIENTS[$workload,$v]:-0} + clients ))
+    while IFS= read -r line; do
+        [[ $line =~ aborted\ in\ command\ ([0-9]+) ]] || continue
+        if (( BASH_REMATCH[1] == commit )); then
+            where=commit
+        else
+            # The lines after the error up to the next client's, for its CONTEXT.
+            context=$(awk -v l="$line" 'f && /client [0-9]+ /{exit} f{print} $0==l{f=1}' <<<"$out")
+            if grep -q 'pgrelay\.' <<<"$line$context"; then where=trigger; else where=write; fi
+        fi
+        ABORTS[$workload,$v,$where]=$(( ${ABORTS[$workload,$v,$where]:-0} + 1 ))
+    done <<<"$out"
+}
 WARNINGS=()
 
 run_one() {
@@ -169,8 +229,14 @@ run_one() {
     setup_db "$db" "$workload" "$v"
     psql_admin -c checkpoint 2>/dev/null || true   # start every run from the same WAL state
     # shellcheck disable=SC2046
-    if ! out=$(PGOPTIONS=$BENCH_PGOPTIONS pgbench $(pgbench_opts "$workload") -f "$TMP/$workload.sql" "$(url_for "$db")" 2>&1); then
+    local status=0
+    out=$(PGOPTIONS=$BENCH_PGOPTIONS pgbench $(pgbench_opts "$workload") -f "$TMP/$workload.sql" "$(url_for "$db")" 2>&1) || status=$?
+    # pgbench exits 2 when clients were aborted: expected (and counted) under LOCK_TIMEOUT.
+    if (( status != 0 )) && ! [[ -n ${LOCK_TIMEOUT:-} && $status == 2 ]]; then
         echo "$out" >&2; echo "pgbench failed: $workload $v rep $rep" >&2; exit 1
+    fi
+    if [[ -n ${LOCK_TIMEOUT:-} ]]; then
+        count_aborts "$workload" "$v" "$out"
     fi
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | tail -1)
     txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
@@ -179,7 +245,7 @@ run_one() {
         WARNINGS+=("$workload $v rep $rep: $(grep '^number of failed' <<<"$out")")
     fi
     # Sanity: the capture variants must have logged exactly one change per written row.
-    if [[ $v == c || $v == d || $v == e ]]; then
+    if [[ $v == c || $v == d || $v == e || $v == f ]]; then
         expect=$(( txs * $(rows_per_tx "$workload") ))
         got=$(psql_db "$db" -c "select count(*) from pgrelay.changes")
         [[ $got == "$expect" ]] || WARNINGS+=("$workload $v rep $rep: pgrelay.changes has $got rows, expected $expect")
@@ -219,6 +285,7 @@ CMD="bench/triggers.sh $DURATION"
 [[ $VARIANTS == "a b c d" ]] || CMD="VARIANTS=\"$VARIANTS\" $CMD"
 [[ $WORKLOADS == "insert1 bulk1000 update1" ]] || CMD="WORKLOADS=\"$WORKLOADS\" $CMD"
 [[ $REPS == 3 ]] || CMD="REPS=$REPS $CMD"
+[[ -z ${LOCK_TIMEOUT:-} ]] || CMD="LOCK_TIMEOUT=$LOCK_TIMEOUT $CMD"
 if [[ -n ${SYNCHRONOUS_COMMIT:-} ]]; then
     CMD="SYNCHRONOUS_COMMIT=$SYNCHRONOUS_COMMIT $CMD"
     echo "pgbench sessions ran with synchronous_commit=$SYNCHRONOUS_COMMIT."
@@ -239,6 +306,18 @@ for workload in $WORKLOADS; do
             'BEGIN { printf "| %s | %s | %.0f | %.0f | %.2f× | %.2f× | %s |\n", w, n, t, t*r, t/ta, t/tb, runs }'
     done
 done
+if [[ -n ${LOCK_TIMEOUT:-} ]]; then
+    echo
+    echo "Clients cancelled by lock_timeout=$LOCK_TIMEOUT (all runs together; a cancelled client stops):"
+    echo
+    echo "| workload | variant | clients | cancelled at COMMIT | in pgrelay's trigger | in the write (the table's own locks) |"
+    echo "|---|---|---:|---:|---:|---:|"
+    for workload in $WORKLOADS; do
+        for v in $VARIANTS; do
+            echo "| $(workload_name "$workload") | $(variant_name "$v") | ${CLIENTS[$workload,$v]:-0} | ${ABORTS[$workload,$v,commit]:-0} | ${ABORTS[$workload,$v,trigger]:-0} | ${ABORTS[$workload,$v,write]:-0} |"
+        done
+    done
+fi
 if (( ${#WARNINGS[@]} )); then
     echo
     echo "Warnings:"

@@ -117,14 +117,28 @@ drop function if exists pgrelay.key_of(jsonb, text[]);
 drop function if exists pgrelay.event_json(pgrelay.changes);
 
 -- The primary key columns of a table, in key order, as they are now (a renamed key column is
--- picked up by the next statement).
+-- picked up by the next statement). Called by every capture trigger: plpgsql, so that its
+-- two lookups are planned once per session (a SQL function with a FROM clause is planned
+-- again on every call, which cost more than the rest of a single-row write's capture).
 create or replace function pgrelay.key_columns(rel oid) returns text[]
-language sql stable as $$
-    select array_agg(a.attname::text order by k.ord)
-      from pg_catalog.pg_index i
-     cross join lateral unnest(i.indkey) with ordinality as k(attnum, ord)
-      join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-     where i.indrelid = rel and i.indisprimary
+language plpgsql stable as $$
+declare
+    nums  int2[];
+    names text[] := '{}';
+    n     int2;
+begin
+    select i.indkey::int2[] into nums
+      from pg_catalog.pg_index as i
+     where i.indrelid = rel and i.indisprimary;
+    if nums is null then
+        return null;
+    end if;
+    foreach n in array nums loop
+        names := names || (select a.attname::text from pg_catalog.pg_attribute as a
+                            where a.attrelid = rel and a.attnum = n);
+    end loop;
+    return names;
+end
 $$;
 
 drop function if exists pgrelay.key_of(json, text[]);
@@ -134,9 +148,12 @@ drop function if exists pgrelay.key_of(json, text[]);
 -- fires row triggers only). The setting is the session's: a writer can set it to anything,
 -- so anything that is not a seq counts as none (a write must never fail on it).
 create or replace function pgrelay.statement_seq(root oid, fallback bigint) returns bigint
-language sql stable as $$
-    select coalesce(case when s ~ '^[0-9]{1,18}$' then s::bigint end, fallback)
-      from (select current_setting(format('pgrelay.s_%s_%s', root, pg_trigger_depth()), true) as s) as x
+language plpgsql stable as $$
+declare
+    s text := current_setting(format('pgrelay.s_%s_%s', root, pg_trigger_depth()), true);
+begin
+    return coalesce(case when s ~ '^[0-9]{1,18}$' then s::bigint end, fallback);
+end
 $$;
 
 -- BEFORE STATEMENT (and BEFORE TRUNCATE): draws the statement's seq. Argument: the oid of the
@@ -168,6 +185,7 @@ as $$
 declare
     keys   text[] := pgrelay.key_columns(tg_relid);
     stmt   bigint;
+    single boolean;
     logged bigint := 0;
 begin
     if tg_op = 'TRUNCATE' then
@@ -182,7 +200,36 @@ begin
     end if;
 
     stmt := pgrelay.statement_seq(tg_relid, null);
-    if tg_op = 'INSERT' then
+    -- A statement that changed one row (most writes) is logged by a plain INSERT: starting
+    -- the chunking plan of the bulk path below costs more than the rest of such a capture.
+    if tg_op = 'DELETE' then
+        single := (select count(*) from (select from pgrelay_old limit 2) as x) = 1;
+    else
+        single := (select count(*) from (select from pgrelay_new limit 2) as x) = 1;
+    end if;
+    if single and tg_op = 'INSERT' then
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        select s, s, coalesce(stmt, s), tg_relid, keys, 1,
+               json_build_array(json_build_array(s, 'c', null, r, null))
+          from (select nextval('pgrelay.changes_seq') as s, to_json(t.*) as r
+                  from pgrelay_new as t) as x;
+    elsif single and tg_op = 'UPDATE' then
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        select s, s2, coalesce(stmt, s), tg_relid, keys, 1,
+               json_build_array(json_build_array(s, 'u', s2, n.r,
+                   case when pg_column_size(n.r)::bigint + pg_column_size(o.r) > 536870912
+                        then null else o.r end))
+          from (select nextval('pgrelay.changes_seq') as s) as a,
+               (select nextval('pgrelay.changes_seq') as s2) as b,
+               (select to_json(t.*) as r from pgrelay_new as t) as n,
+               (select to_json(t.*) as r from pgrelay_old as t) as o;
+    elsif single then
+        insert into pgrelay.changes (seq, last_seq, stmt, relid, keys, n, body)
+        select s, s, coalesce(stmt, s), tg_relid, keys, 1,
+               json_build_array(json_build_array(s, 'd', null, null, r))
+          from (select nextval('pgrelay.changes_seq') as s, to_json(t.*) as r
+                  from pgrelay_old as t) as x;
+    elsif tg_op = 'INSERT' then
         with ev as (
             select nextval('pgrelay.changes_seq') as s, 'c' as op, null::bigint as s2,
                    r as data, null::json as old
