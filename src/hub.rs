@@ -42,9 +42,22 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::event::{ChangeParts, Op, change_frame, control};
 use crate::row::{Fields, changed_columns};
 
-/// Bytes an entry costs besides its frame (the `Entry` itself, its `Arc` and ring slot):
-/// counted against the history budget so that it bounds memory, not just frame bytes.
-const ENTRY_OVERHEAD: usize = 144;
+/// Bytes an entry costs besides its frame: the `Entry` with its `Arc` counts, the allocator's
+/// header and rounding, and its ring slot. Counted against the history budget so that it
+/// bounds memory, not just frame bytes.
+const ENTRY_OVERHEAD: usize =
+    std::mem::size_of::<Entry>() + 2 * std::mem::size_of::<usize>() + 16 + 8;
+
+/// Frames up to this size are copied into shared blocks of [`ARENA_BLOCK`] bytes (see
+/// [`Ring::intern`]); larger ones keep an allocation of their own.
+const ARENA_FRAME_MAX: usize = 4096;
+
+/// Size of a block that small frames share.
+const ARENA_BLOCK: usize = 32 * 1024;
+
+/// Bytes a cached shaped frame costs besides its text: its allocation's header and spare
+/// capacity, its shared `Bytes` header, its slot.
+const SHAPED_OVERHEAD: usize = 96;
 
 /// Most projected frames cached per entry; more distinct shapes are encoded for each reader.
 const MAX_SHAPES: usize = 8;
@@ -96,12 +109,19 @@ pub struct Entry {
     pub kind: EntryKind,
     /// The JSON text frame, encoded once; cloning it shares the bytes.
     pub frame: Utf8Bytes,
-    /// Frames for other shapes (type as sent, projection), encoded on first use.
-    shaped: Mutex<Vec<(u64, Utf8Bytes)>>,
-    /// Bytes of `shaped`, also counted in the topic's `shaped_bytes`.
-    shaped_bytes: AtomicUsize,
+    /// Frames for other shapes (type as sent, projection), encoded on first use (boxed:
+    /// most entries never have one, and every entry's size counts).
+    shaped: Mutex<Option<Box<Shapes>>>,
     /// Bytes published on this table up to and including this entry.
     end_offset: u64,
+}
+
+/// The shaped frames of one entry.
+#[derive(Debug, Default)]
+struct Shapes {
+    frames: Vec<(u64, Utf8Bytes)>,
+    /// Bytes they cost, also counted in the topic's `shaped_bytes`.
+    bytes: usize,
 }
 
 impl Entry {
@@ -115,17 +135,25 @@ impl Entry {
     ) -> Utf8Bytes {
         // Poisoning leaves the cache consistent (a push either happened or not).
         let mut shaped = self.shaped.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, frame)) = shaped.iter().find(|(k, _)| *k == key) {
+        let shapes = shaped.get_or_insert_with(Box::default);
+        if let Some((_, frame)) = shapes.frames.iter().find(|(k, _)| *k == key) {
             return frame.clone();
         }
         let frame = Utf8Bytes::from(encode());
-        if shaped.len() < MAX_SHAPES {
-            shaped.push((key, frame.clone()));
-            let size = frame.len() + 48;
-            self.shaped_bytes.fetch_add(size, Ordering::Relaxed);
+        if shapes.frames.len() < MAX_SHAPES {
+            shapes.frames.push((key, frame.clone()));
+            // The frame, its allocation's and its `Bytes` header's overhead, and its slot.
+            let size = frame.len() + SHAPED_OVERHEAD;
+            shapes.bytes += size;
             topic.shaped_bytes.fetch_add(size, Ordering::Relaxed);
         }
         frame
+    }
+
+    /// Bytes its shaped frames cost.
+    fn shaped_bytes(&self) -> usize {
+        let shaped = self.shaped.lock().unwrap_or_else(PoisonError::into_inner);
+        shaped.as_ref().map_or(0, |s| s.bytes)
     }
 
     fn cost(&self) -> usize {
@@ -158,11 +186,33 @@ struct Ring {
     published_bytes: u64,
     /// Highest batch of an evicted entry: a resume into that batch or earlier is impossible.
     evicted_batch: Option<u64>,
+    /// The block small frames are being copied into (see [`Ring::intern`]).
+    arena: bytes::BytesMut,
 }
 
 impl Ring {
     fn next(&self) -> u64 {
         self.first + self.entries.len() as u64
+    }
+
+    /// The frame as shared bytes. A small frame is copied into the current block, which it
+    /// then shares with its neighbours: a retained frame costs its bytes and no allocation
+    /// of its own (which, with its header, rounding and spare capacity, cost more than the
+    /// frame of a typical row). Entries leave the ring in order, so a block is freed when
+    /// the last of its frames is evicted (and no socket still holds it).
+    fn intern(&mut self, text: String) -> Utf8Bytes {
+        if text.len() > ARENA_FRAME_MAX {
+            return Utf8Bytes::from(text);
+        }
+        if self.arena.capacity() < text.len() {
+            self.arena = bytes::BytesMut::with_capacity(ARENA_BLOCK);
+        }
+        self.arena.extend_from_slice(text.as_bytes());
+        match Utf8Bytes::try_from(self.arena.split().freeze()) {
+            Ok(frame) => frame,
+            // Cannot happen (the bytes are a copy of a `str`); the frame is still right.
+            Err(_) => Utf8Bytes::from(text),
+        }
     }
 }
 
@@ -208,8 +258,9 @@ impl Topic {
         &self.resource_json
     }
 
-    fn push(&self, seq: i64, xid: Option<u64>, batch: u64, kind: EntryKind, frame: Utf8Bytes) {
+    fn push(&self, seq: i64, xid: Option<u64>, batch: u64, kind: EntryKind, frame: String) {
         let mut ring = self.lock();
+        let frame = ring.intern(frame);
         // Batches never go back along a ring (resume bisects on them): an entry published
         // by another task (a reset) after capture opened a newer batch takes that batch.
         let batch = ring
@@ -224,8 +275,7 @@ impl Topic {
             batch,
             kind,
             frame,
-            shaped: Mutex::new(Vec::new()),
-            shaped_bytes: AtomicUsize::new(0),
+            shaped: Mutex::new(None),
             end_offset,
         });
         ring.held_bytes += entry.cost();
@@ -242,7 +292,7 @@ impl Topic {
             };
             ring.held_bytes -= old.cost();
             self.shaped_bytes
-                .fetch_sub(old.shaped_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+                .fetch_sub(old.shaped_bytes(), Ordering::Relaxed);
             ring.first += 1;
             ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
         }
@@ -596,7 +646,7 @@ impl Hub {
         };
         let frame = encode_change(&topic, ts, change);
         let kind = EntryKind::Change(change.op);
-        topic.push(change.seq, Some(xid), batch, kind, frame.into());
+        topic.push(change.seq, Some(xid), batch, kind, frame);
         true
     }
 
@@ -626,7 +676,7 @@ impl Hub {
                 control::truncate(&topic.resource, seq, ts),
             )
         };
-        topic.push(seq, Some(xid), batch, kind, frame.into());
+        topic.push(seq, Some(xid), batch, kind, frame);
         true
     }
 
@@ -636,7 +686,7 @@ impl Hub {
         if let Some(topic) = self.topic(resource) {
             let frame = control::reset(&topic.resource, reason);
             let batch = self.current_batch();
-            topic.push(0, None, batch, EntryKind::Reset(reason), frame.into());
+            topic.push(0, None, batch, EntryKind::Reset(reason), frame);
         }
     }
 
@@ -654,7 +704,7 @@ impl Hub {
             let batch = self.current_batch();
             let frame = control::reset(&topic.resource, "table_changed");
             let kind = EntryKind::Columns(Arc::new(change));
-            topic.push(0, None, batch, kind, frame.into());
+            topic.push(0, None, batch, kind, frame);
         }
     }
 
@@ -859,6 +909,6 @@ mod tests {
             entry.shaped_frame(&topic, key, || "x".repeat(100));
         }
         let after = topic.held_bytes();
-        assert_eq!(after - before, MAX_SHAPES * (100 + 48));
+        assert_eq!(after - before, MAX_SHAPES * (100 + SHAPED_OVERHEAD));
     }
 }

@@ -165,3 +165,73 @@ async fn a_burst_larger_than_the_queue_limit_reaches_every_reading_subscriber() 
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_memory_follows_its_history_budget() {
+    // 250,000 events of about 190 bytes, read by one subscriber, all retained by a history
+    // of 96 MiB: what the relay holds is bounded by the budget, overheads included (issue
+    // 11's target: peak RSS at most 1.25 x the budget + 30 MB).
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table notes(id serial primary key, body text)",
+            &["notes"],
+        )
+        .await;
+    let budget: u64 = 96 << 20;
+    let relay = RelayProcess::start(
+        &db.url,
+        "notes",
+        &[
+            "--history-bytes",
+            &budget.to_string(),
+            "--history-events",
+            "1000000",
+        ],
+    )
+    .await;
+    let url = format!("ws://{}/ws/notes", relay.addr);
+    let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let mut ws = Ws { socket };
+    let writer = db.client().await;
+    let write = tokio::spawn(async move {
+        for _ in 0..25 {
+            writer
+                .batch_execute(
+                    "insert into notes(body) select repeat('n', 80) from generate_series(1, 10000)",
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let mut received = 0;
+    let mut first_seq = None;
+    while received < 250_000 {
+        let frame = ws.next_text().await;
+        assert!(frame.len() < 260, "an event of about 190 bytes: {frame}");
+        first_seq.get_or_insert_with(|| {
+            let e: serde_json::Value = serde_json::from_str(&frame).unwrap();
+            e["seq"].as_i64().unwrap()
+        });
+        received += 1;
+    }
+    within(Duration::from_secs(60), write).await.unwrap();
+    let peak = relay.peak_rss();
+    // The history holds them all: a resume from the first is a replay, not a reset.
+    let url = format!("ws://{}/ws/notes?since={}", relay.addr, first_seq.unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let first = Ws { socket }.next_json().await;
+    assert_eq!(first["type"], "create", "{first}");
+    let bound = budget * 5 / 4 + (30 << 20);
+    eprintln!(
+        "relay peak RSS with a {} MiB history after 250,000 events: {} MiB (bound {} MiB)",
+        budget >> 20,
+        peak >> 20,
+        bound >> 20
+    );
+    assert!(peak <= bound, "peak RSS {} MiB", peak >> 20);
+}
