@@ -7,7 +7,9 @@
 #   REPS          repetitions per variant and workload (default 3)
 #   WORKLOADS     subset/order of: insert1 insert8 bulk1000 bulk200k update1
 #                 (default: insert1 bulk1000 update1)
-#   VARIANTS      subset/order of: a b c d e f (default: a b c d); ratios need a and b
+#   VARIANTS      subset/order of: a b c f (default: a b c f); ratios need a and b
+#                 (the row-level variants d and e of earlier runs wrote the log's earlier
+#                 layout; they are in git history with bench/capture_row.sql)
 #   LOCK_TIMEOUT  if set (e.g. 1ms), the pgbench sessions run with that lock_timeout and each
 #                 transaction is BEGIN; write; COMMIT: clients cancelled by a lock timeout are
 #                 counted per variant and by where it struck (in the write, in pgrelay's
@@ -20,9 +22,6 @@
 #   a  no trigger
 #   b  bare row-level AFTER trigger: perform pg_notify('bench', row_to_json(new)::text)
 #   c  pgrelay statement-level capture (sql/install.sql as it is, pgrelay.install)
-#   d  row-level variant of pgrelay capture (bench/capture_row.sql, pgrelay.capture_row)
-#   e  optional: the same, ported naively (pgrelay.capture_row_naive keeps a SQL key function,
-#      like the earlier pgrelay.key_of, inside the per-row INSERT)
 #   f  pgrelay statement-level capture in poll mode (pgrelay.install(…, 'poll')): the log is
 #      written the same way, no NOTIFY (no commit-time lock)
 # Workloads:
@@ -31,14 +30,14 @@
 #   bulk1000  INSERT ... SELECT generate_series     pgbench -n -c 1      -T D  (1,000 rows/stmt)
 #   bulk200k  INSERT ... SELECT generate_series     pgbench -n -c 1      -t 2  (200,000 rows/stmt)
 #   update1   single-row UPDATE by random id        pgbench -n -c 4 -j 2 -T D  (100,000-row table)
-# Measurements are interleaved round robin (a,b,c,d,a,b,c,d,...) and the median TPS is reported.
+# Measurements are interleaved round robin (a,b,c,f,a,b,c,f,...) and the median TPS is reported.
 # Nobody LISTENs. Progress goes to stderr; the markdown report goes to stdout.
 set -euo pipefail
 
 DURATION=${1:-10}
 REPS=${REPS:-3}
 WORKLOADS=${WORKLOADS:-"insert1 bulk1000 update1"}
-VARIANTS=${VARIANTS:-"a b c d"}
+VARIANTS=${VARIANTS:-"a b c f"}
 URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 UPDATE_ROWS=100000
 
@@ -48,14 +47,13 @@ for w in $WORKLOADS; do
     case $w in insert1|insert8|bulk1000|bulk200k|update1) ;; *) echo "unknown workload: $w" >&2; exit 2 ;; esac
 done
 for v in $VARIANTS; do
-    case $v in a|b|c|d|e|f) ;; *) echo "unknown variant: $v" >&2; exit 2 ;; esac
+    case $v in a|b|c|f) ;; *) echo "unknown variant: $v" >&2; exit 2 ;; esac
 done
 [[ " $VARIANTS " == *" a "* && " $VARIANTS " == *" b "* ]] || { echo "VARIANTS must include a and b" >&2; exit 2; }
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INSTALL_SQL=$HERE/../sql/install.sql
-ROW_SQL=$HERE/capture_row.sql
-[[ -r $INSTALL_SQL && -r $ROW_SQL ]] || { echo "missing $INSTALL_SQL or $ROW_SQL" >&2; exit 1; }
+[[ -r $INSTALL_SQL ]] || { echo "missing $INSTALL_SQL" >&2; exit 1; }
 
 # postgres://user@host:port/dbname?params  ->  base, query; url_for DB swaps the database name.
 if [[ $URL =~ ^(postgres(ql)?://[^/?]*)(/[^?]*)?(\?.*)?$ ]]; then
@@ -84,10 +82,8 @@ trap 'rm -rf "$TMP"' EXIT   # replaced by cleanup below
 # Snapshot the SQL once, so that every measurement of a run uses the same capture code even if
 # the files are edited while it runs.
 cp "$INSTALL_SQL" "$TMP/install.sql"
-cp "$ROW_SQL" "$TMP/capture_row.sql"
 INSTALL_SQL=$TMP/install.sql
-ROW_SQL=$TMP/capture_row.sql
-SQL_SUMS="sql/install.sql md5 $(md5sum <"$INSTALL_SQL" | cut -c1-12), bench/capture_row.sql md5 $(md5sum <"$ROW_SQL" | cut -c1-12)"
+SQL_SUMS="sql/install.sql md5 $(md5sum <"$INSTALL_SQL" | cut -c1-12)"
 PREFIX="pgrelay_bench_$$_$(date +%s)"
 CREATED=()   # databases this run created and may still have to drop
 
@@ -141,8 +137,6 @@ variant_name() {
         a) echo "(a) no trigger" ;;
         b) echo "(b) bare row-level pg_notify" ;;
         c) echo "(c) pgrelay statement-level" ;;
-        d) echo "(d) pgrelay row-level variant" ;;
-        e) echo "(e) row-level, naive key_of port" ;;
         f) echo "(f) pgrelay statement-level, poll mode" ;;
     esac
 }
@@ -183,10 +177,6 @@ EOF
         ;;
         c) psql_db "$db" -f "$INSTALL_SQL" -c "select pgrelay.install('public', 'bench_items')" >/dev/null ;;
         f) psql_db "$db" -f "$INSTALL_SQL" -c "select pgrelay.install('public', 'bench_items', 'poll')" >/dev/null ;;
-        d) psql_db "$db" -f "$INSTALL_SQL" -f "$ROW_SQL" \
-                   -c "select pgrelay.install_row('public', 'bench_items', 'capture_row')" >/dev/null ;;
-        e) psql_db "$db" -f "$INSTALL_SQL" -f "$ROW_SQL" \
-                   -c "select pgrelay.install_row('public', 'bench_items', 'capture_row_naive')" >/dev/null ;;
     esac
 }
 
@@ -245,9 +235,9 @@ run_one() {
         WARNINGS+=("$workload $v rep $rep: $(grep '^number of failed' <<<"$out")")
     fi
     # Sanity: the capture variants must have logged exactly one change per written row.
-    if [[ $v == c || $v == d || $v == e || $v == f ]]; then
+    if [[ $v == c || $v == f ]]; then
         expect=$(( txs * $(rows_per_tx "$workload") ))
-        got=$(psql_db "$db" -c "select count(*) from pgrelay.changes")
+        got=$(psql_db "$db" -c "select coalesce(sum(n), 0) from pgrelay.changes")
         [[ $got == "$expect" ]] || WARNINGS+=("$workload $v rep $rep: pgrelay.changes has $got rows, expected $expect")
     fi
     drop_db "$db"
@@ -282,7 +272,7 @@ echo
 echo "PostgreSQL $PGVER, $(nproc) CPUs, $SETTINGS."
 echo "$SQL_SUMS."
 CMD="bench/triggers.sh $DURATION"
-[[ $VARIANTS == "a b c d" ]] || CMD="VARIANTS=\"$VARIANTS\" $CMD"
+[[ $VARIANTS == "a b c f" ]] || CMD="VARIANTS=\"$VARIANTS\" $CMD"
 [[ $WORKLOADS == "insert1 bulk1000 update1" ]] || CMD="WORKLOADS=\"$WORKLOADS\" $CMD"
 [[ $REPS == 3 ]] || CMD="REPS=$REPS $CMD"
 [[ -z ${LOCK_TIMEOUT:-} ]] || CMD="LOCK_TIMEOUT=$LOCK_TIMEOUT $CMD"
@@ -300,10 +290,10 @@ for workload in $WORKLOADS; do
     tb=$(median "${TPS[$workload,b]}")
     for v in $VARIANTS; do
         t=$(median "${TPS[$workload,$v]}")
-        runs=$(tr ' ' '\n' <<<"${TPS[$workload,$v]}" | awk '{printf "%s%.0f", (NR>1?", ":""), $1}')
+        runs=$(tr ' ' '\n' <<<"${TPS[$workload,$v]}" | awk '{printf ($1 < 10 ? "%s%.3f" : "%s%.0f"), (NR>1?", ":""), $1}')
         awk -v w="$(workload_name "$workload")" -v n="$(variant_name "$v")" -v t="$t" -v ta="$ta" -v tb="$tb" \
             -v r="$(rows_per_tx "$workload")" -v runs="$runs" \
-            'BEGIN { printf "| %s | %s | %.0f | %.0f | %.2f× | %.2f× | %s |\n", w, n, t, t*r, t/ta, t/tb, runs }'
+            'BEGIN { f = (t < 10 ? "%.3f" : "%.0f"); printf "| %s | %s | " f " | %.0f | %.2f× | %.2f× | %s |\n", w, n, t, t*r, t/ta, t/tb, runs }'
     done
 done
 if [[ -n ${LOCK_TIMEOUT:-} ]]; then

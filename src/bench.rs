@@ -55,12 +55,14 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// Bytes of text per row.
     pub payload_bytes: usize,
-    /// Writer connections for `fanout`.
+    /// Writer connections for `fanout` and `steady`.
     pub writers: usize,
     /// Rows per INSERT statement for `fanout`.
     pub statement_rows: usize,
     /// Subscribe with `batch=true`.
     pub batch: bool,
+    /// Capture mode installed on the bench table and used by the bench's own relay.
+    pub capture: pgrelay::capture::Mode,
 }
 
 /// What one run measured.
@@ -139,7 +141,7 @@ struct LocalRelay {
 }
 
 impl LocalRelay {
-    async fn start(database_url: &str) -> anyhow::Result<Self> {
+    async fn start(database_url: &str, capture: pgrelay::capture::Mode) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -148,6 +150,7 @@ impl LocalRelay {
             .args(["serve", "--tables", TABLE, "--listen", &addr.to_string()])
             // Every subscriber comes from this machine's address.
             .args(["--max-connections-per-ip", "1000000"])
+            .args(["--capture", capture.name()])
             .env("DATABASE_URL", database_url)
             .env("RUST_LOG", "warn")
             .kill_on_drop(true)
@@ -341,11 +344,16 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         ))
         .await?;
     let mut setup = pgrelay::sql::connect(&config.database_url).await?;
-    pgrelay::sql::install(&mut setup, &[pgrelay::TableName::parse(TABLE)?], "notify").await?;
+    pgrelay::sql::install(
+        &mut setup,
+        &[pgrelay::TableName::parse(TABLE)?],
+        config.capture.name(),
+    )
+    .await?;
 
     let local = match &config.relay_url {
         Some(_) => None,
-        None => Some(LocalRelay::start(&config.database_url).await?),
+        None => Some(LocalRelay::start(&config.database_url, config.capture).await?),
     };
     let base_url = match (&config.relay_url, &local) {
         (Some(url), _) => url.trim_end_matches('/').to_owned(),
@@ -406,7 +414,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
                 .await?;
             config.rows as u64
         }
-        Scenario::Steady => steady(&client, config, &payload, &mut commits).await?,
+        Scenario::Steady => steady(config, &payload, &mut commits).await?,
         Scenario::Fanout => fanout(config, &payload).await?,
         Scenario::Idle => unreachable!("handled above"),
     };
@@ -495,32 +503,69 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Single-row transactions at `config.rate` per second for `config.duration`.
+/// Single-row transactions at `config.rate` per second for `config.duration` (that is,
+/// `rate × duration` rows; with rate 0, as many as the writers manage in `duration`), spread
+/// over `config.writers` connections each paced at `rate / writers`, so that the rate is not
+/// capped by one connection's commit time. Ids are drawn from one counter, so the rows are
+/// 1..=n. Fills `commits[id - 1]` with when each row's commit was acknowledged.
 async fn steady(
-    client: &tokio_postgres::Client,
     config: &BenchConfig,
     payload: &str,
     commits: &mut Vec<Instant>,
 ) -> anyhow::Result<u64> {
-    let statement = client
-        .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
-        .await?;
+    let writers = config.writers.max(1);
+    let total = u64::from(config.rate) * config.duration.as_secs();
     let end = Instant::now() + config.duration;
-    let mut ticker = (config.rate > 0).then(|| {
-        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(config.rate)));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        t
-    });
-    let mut id = 0i64;
-    while Instant::now() < end {
-        if let Some(t) = ticker.as_mut() {
-            t.tick().await;
-        }
-        id += 1;
-        client.execute(&statement, &[&id, &payload]).await?;
-        commits.push(Instant::now()); // index id - 1
+    let next = Arc::new(AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (client, connection) =
+            tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let payload = payload.to_owned();
+        let rate = config.rate;
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let statement = client
+                .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
+                .await?;
+            let mut ticker = (rate > 0).then(|| {
+                let per_writer = f64::from(rate) / writers as f64;
+                let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / per_writer));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            let mut done: Vec<(u64, Instant)> = Vec::new();
+            loop {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                } else if Instant::now() >= end {
+                    break;
+                }
+                let id = next.fetch_add(1, Ordering::AcqRel);
+                if rate > 0 && id > total {
+                    break;
+                }
+                client.execute(&statement, &[&(id as i64), &payload]).await?;
+                done.push((id, Instant::now()));
+            }
+            Ok::<_, tokio_postgres::Error>(done)
+        }));
     }
-    Ok(id as u64)
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let written = all.len();
+    let now = Instant::now();
+    commits.clear();
+    commits.resize(written, now);
+    for (id, at) in all {
+        if let Some(slot) = commits.get_mut(id as usize - 1) {
+            *slot = at;
+        }
+    }
+    Ok(written as u64)
 }
 
 /// `config.writers` connections inserting single rows as fast as they go.

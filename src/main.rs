@@ -127,9 +127,12 @@ struct BenchArgs {
     /// Bytes of text per row.
     #[arg(long, default_value_t = 64)]
     payload: usize,
-    /// Writer connections for `fanout`.
+    /// Writer connections for `fanout`, and for `steady` (which spreads `rate` over them).
     #[arg(long, default_value_t = 4)]
     writers: usize,
+    /// Capture mode the bench installs and its relay runs with (`notify` or `poll`).
+    #[arg(long, default_value = "notify")]
+    capture: String,
     /// Rows per INSERT statement for `fanout`.
     #[arg(long, default_value_t = 1)]
     statement_rows: usize,
@@ -302,6 +305,8 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         writers: args.writers,
         statement_rows: args.statement_rows,
         batch: args.batch,
+        capture: pgrelay::capture::Mode::parse(&args.capture)
+            .ok_or_else(|| anyhow::anyhow!("--capture must be notify or poll"))?,
     };
     let mut reports = Vec::new();
     for run in 1..=args.runs.max(1) {
