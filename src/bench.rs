@@ -546,7 +546,9 @@ async fn steady(
                 if rate > 0 && id > total {
                     break;
                 }
-                client.execute(&statement, &[&(id as i64), &payload]).await?;
+                client
+                    .execute(&statement, &[&(id as i64), &payload])
+                    .await?;
                 done.push((id, Instant::now()));
             }
             Ok::<_, tokio_postgres::Error>(done)

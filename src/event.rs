@@ -94,7 +94,12 @@ pub fn parse_body(body: &str) -> Result<Vec<LogEvent<'_>>, BodyError> {
         Option<&'a RawValue>,
         Option<&'a RawValue>,
     );
-    let elements: Vec<Element<'_>> = serde_json::from_str(body)?;
+    let mut elements: Vec<Element<'_>> = serde_json::from_str(body)?;
+    // A chunk lists its events in seq order (the trigger aggregates them from a subquery
+    // sorted by seq); should one ever come otherwise, seq order is restored here.
+    if !elements.is_sorted_by_key(|e| e.0) {
+        elements.sort_by_key(|e| e.0);
+    }
     elements
         .into_iter()
         .map(|(seq, code, seq2, data, old)| {
@@ -307,6 +312,13 @@ pub mod control {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn a_chunk_listed_out_of_seq_order_is_read_in_seq_order() {
+        let body = r#"[[7, "c", null, {"id":2}, null], [5, "c", null, {"id":1}, null]]"#;
+        let seqs: Vec<i64> = parse_body(body).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [5, 7]);
+    }
 
     #[test]
     fn bodies_split_into_events_with_raw_rows() {
