@@ -526,6 +526,7 @@ impl<'a> Publisher<'a> {
                 None => self.newest = Some((item.seq, chunk.ts.clone())),
             }
         }
+        self.hub.wake();
         for relid in unresolved {
             self.metrics.inc(&self.metrics.order_unknown);
             tracing::warn!(
