@@ -1076,8 +1076,7 @@ async fn write_rows(
         scope.require(scope.access.delete, "delete from")?;
     }
     let query = scope.query(&pairs)?;
-    if !query.order.is_empty()
-        || query.limit.is_some()
+    if query.limit.is_some()
         || query.offset.is_some()
         || query.on_conflict.is_some()
         || query.columns.is_some()
@@ -1085,7 +1084,8 @@ async fn write_rows(
         return Err(error::parse_error(
             "query",
             verb,
-            "order, limit, offset, on_conflict and columns do not apply to updates and deletes",
+            "limit, offset, on_conflict and columns do not apply to updates and deletes \
+             (order orders the rows returned)",
         ));
     }
     if query.filters.is_empty() && !state.config.rest_allow_unfiltered_writes {
@@ -1139,7 +1139,19 @@ async fn write_rows(
         (Media::Csv, Some(shown)) => statement::row_csv(shown),
         _ => statement::row_json(shown.as_deref()),
     };
-    let returning = statement::returning(&shown_row, false);
+    // With `order`, the rows come back ordered (PostgREST orders a representation).
+    let returning = if query.order.is_empty() {
+        statement::returning(&shown_row, false)
+    } else {
+        "returning t.*".to_owned()
+    };
+    let ordered = |sql: String| {
+        if query.order.is_empty() {
+            sql
+        } else {
+            statement::ordered(&table, &sql, &shown_row, &query.order)
+        }
+    };
     let mut params: Params = Vec::new();
     let sql = match &row {
         // An update that sets nothing changes nothing (PostgREST answers it with no rows).
@@ -1152,13 +1164,13 @@ async fn write_rows(
                 filter.to_sql_qualified("t", &mut params),
                 policy.to_sql_qualified("t", &mut params)
             );
-            Some(statement::update(
+            Some(ordered(statement::update(
                 &table,
                 row,
                 Write::Patch,
                 &condition,
                 &returning,
-            ))
+            )))
         }
         None => {
             let condition = format!(
@@ -1166,7 +1178,7 @@ async fn write_rows(
                 filter.to_sql_qualified("t", &mut params),
                 policy.to_sql_qualified("t", &mut params)
             );
-            Some(statement::delete(&table, &condition, &returning))
+            Some(ordered(statement::delete(&table, &condition, &returning)))
         }
     };
     let tx = begin(&state, &mut client, &scope).await?;

@@ -250,6 +250,15 @@ pub fn update(
     )
 }
 
+/// A write (`update`/`delete` … `returning t.*`) whose rows come back in `order`, as
+/// [`returning`] would return them.
+pub fn ordered(table: &TableInfo, write: &str, shown_row: &str, order: &[OrderBy]) -> String {
+    format!(
+        "with written as ({write}) select to_json(t.*)::text, {shown_row} from written as t order by {}",
+        order_by(table, order)
+    )
+}
+
 /// `delete from … where <condition> <returning>`.
 pub fn delete(table: &TableInfo, condition: &str, returning: &str) -> String {
     format!(
