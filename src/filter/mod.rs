@@ -689,7 +689,7 @@ impl Condition {
                 let language = self
                     .language
                     .clone()
-                    .map(|l| format!("{}::regconfig, ", bind(Box::new(l))));
+                    .map(|l| format!("{}::text::regconfig, ", bind(Box::new(l))));
                 let language = language.unwrap_or_default();
                 let document = if kind == Kind::TsVector {
                     column
@@ -1284,7 +1284,7 @@ mod tests {
         let mut params = Vec::new();
         assert_eq!(
             f.to_sql(&mut params),
-            r#"(to_tsvector($1::regconfig, "name"::text) @@ to_tsquery($1::regconfig, $2::text))"#
+            r#"(to_tsvector($1::text::regconfig, "name"::text) @@ to_tsquery($1::text::regconfig, $2::text))"#
         );
         for ok in [
             ("name", "ilike.*x*"),

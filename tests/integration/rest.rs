@@ -1,5 +1,7 @@
 //! REST API: CRUD, errors, limits, hostile input, composite keys, and a database that is down.
 
+mod postgrest;
+
 use std::time::{Duration, Instant};
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};

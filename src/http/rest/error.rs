@@ -186,9 +186,15 @@ pub fn status_of(code: &str, anonymous: bool) -> StatusCode {
 /// and HINT; server errors logged and answered with the code only.
 pub fn db_error(err: &tokio_postgres::Error, table: &TableInfo, anonymous: bool) -> ApiError {
     let Some(db) = err.as_db_error() else {
-        // Not an error the server sent: the connection broke.
-        tracing::warn!(error = %crate::error::chain(err), table = %table.name, "database connection failed during a REST request");
-        return ApiError::unavailable();
+        let io = std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>());
+        if err.is_closed() || io {
+            // Not an error the server sent: the connection broke.
+            tracing::warn!(error = %crate::error::chain(err), table = %table.name, "database connection failed during a REST request");
+            return ApiError::unavailable();
+        }
+        // A statement the relay built wrong (a parameter that does not serialize, …).
+        tracing::error!(error = %crate::error::chain(err), table = %table.name, "REST request failed in the client");
+        return ApiError::internal();
     };
     let code = db.code().code();
     let status = status_of(code, anonymous);
