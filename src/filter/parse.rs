@@ -278,7 +278,7 @@ impl<'a> Tree<'a> {
         }
     }
 
-    fn expect(&mut self, c: char) -> Result<(), String> {
+    fn consume(&mut self, c: char) -> Result<(), String> {
         if self.peek() == Some(c) {
             self.pos += c.len_utf8();
             Ok(())
@@ -293,7 +293,7 @@ impl<'a> Tree<'a> {
             return Err(format!("logic trees nest at most {MAX_DEPTH} levels"));
         }
         self.skip_spaces();
-        self.expect('(')?;
+        self.consume('(')?;
         let mut items = Vec::new();
         loop {
             self.skip_spaces();
@@ -335,18 +335,18 @@ impl<'a> Tree<'a> {
         if column.is_empty() {
             return Err(self.error("expected a column name, and( or or("));
         }
-        self.expect('.')?;
+        self.consume('.')?;
         let negated = self.eat("not.");
         let op = self.until(|c| !c.is_ascii_alphabetic()).to_owned();
         let modifier = if self.peek() == Some('(') {
             self.pos += 1;
             let inner = self.until(|c| c == ')').to_owned();
-            self.expect(')')?;
+            self.consume(')')?;
             Some(inner)
         } else {
             None
         };
-        self.expect('.')?;
+        self.consume('.')?;
         let value = match op.as_str() {
             "in" => self.list()?,
             "is" => self.until(|c| matches!(c, ',' | ')')).to_owned(),
@@ -360,7 +360,7 @@ impl<'a> Tree<'a> {
                 }
                 Some('{') => {
                     let inner = self.until(|c| c == '}').to_owned();
-                    self.expect('}')?;
+                    self.consume('}')?;
                     format!("{inner}}}")
                 }
                 _ => self.until(|c| matches!(c, ',' | ')')).to_owned(),
@@ -381,7 +381,7 @@ impl<'a> Tree<'a> {
 
     /// `"…"` with `\` escaping the next character; returns the text inside.
     fn quoted(&mut self) -> Result<String, String> {
-        self.expect('"')?;
+        self.consume('"')?;
         let mut out = String::new();
         let mut chars = self.rest().char_indices();
         while let Some((i, c)) = chars.next() {
@@ -403,7 +403,7 @@ impl<'a> Tree<'a> {
     /// `(a,"b,c")` as written (quotes kept: [`split_list`] reads them).
     fn list(&mut self) -> Result<String, String> {
         let start = self.pos;
-        self.expect('(')?;
+        self.consume('(')?;
         loop {
             if self.peek() == Some('"') {
                 self.quoted()?;
