@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command: finds PostgreSQL at $DATABASE_URL (default: postgres@127.0.0.1:5432) or,
-# if none answers, starts a throwaway cluster from the local binaries; then runs
-# cargo fmt --check, cargo clippy -D warnings and cargo test against it.
+# if none answers, starts a throwaway cluster from the local binaries; installs the PostgREST
+# client suites' pinned packages (npm ci for postgrest-js, a venv with postgrest-py); then runs
+# cargo fmt --check, cargo clippy -D warnings and cargo test against it (the client suites run
+# inside cargo test: tests/integration/clients.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +54,21 @@ else
     export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
     echo "test.sh: started a throwaway PostgreSQL at $DATABASE_URL"
 fi
+
+# The PostgREST client suites need Node.js 20+ and Python 3 with venv: no silent skip.
+node_major="$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || true)"
+if [ -z "$node_major" ] || [ "$node_major" -lt 20 ] || ! command -v npm >/dev/null 2>&1; then
+    echo "test.sh: Node.js 20+ with npm is required (the postgrest-js suite, clients/postgrest)" >&2
+    exit 1
+fi
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv' >/dev/null 2>&1; then
+    echo "test.sh: Python 3 with venv is required (the postgrest-py suite, clients/postgrest/python)" >&2
+    exit 1
+fi
+(cd clients/postgrest && npm ci --no-audit --no-fund)
+venv=target/postgrest-py-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r clients/postgrest/python/requirements.txt
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings

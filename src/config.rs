@@ -99,6 +99,9 @@ pub struct Config {
     pub allow_anonymous: bool,
     /// Run REST requests as the caller's database role, with `request.jwt.claims` set.
     pub rest_set_role: bool,
+    /// Let `PATCH`/`DELETE /api/{table}` without a filter touch every row (refused by
+    /// default, as pg-safeupdate refuses them for PostgREST).
+    pub rest_allow_unfiltered_writes: bool,
     /// What one client may take.
     pub limits: Limits,
     /// Web pages (origins) allowed besides the relay's own.
@@ -136,8 +139,9 @@ pub struct Limits {
     pub max_snapshots: usize,
     /// How long one subscriber's initial data may take.
     pub snapshot_deadline: Duration,
-    /// Most rows one REST read returns.
-    pub max_rows: i64,
+    /// Most rows one REST read returns (PostgREST's `db-max-rows`); `None`: no cap, as
+    /// PostgREST. A capped read says so in `Content-Range` and with 206.
+    pub max_rows: Option<i64>,
     /// How long a client may take to send a request's headers.
     pub header_timeout: Duration,
     /// How long a client may take to send a request's body.
@@ -158,7 +162,7 @@ impl Limits {
             max_pattern_wildcards: 16,
             max_snapshots: (pool_size / 2).max(1),
             snapshot_deadline: Duration::from_secs(120),
-            max_rows: 1000,
+            max_rows: None,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
         }
@@ -209,6 +213,7 @@ impl Config {
             policies: crate::access::Policies::default(),
             allow_anonymous: false,
             rest_set_role: false,
+            rest_allow_unfiltered_writes: false,
             limits: Limits::for_pool(16),
             origins: crate::http::origin::Origins::default(),
             allowed_hosts: Vec::new(),
@@ -270,7 +275,7 @@ impl Config {
             || l.max_subscriptions == 0
             || l.max_message_rate == 0
             || l.max_snapshots == 0
-            || l.max_rows <= 0
+            || l.max_rows.is_some_and(|m| m <= 0)
             || l.snapshot_deadline.is_zero()
             || l.header_timeout.is_zero()
             || l.body_timeout.is_zero()

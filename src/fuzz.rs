@@ -293,7 +293,8 @@ fn subscription(table: &TableInfo, params: &Params, rows: &[&str], input: usize)
         return check_error(&err.to_string(), input);
     }
     let compiled = filter::compile_rendered(&table.columns, params.filters.clone(), render);
-    let filter = match compiled {
+    // A subscription refuses what Rust cannot evaluate exactly (as the socket does).
+    let filter = match compiled.and_then(|f| f.check_live().map(|()| f)) {
         Ok(filter) => filter,
         Err(err) => return check_error(&err.to_string(), input),
     };
@@ -433,7 +434,7 @@ fn check_sql(sql: &str, bound: usize, table: &TableInfo) {
     assert!(
         outside
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || " _.,()=<>:*[]\"".contains(c)),
+            .all(|c| c.is_ascii_alphanumeric() || " _.,()=<>:*[]\"@&|~-".contains(c)),
         "unexpected text outside identifiers in {sql}"
     );
 }

@@ -118,6 +118,11 @@ pub struct Settings {
     #[arg(long, env = "PGRELAY_REST_SET_ROLE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rest_set_role: Option<bool>,
+    /// Let `PATCH` and `DELETE /api/{table}` without any filter change every row (refused
+    /// by default with 400, code 21000).
+    #[arg(long, env = "PGRELAY_REST_ALLOW_UNFILTERED_WRITES", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rest_allow_unfiltered_writes: Option<bool>,
     /// Web pages allowed to use the relay from a browser besides its own origin, comma
     /// separated (`https://app.example,http://localhost:3000`; `*` for any).
     #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -274,7 +279,7 @@ pub struct LimitSettings {
     #[arg(long, env = "PGRELAY_SNAPSHOT_DEADLINE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_deadline: Option<u64>,
-    /// Most rows one REST read returns [default: 1000].
+    /// Most rows one REST read returns, as PostgREST's db-max-rows (0: no cap) [default: 0].
     #[arg(long, env = "PGRELAY_MAX_ROWS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rows: Option<i64>,
@@ -313,7 +318,7 @@ impl Settings {
         layer!(self, under; database_url, listen, tables, install, capture, poll_max_ms,
             schema_interval_ms, ping_interval, ping_timeout, max_frame, queue_bytes,
             history_events, history_bytes, pool_size, pool_wait_timeout, pool_connect_timeout,
-            max_body, retention_secs, retention_rows, allow_anonymous, rest_set_role, tls_cert,
+            max_body, retention_secs, retention_rows, allow_anonymous, rest_set_role, rest_allow_unfiltered_writes, tls_cert,
             tls_key, allowed_origins, allowed_hosts);
         layer!(self.auth, under.auth; jwt_secret, jwt_secret_file, jwt_public_key_file,
             jwks_file, jwt_algorithms, jwt_audience, jwt_issuer, jwt_leeway, jwt_require_exp,
@@ -374,6 +379,7 @@ impl Settings {
             retention_rows: None,
             allow_anonymous: Some(false),
             rest_set_role: Some(false),
+            rest_allow_unfiltered_writes: Some(false),
             allowed_origins: Some(Vec::new()),
             allowed_hosts: Some(Vec::new()),
             auth: AuthSettings {
@@ -395,7 +401,7 @@ impl Settings {
                 max_pattern_wildcards: Some(l.max_pattern_wildcards),
                 max_snapshots: Some(l.max_snapshots),
                 snapshot_deadline: secs(l.snapshot_deadline),
-                max_rows: Some(l.max_rows),
+                max_rows: Some(l.max_rows.unwrap_or(0)),
                 header_timeout: secs(l.header_timeout),
                 body_timeout: secs(l.body_timeout),
             },
@@ -465,6 +471,7 @@ impl Settings {
         config.retention.max_rows = self.retention_rows;
         config.allow_anonymous = self.allow_anonymous.unwrap_or(false);
         config.rest_set_role = self.rest_set_role.unwrap_or(false);
+        config.rest_allow_unfiltered_writes = self.rest_allow_unfiltered_writes.unwrap_or(false);
         config.origins.allowed = self.allowed_origins.unwrap_or_default();
         config.allowed_hosts = self.allowed_hosts.unwrap_or_default();
         config.tls_cert = self.tls_cert;
@@ -586,7 +593,11 @@ impl LimitSettings {
             snapshot_deadline: self
                 .snapshot_deadline
                 .map_or(d.snapshot_deadline, Duration::from_secs),
-            max_rows: self.max_rows.unwrap_or(d.max_rows),
+            max_rows: match self.max_rows {
+                None => d.max_rows,
+                Some(0) => None,
+                Some(rows) => Some(rows),
+            },
             header_timeout: self
                 .header_timeout
                 .map_or(d.header_timeout, Duration::from_secs),

@@ -125,8 +125,8 @@ pub struct TableInfo {
 }
 
 const COLUMNS: &str = "
-    select a.attname::text, format_type(a.atttypid, -1), base.typname::text, base.typtype = 'e',
-           coalesce(not coll.collisdeterministic, false)
+    select a.attname::text, format_type(a.atttypid, -1), base.typname::text, base.typtype::text,
+           coalesce(not coll.collisdeterministic, false), base.typcategory::text
       from pg_attribute a
       join pg_type t on t.oid = a.atttypid
       join pg_type base on base.oid = case when t.typtype = 'd' then t.typbasetype else t.oid end
@@ -155,7 +155,7 @@ pub async fn columns(client: &Client, oid: u32) -> Result<Vec<crate::filter::Col
         .map(|r| crate::filter::Column {
             name: r.get(0),
             sql_type: r.get(1),
-            kind: crate::filter::Kind::from_type_name(r.get(2), r.get(3)),
+            kind: crate::filter::Kind::from_catalog(r.get(2), r.get(3), r.get(5)),
             nondeterministic: r.get(4),
         })
         .collect())

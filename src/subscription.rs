@@ -18,7 +18,7 @@ use tokio_postgres::types::ToSql;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::event::{ChangeParts, FrameParts, Op, change_frame};
-use crate::filter::{self, Filter, FilterError, RawCondition};
+use crate::filter::{self, Filter, FilterError, RawFilter};
 use crate::hub::{Entry, EntryKind, Topic};
 use crate::row::{Fields, changed_columns, project};
 use crate::sql::TableInfo;
@@ -43,8 +43,8 @@ pub struct Params {
     pub select: Option<Vec<String>>,
     /// Event types to send (as sent, after filter conversion); `None` is all.
     pub events: Option<Vec<EventType>>,
-    /// Row filter conditions, ANDed.
-    pub filters: Vec<RawCondition>,
+    /// Row filters (conditions and `or`/`and` trees), ANDed.
+    pub filters: Vec<RawFilter>,
     /// Receive events that arrive together as `batch` frames (`None`: as before, i.e. not).
     pub batch: Option<bool>,
 }
@@ -94,7 +94,7 @@ impl Params {
                 }
                 column => params
                     .filters
-                    .push(filter::parse(column, value).map_err(|e| e.to_string())?),
+                    .push(filter::parse_pair(column, value).map_err(|e| e.to_string())?),
             }
         }
         Ok(params)
@@ -237,7 +237,9 @@ impl Shape {
         visible: Option<&[String]>,
     ) -> Result<Shape, ShapeError> {
         let sees = |c: &String| visible.is_none_or(|v| v.contains(c));
-        let mut named: Vec<String> = params.filters.iter().map(|c| c.column.clone()).collect();
+        let mut named: Vec<String> = filter::conditions(&params.filters)
+            .map(|c| c.column.clone())
+            .collect();
         named.extend(policy.columns().map(str::to_owned));
         let projection = match &params.select {
             None => visible.map(|_| {

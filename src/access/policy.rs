@@ -101,6 +101,14 @@ impl Policy {
                     .ok_or_else(|| at(format!("filter {pair:?} is not column=op.value")))?;
                 let condition =
                     filter::parse(column.trim(), expr.trim()).map_err(|e| at(e.to_string()))?;
+                if !condition.op.live_anywhere() {
+                    // A policy applies to subscriptions too, which evaluate it in Rust.
+                    return Err(at(format!(
+                        "filter {pair:?}: operator {} cannot be evaluated on live events; \
+                         a policy may use eq, neq, lt, lte, gt, gte, in, is, isdistinct, like, ilike",
+                        condition.op.name()
+                    )));
+                }
                 for value in &condition.values {
                     check_placeholders(value).map_err(&at)?;
                 }
@@ -180,6 +188,11 @@ impl Access {
     /// Whether any right is granted at all (a table with none is, to this caller, not there).
     pub fn any(&self) -> bool {
         self.read || self.insert || self.update || self.delete
+    }
+
+    /// The row conditions as a filter.
+    pub fn filters(&self) -> Vec<filter::RawFilter> {
+        self.filter.iter().cloned().map(Into::into).collect()
     }
 
     /// Whether `column` is visible.
@@ -276,9 +289,8 @@ fn bind(condition: &RawCondition, claims: &Map<String, Value>) -> Option<RawCond
         values.push(substitute(value, claims, like)?);
     }
     Some(RawCondition {
-        column: condition.column.clone(),
-        op: condition.op,
         values,
+        ..condition.clone()
     })
 }
 

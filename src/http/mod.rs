@@ -6,6 +6,7 @@ pub mod rest;
 pub mod server;
 pub mod ws;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -77,15 +78,21 @@ impl AppState {
     }
 }
 
-/// A request error with its status, rendered as `{"error":{"code","message"}}`.
+/// A request error with its status, rendered as PostgREST renders errors:
+/// `{"code","message","details","hint"}` (REST codes are SQLSTATEs for database errors and
+/// `PGRSTxxx` for request errors; other routes keep their own snake_case codes).
 #[derive(Debug)]
 pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     /// Human-readable message; never SQL text or internals.
     pub message: String,
+    /// More about it (PostgreSQL's DETAIL, or what the relay adds), or null.
+    pub details: Option<String>,
+    /// What to do about it, or null.
+    pub hint: Option<String>,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -93,47 +100,73 @@ impl warp::reject::Reject for ApiError {}
 impl ApiError {
     /// 400 with code `bad_request`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "bad_request",
-            message: message.into(),
-        }
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
     /// Any status and code.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
+            details: None,
+            hint: None,
         }
     }
 
-    /// 503 with code `unavailable`: the database cannot be reached; the caller may retry.
+    /// The same error with `details`.
+    pub fn with_details(mut self, details: impl Into<String>) -> Self {
+        self.details = Some(details.into());
+        self
+    }
+
+    /// The same error with a `hint`.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// 503 with code `PGRST000` (PostgREST's "Database connection error"): the database
+    /// cannot be reached; the caller may retry.
     pub fn unavailable() -> Self {
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "unavailable",
-            message: "The database is unavailable; try again".into(),
-        }
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "PGRST000",
+            "The database is unavailable; try again",
+        )
     }
 
-    /// 500 with code `internal`; the details are in the relay's log.
+    /// 500 with code `PGRSTX00`; the details are in the relay's log.
     pub fn internal() -> Self {
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "internal",
-            message: "Internal error; the relay's log has the details".into(),
-        }
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "PGRSTX00",
+            "Internal error; the relay's log has the details",
+        )
     }
 
     /// 404 with code `not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "not_found",
-            message: message.into(),
-        }
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "code": self.code,
+            "message": self.message,
+            "details": self.details,
+            "hint": self.hint,
+        })
+    }
+
+    /// The response: the JSON body with the status.
+    pub fn into_response(self) -> warp::reply::Response {
+        warp::reply::with_status(warp::reply::json(&self.body()), self.status).into_response()
     }
 }
 
@@ -148,29 +181,21 @@ pub const WS_TOKEN_MISSING: &str = "Authentication required: send the token in a
      or ?access_token=";
 
 impl ApiError {
-    /// 401 for a missing, invalid or expired token on REST (the message says which, never
-    /// the token).
+    /// 401 for a missing, invalid or expired token on REST, with PostgREST's codes
+    /// (`PGRST302` token required, `PGRST303` expired, `PGRST301` invalid); the message says
+    /// which, never the token.
     pub fn unauthorized(err: &AuthError) -> Self {
-        ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            code: match err {
-                AuthError::Expired => "token_expired",
-                _ => "unauthorized",
-            },
-            message: match err {
-                AuthError::Missing => REST_TOKEN_MISSING.to_owned(),
-                _ => err.to_string(),
-            },
-        }
+        let (code, message) = match err {
+            AuthError::Missing => ("PGRST302", REST_TOKEN_MISSING.to_owned()),
+            AuthError::Expired => ("PGRST303", err.to_string()),
+            AuthError::Invalid(_) => ("PGRST301", err.to_string()),
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
     }
 
     /// 403 with code `forbidden`.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::FORBIDDEN,
-            code: "forbidden",
-            message: message.into(),
-        }
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 }
 
@@ -250,8 +275,12 @@ pub fn overflow_routes(
         .or(ready(Arc::clone(&state)))
         .or(host::guard(hosts).and(metrics(state)))
         .or(warp::any().map(|| {
-            let body = json!({"error": {"code": "unavailable", "message": "The relay is at its connection limit; try again later"}});
-            warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE)
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "The relay is at its connection limit; try again later",
+            )
+            .into_response()
         }))
 }
 
@@ -314,54 +343,39 @@ fn metrics(
         })
 }
 
-/// Turns every rejection into a JSON error with a status.
+/// Turns every rejection into a JSON error with a status (PostgREST's shape, see [`ApiError`]).
 pub async fn recover(rejection: Rejection) -> Result<impl Reply, Infallible> {
-    let (status, code, message) = if let Some(e) = rejection.find::<ApiError>() {
-        (e.status, e.code, e.message.clone())
+    let error = if let Some(e) = rejection.find::<ApiError>() {
+        ApiError {
+            status: e.status,
+            code: e.code.clone(),
+            message: e.message.clone(),
+            details: e.details.clone(),
+            hint: e.hint.clone(),
+        }
     } else if rejection.is_not_found() {
-        (
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "No such route".to_owned(),
-        )
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such route")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (
+        ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            "Method not allowed".to_owned(),
+            "Method not allowed",
         )
     } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
-        (
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "Invalid query string".to_owned(),
-        )
+        ApiError::new(StatusCode::BAD_REQUEST, "PGRST100", "Invalid query string")
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        (
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "Request body too large".to_owned(),
+            "PGRST102",
+            "Request body too large",
         )
     } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
-        (
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("Missing header {}", e.name()),
-        )
+        ApiError::bad_request(format!("Missing header {}", e.name()))
     } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
-        (
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("Invalid header {}", e.name()),
-        )
+        ApiError::bad_request(format!("Invalid header {}", e.name()))
     } else {
         tracing::warn!(rejection = ?rejection, "unhandled rejection");
-        (
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "Bad request".to_owned(),
-        )
+        ApiError::bad_request("Bad request")
     };
-    let body = json!({"error": {"code": code, "message": message}});
-    Ok(warp::reply::with_status(warp::reply::json(&body), status))
+    Ok(error.into_response())
 }

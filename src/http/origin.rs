@@ -17,7 +17,7 @@ use warp::{Filter, Rejection, Reply};
 use super::ApiError;
 
 /// Methods REST answers.
-const METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
+const METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Request headers clients send (PostgREST's and Supabase's included).
 const HEADERS: &str = "authorization, apikey, content-type, accept, prefer, range, range-unit, \

@@ -128,7 +128,7 @@ async fn compile_shape(
     if !access.read {
         return Err(SetupError::NotFound);
     }
-    if let Some(hidden) = params.filters.iter().find(|c| !access.sees(&c.column)) {
+    if let Some(hidden) = filter::conditions(&params.filters).find(|c| !access.sees(&c.column)) {
         let err = filter::FilterError::UnknownColumn(hidden.column.clone());
         return Err(SetupError::Bad(err.to_string()));
     }
@@ -148,12 +148,23 @@ async fn compile_shape(
             SetupError::Unavailable
         };
         let filter = match filter::compile(&client, &table.columns, params.filters.clone()).await {
-            Ok(filter) => filter,
+            // Live events are filtered in Rust: an operator it cannot evaluate exactly is
+            // refused, not approximated.
+            Ok(filter) => filter
+                .check_live()
+                .map(|()| filter)
+                .map_err(|err| SetupError::Bad(err.to_string()))?,
             Err(filter::FilterError::Db(err)) => return Err(unavailable(&err)),
             Err(err) => return Err(SetupError::Bad(err.to_string())),
         };
-        let policy = match filter::compile(&client, &table.columns, access.filter.clone()).await {
-            Ok(policy) => policy,
+        let policy = match filter::compile(&client, &table.columns, access.filters()).await {
+            Ok(policy) if policy.check_live().is_ok() => policy,
+            Ok(_) => {
+                // A policy condition on a column Rust cannot compare (json, arrays, ranges):
+                // this caller's rows cannot be told apart live.
+                tracing::warn!(table = %table.name, "a policy filter cannot be evaluated on live events");
+                return Err(SetupError::NotFound);
+            }
             Err(filter::FilterError::Db(err)) => return Err(unavailable(&err)),
             Err(err) => {
                 // A claim that does not fit the column: this caller has no rows here.
@@ -189,13 +200,15 @@ struct Refusal {
 
 impl Refusal {
     fn unauthorized(err: &AuthError) -> Refusal {
-        let api = ApiError::unauthorized(err);
         Refusal {
-            status: api.status,
-            code: api.code,
+            status: warp::http::StatusCode::UNAUTHORIZED,
+            code: match err {
+                AuthError::Expired => "token_expired",
+                _ => "unauthorized",
+            },
             message: match err {
                 AuthError::Missing => super::WS_TOKEN_MISSING.to_owned(),
-                _ => api.message,
+                _ => err.to_string(),
             },
             close: close::UNAUTHORIZED,
             reason: match err {

@@ -66,15 +66,15 @@ async fn subscriptions_messages_and_filters_have_limits() {
         assert_eq!(sub.expect_close().await, Some(4400));
         let r = http(relay.addr, "GET", &format!("/api/a?{key}={value}"), None).await;
         assert_eq!(
-            (r.status, r.json["error"]["code"].as_str()),
-            (400, Some("filter_too_large")),
+            (r.status, r.json["code"].as_str()),
+            (400, Some("PGRST100")),
             "{key}={value}"
         );
     }
     let r = http(relay.addr, "GET", "/api/a?id=gt.1&id=lt.5&name=eq.x", None).await;
     assert_eq!(r.status, 400);
     assert!(
-        r.json["error"]["message"]
+        r.json["message"]
             .as_str()
             .unwrap()
             .contains("at most 2 conditions")
@@ -429,13 +429,13 @@ async fn a_relay_on_loopback_answers_only_to_its_own_names() {
     ] {
         let r = to_host(a, &evil, method, path, &headers).await;
         assert_eq!(
-            (r.status, r.json["error"]["code"].as_str()),
+            (r.status, r.json["code"].as_str()),
             (421, Some("host_not_allowed")),
             "{method} {path}: {}",
             r.body()
         );
         assert!(
-            r.json["error"]["message"]
+            r.json["message"]
                 .as_str()
                 .unwrap()
                 .contains("allowed_hosts")

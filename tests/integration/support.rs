@@ -815,7 +815,7 @@ pub fn http(
     method: &str,
     path: &str,
     body: Option<&Value>,
-) -> impl Future<Output = Response> {
+) -> impl Future<Output = Response> + use<> {
     http_as(addr, method, path, None, body)
 }
 
@@ -827,18 +827,36 @@ pub fn http_as(
     path: &str,
     token: Option<&str>,
     body: Option<&Value>,
-) -> impl Future<Output = Response> {
+) -> impl Future<Output = Response> + use<> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    http_with(addr, method, path, &headers, body)
+}
+
+/// [`http`] with extra headers (`Prefer`, `Accept`, `Range`, …).
+#[track_caller]
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> impl Future<Output = Response> + use<> {
     let caller = Location::caller();
     let body = body.map(|b| b.to_string().into_bytes());
     let method = method.to_owned();
     let path = path.to_owned();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     async move {
         let body = body.unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\
              Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
         );

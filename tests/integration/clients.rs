@@ -1,0 +1,121 @@
+//! The official PostgREST clients, unchanged, against the relay: postgrest-js (npm, pinned in
+//! `clients/postgrest/package-lock.json`, run by Node's own test runner) and postgrest-py
+//! (PyPI, pinned in `clients/postgrest/python/requirements.txt`). Each suite gets a fresh
+//! database with `clients/postgrest/schema.sql` and a `pgrelay serve` process, finds it in
+//! `PGRELAY_URL`, and must exit 0 within its deadline.
+//!
+//! The clients' packages are installed by `scripts/test.sh`; run alone, these tests install
+//! them (npm ci; a venv under `target/`) when missing. Node and Python are required: without
+//! them the tests fail, saying so, rather than skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::support::{RelayProcess, TestDb, within};
+
+/// How long a whole client suite may take.
+const SUITE: Duration = Duration::from_secs(180);
+
+const SCHEMA: &str = include_str!("../../clients/postgrest/schema.sql");
+
+fn suite_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/postgrest")
+}
+
+/// Runs `program args` in `dir` to the end (or the deadline), failing the test with its
+/// output unless it exits 0.
+async fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let child = command.spawn().unwrap_or_else(|err| {
+        panic!(
+            "cannot run {program} ({err}): the PostgREST client suites need Node.js 20+ and \
+             Python 3 with venv (scripts/test.sh installs their packages)"
+        )
+    });
+    let output = within(SUITE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|err| panic!("{program} {args:?}: {err}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    eprintln!("{stdout}");
+}
+
+/// A fresh database with the suite's tables and a relay process serving them.
+async fn relay() -> (TestDb, RelayProcess) {
+    let db = TestDb::new()
+        .await
+        .with_tables(SCHEMA, &["items", "kv"])
+        .await;
+    let relay = RelayProcess::start(&db.url, "items,kv", &[]).await;
+    (db, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgrest_js_passes_its_suite_against_the_relay() {
+    let dir = suite_dir();
+    if !dir.join("node_modules/@supabase/postgrest-js").exists() {
+        run(&dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
+    }
+    let (_db, relay) = relay().await;
+    let url = format!("http://{}", relay.addr);
+    run(
+        &dir,
+        "node",
+        &[
+            "--test",
+            "--test-concurrency=1",
+            "--test-timeout=20000",
+            "test/",
+        ],
+        &[("PGRELAY_URL", &url)],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgrest_py_passes_its_suite_against_the_relay() {
+    let dir = suite_dir().join("python");
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/postgrest-py-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(
+            &dir,
+            "python3",
+            &["-m", "venv", &venv.to_string_lossy()],
+            &[],
+        )
+        .await;
+        run(
+            &dir,
+            &python.to_string_lossy(),
+            &["-m", "pip", "install", "-q", "-r", "requirements.txt"],
+            &[],
+        )
+        .await;
+    }
+    let (_db, relay) = relay().await;
+    let url = format!("http://{}", relay.addr);
+    run(
+        &dir,
+        &python.to_string_lossy(),
+        &["-m", "unittest", "-v", "test_postgrest_py"],
+        &[("PGRELAY_URL", &url)],
+    )
+    .await;
+}
