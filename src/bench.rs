@@ -19,6 +19,9 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
+/// Steady latency percentiles leave out rows committed in this first stretch of the run.
+const WARMUP: Duration = Duration::from_secs(1);
+
 /// Name of the bench's own table.
 pub const TABLE: &str = "pgrelay_bench";
 
@@ -225,8 +228,8 @@ struct Seen {
     frames: u64,
     /// When the subscriber had every expected row.
     complete_at: Option<Instant>,
-    /// Capture-to-receive latencies, milliseconds (steady only).
-    latencies: Vec<f64>,
+    /// (row id, capture-to-receive latency in milliseconds) (steady only).
+    latencies: Vec<(usize, f64)>,
     /// The relay sent a Close frame.
     closed: bool,
     /// (row id, when it arrived) for commit-to-receive latency (steady only).
@@ -306,9 +309,12 @@ async fn receive(
         };
         seen.frames += 1;
         for event in events {
-            if measure_latency && let Some(ts) = frame_ts(event) {
+            if measure_latency
+                && let Some(ts) = frame_ts(event)
+                && let Some(id) = frame_id(event)
+            {
                 let latency = SystemTime::now().duration_since(ts).unwrap_or_default();
-                seen.latencies.push(latency.as_secs_f64() * 1000.0);
+                seen.latencies.push((id, latency.as_secs_f64() * 1000.0));
             }
             if let Some(id) = frame_id(event) {
                 if measure_latency {
@@ -478,8 +484,20 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         let done = s.complete_at.unwrap_or(finished);
         last = last.max(done);
         completion_ms.push(done.duration_since(started).as_secs_f64() * 1000.0);
-        latencies.extend_from_slice(&s.latencies);
-        for (id, at) in &s.arrivals {
+        // Steady state: rows committed in the first second (the relay may be waking from
+        // idle, e.g. poll mode's backed-off timer) are left out of the percentiles.
+        let warm = |id: usize| {
+            id.checked_sub(1)
+                .and_then(|i| commits.get(i))
+                .is_some_and(|c| c.duration_since(started) >= WARMUP)
+        };
+        latencies.extend(
+            s.latencies
+                .iter()
+                .filter(|(id, _)| warm(*id))
+                .map(|(_, l)| *l),
+        );
+        for (id, at) in s.arrivals.iter().filter(|(id, _)| warm(*id)) {
             if let Some(commit) = id.checked_sub(1).and_then(|i| commits.get(i)) {
                 // The notification can beat the commit's acknowledgement to the writer: 0.
                 commit_latencies.push(at.saturating_duration_since(*commit).as_secs_f64() * 1000.0);

@@ -344,10 +344,14 @@ impl Capture {
         let mut report_tick = tokio::time::interval(self.report_interval);
         report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Poll mode waits `wait` between polls (back to `poll_min` after a poll that found
-        // rows, doubling up to `poll_max` while idle); notify mode waits `poll_max` after the
+        // rows, doubling while polls find nothing: up to `busy_cap` while rows came within the
+        // last second, so that a pause between commits never leaves the next ones waiting long,
+        // and up to `poll_max` once idle); notify mode waits `poll_max` after the
         // last poll, whatever woke it. A deadline, not a sleep per loop turn: progress reports
         // must not keep pushing the next poll back.
         let mut wait = self.poll_min;
+        let busy_cap = (self.poll_min * 8).min(self.poll_max);
+        let mut rows_at = Instant::now();
         let mut next_poll = Instant::now() + self.poll_max;
         let Listener {
             client,
@@ -385,7 +389,10 @@ impl Capture {
                 _ = tokio::time::sleep_until(next_poll.into()) => {
                     while wake_rx.try_recv().is_ok() {}
                     let polled = self.poll(client, &statements, progress).await?;
-                    wait = if polled.events > 0 { self.poll_min } else { (wait * 2).min(self.poll_max) };
+                    if polled.events > 0 {
+                        rows_at = Instant::now();
+                    }
+                    wait = poll_wait(wait, polled.events > 0, rows_at.elapsed(), busy_cap, self.poll_min, self.poll_max);
                     next_poll = Instant::now() + match self.mode {
                         Mode::Notify => self.poll_max,
                         Mode::Poll => wait,
@@ -499,5 +506,50 @@ impl Capture {
         } else {
             progress.reported = true;
         }
+    }
+}
+
+/// Poll mode's wait before the next poll: `poll_min` after a poll that found rows; after an
+/// empty one, twice the last wait, capped at `busy_cap` while rows came within the last
+/// second (`since_rows`) and at `poll_max` once idle.
+fn poll_wait(
+    last: Duration,
+    found: bool,
+    since_rows: Duration,
+    busy_cap: Duration,
+    poll_min: Duration,
+    poll_max: Duration,
+) -> Duration {
+    if found {
+        return poll_min;
+    }
+    let cap = if since_rows < Duration::from_secs(1) {
+        busy_cap
+    } else {
+        poll_max
+    };
+    (last * 2).min(cap).max(poll_min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_mode_waits_little_while_rows_keep_coming_and_backs_off_when_idle() {
+        let ms = Duration::from_millis;
+        let (min, cap, max) = (ms(1), ms(8), ms(500));
+        assert_eq!(poll_wait(ms(300), true, ms(0), cap, min, max), min);
+        // Rows came 200 ms ago: empty polls double the wait up to the busy cap only.
+        let mut wait = min;
+        for _ in 0..10 {
+            wait = poll_wait(wait, false, ms(200), cap, min, max);
+        }
+        assert_eq!(wait, cap);
+        // Idle for two seconds: up to poll_max.
+        for _ in 0..20 {
+            wait = poll_wait(wait, false, ms(2000), cap, min, max);
+        }
+        assert_eq!(wait, max);
     }
 }
