@@ -100,9 +100,9 @@ pub struct ColumnsChanged {
 pub struct Entry {
     /// Log position (0 for entries that are not log events).
     pub seq: i64,
-    /// The writer's transaction, for snapshot handoff; `None` for entries every subscriber
-    /// gets whatever its initial data holds.
-    pub xid: Option<u64>,
+    /// The writer's transaction, for snapshot handoff; 0 (never a transaction id) for
+    /// entries every subscriber gets whatever its initial data holds (see [`Entry::xid`]).
+    xid: u64,
     /// The capture batch it was published in (see the module docs).
     pub batch: u64,
     /// What it is.
@@ -125,6 +125,12 @@ struct Shapes {
 }
 
 impl Entry {
+    /// The writer's transaction, for snapshot handoff; `None` for entries every subscriber
+    /// gets whatever its initial data holds.
+    pub fn xid(&self) -> Option<u64> {
+        (self.xid != 0).then_some(self.xid)
+    }
+
     /// The frame for a shape (`key` identifies type as sent and projection): encoded by the
     /// first subscriber that needs it, shared by the rest, counted against the history.
     pub fn shaped_frame(
@@ -291,7 +297,7 @@ impl Topic {
         let end_offset = ring.published_bytes;
         let entry = Arc::new(Entry {
             seq,
-            xid,
+            xid: xid.unwrap_or(0),
             batch,
             kind,
             frame,

@@ -45,7 +45,7 @@ use crate::snapshot::Snapshot;
 const SMALL_POLL: i64 = 64;
 
 /// Chunks per read in the batched path (a chunk holds at most 1000 events or ~1 MiB).
-const GROUP_CHUNKS: i64 = 16;
+const GROUP_CHUNKS: i64 = 8;
 
 /// Group reads in flight at once.
 const PIPELINE: usize = 3;

@@ -1421,7 +1421,7 @@ async fn write_events(
         let mut group = Group::default();
         for entry in batch.iter() {
             if entry
-                .xid
+                .xid()
                 .is_some_and(|xid| seen_in.as_ref().is_some_and(|s| s.contains(xid)))
             {
                 continue;
