@@ -777,12 +777,13 @@ fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::TableName;
     use crate::filter::{Column, Kind};
 
-    fn table(name: &str, keys: &[&str], columns: &[(&str, &str)]) -> TableInfo {
+    /// A table's catalog entry as the tests of this module and its children need it.
+    pub(super) fn table(name: &str, keys: &[&str], columns: &[(&str, &str)]) -> TableInfo {
         TableInfo {
             relid: 1,
             kind: crate::sql::TableKind::Plain,

@@ -269,28 +269,8 @@ pub fn delete(table: &TableInfo, condition: &str, returning: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::table;
     use super::*;
-    use crate::config::TableName;
-    use crate::filter::{Column, Kind};
-
-    fn table(name: &str, keys: &[&str], columns: &[(&str, &str)]) -> TableInfo {
-        TableInfo {
-            relid: 1,
-            kind: crate::sql::TableKind::Plain,
-            name: TableName::parse(name).unwrap(),
-            resource: name.to_owned(),
-            key_columns: keys.iter().map(|k| (*k).to_owned()).collect(),
-            columns: columns
-                .iter()
-                .map(|(n, t)| Column {
-                    name: (*n).to_owned(),
-                    sql_type: (*t).to_owned(),
-                    kind: Kind::Other,
-                    nondeterministic: false,
-                })
-                .collect(),
-        }
-    }
 
     #[test]
     fn names_are_quoted_and_values_bound() {
