@@ -276,7 +276,7 @@ begin
                json_agg(json_build_array(s, op, s2, data, old))
           from (select *, (rn - 1) / 1000 + bytes / 1048576 as chunk
                   from (select ev.*, row_number() over w as rn,
-                               sum(pg_column_size(data)::bigint + coalesce(pg_column_size(old), 0)) over w as bytes
+                               (sum(pg_column_size(data)::bigint + coalesce(pg_column_size(old), 0)) over w)::bigint as bytes
                           from ev window w as (rows between unbounded preceding and current row)) as e
                  order by chunk, s) as e
          group by chunk;
