@@ -80,15 +80,27 @@ create table if not exists pgrelay.changes (
 );
 
 -- Chunks of a bulk statement are large: lz4 compresses them several times faster than the
--- default pglz (where the server was built with lz4; otherwise the default stays).
+-- default pglz. Only where the server has lz4, and never at the cost of writers: the change
+-- takes the log's ACCESS EXCLUSIVE lock, so it waits at most 100 ms for it (an open writer
+-- holds it off; every writer would queue behind the wait, and the capture functions run with
+-- lock_timeout = 0) and is left to the next install when it cannot have it at once.
 do $$
+declare
+    previous text := current_setting('lock_timeout');
 begin
-    if (select attcompression from pg_attribute
-         where attrelid = 'pgrelay.changes'::regclass and attname = 'body') is distinct from 'l' then
-        alter table pgrelay.changes alter column body set compression lz4;
+    if exists (select from pg_settings
+                where name = 'default_toast_compression' and 'lz4' = any(enumvals))
+       and (select attcompression from pg_attribute
+             where attrelid = 'pgrelay.changes'::regclass and attname = 'body') is distinct from 'l'
+    then
+        perform set_config('lock_timeout', '100ms', true);
+        begin
+            alter table pgrelay.changes alter column body set compression lz4;
+        exception when lock_not_available then
+            raise notice 'pgrelay: the log is busy; its compression is left as it is (the next install tries again)';
+        end;
+        perform set_config('lock_timeout', previous, true);
     end if;
-exception when feature_not_supported or invalid_parameter_value then
-    null;
 end
 $$;
 

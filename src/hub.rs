@@ -50,10 +50,12 @@ const ENTRY_OVERHEAD: usize =
 
 /// Frames up to this size are copied into shared blocks of [`ARENA_BLOCK`] bytes (see
 /// [`Ring::intern`]); larger ones keep an allocation of their own.
-const ARENA_FRAME_MAX: usize = 4096;
+const ARENA_FRAME_MAX: usize = 1024;
 
-/// Size of a block that small frames share.
-const ARENA_BLOCK: usize = 32 * 1024;
+/// Size of a block that small frames share. Small: a frame keeps its whole block alive, and
+/// a socket's write batch (up to 256 frames, of a filtered subscription perhaps each from a
+/// different block) may hold its frames after the ring let them go.
+const ARENA_BLOCK: usize = 4096;
 
 /// Bytes a cached shaped frame costs besides its text: its allocation's header and spare
 /// capacity, its shared `Bytes` header, its slot.

@@ -15,6 +15,7 @@ mod partitions;
 mod poll;
 mod protocol;
 mod recovery;
+mod regressions;
 mod replicas;
 mod rest;
 mod resume;

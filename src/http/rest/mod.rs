@@ -82,10 +82,31 @@ pub fn routes(
 }
 
 /// Runs a handler and turns its error into a rejection for `recover`.
+///
+/// `hides`: the caller's policy hides columns of the table. A database error's `details` can
+/// quote a whole row ("Failing row contains (…)") or a key's values, hidden columns included
+/// (PostgreSQL hides them only from roles that cannot read them, and the relay's role can):
+/// such a caller gets the code, message and hint, not the details.
 async fn respond(
+    hides: bool,
     result: impl Future<Output = Result<warp::reply::Response, ApiError>>,
 ) -> Result<warp::reply::Response, Rejection> {
-    result.await.map_err(warp::reject::custom)
+    result.await.map_err(|mut err| {
+        if hides && !err.code.starts_with("PGRST") {
+            err.details = None;
+        }
+        warp::reject::custom(err)
+    })
+}
+
+/// Whether the caller's policy hides some of the table's columns (see [`respond`]).
+// (Typed as the route closures hold them, which lets their argument types be inferred.)
+#[allow(clippy::ptr_arg)]
+fn hides(state: &Arc<AppState>, who: &Principal, resource: &String) -> bool {
+    let decoded = percent_decode_str(resource).decode_utf8_lossy();
+    state
+        .table_for(&decoded, who)
+        .is_some_and(|(_, access)| access.columns.is_some())
 }
 
 /// GET /api: the tables this caller may use, with their key, visible columns and rights
@@ -143,7 +164,10 @@ fn read(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Re
         .and(warp::query::<Vec<(String, String)>>())
         .and(warp::header::headers_cloned())
         .and_then(|resource, head, state, who, query, headers| {
-            respond(read_rows(state, who, resource, query, headers, head))
+            respond(
+                hides(&state, &who, &resource),
+                read_rows(state, who, resource, query, headers, head),
+            )
         })
 }
 
@@ -157,7 +181,10 @@ fn get_one(
         .and(caller(state))
         .and(warp::query::<Vec<(String, String)>>())
         .and_then(|resource, id, state, who, query| {
-            respond(read_row(state, who, resource, id, query))
+            respond(
+                hides(&state, &who, &resource),
+                read_row(state, who, resource, id, query),
+            )
         })
 }
 
@@ -174,7 +201,10 @@ fn create(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = 
         .and(warp::header::headers_cloned())
         .and(body(limit, timeout))
         .and_then(|resource, state, who, query, headers, body| {
-            respond(insert_rows(state, who, resource, query, headers, body))
+            respond(
+                hides(&state, &who, &resource),
+                insert_rows(state, who, resource, query, headers, body),
+            )
         })
 }
 
@@ -193,7 +223,10 @@ fn update_filtered(
         .and(warp::header::headers_cloned())
         .and(body(limit, timeout))
         .and_then(|resource, state, who, query, headers, body| {
-            respond(write_rows(state, who, resource, query, headers, Some(body)))
+            respond(
+                hides(&state, &who, &resource),
+                write_rows(state, who, resource, query, headers, Some(body)),
+            )
         })
 }
 
@@ -209,7 +242,10 @@ fn delete_filtered(
         .and(warp::query::<Vec<(String, String)>>())
         .and(warp::header::headers_cloned())
         .and_then(|resource, state, who, query, headers| {
-            respond(write_rows(state, who, resource, query, headers, None))
+            respond(
+                hides(&state, &who, &resource),
+                write_rows(state, who, resource, query, headers, None),
+            )
         })
 }
 
@@ -223,7 +259,10 @@ fn update(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = 
         .and(caller(state))
         .and(body(limit, timeout))
         .and_then(|resource, id, state, who, body| {
-            respond(update_row(state, who, resource, id, body, Write::Patch))
+            respond(
+                hides(&state, &who, &resource),
+                update_row(state, who, resource, id, body, Write::Patch),
+            )
         })
 }
 
@@ -240,7 +279,10 @@ fn replace(
         .and(caller(state))
         .and(body(limit, timeout))
         .and_then(|resource, id, state, who, body| {
-            respond(update_row(state, who, resource, id, body, Write::Put))
+            respond(
+                hides(&state, &who, &resource),
+                update_row(state, who, resource, id, body, Write::Put),
+            )
         })
 }
 
@@ -250,7 +292,12 @@ fn remove(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = 
         .and(warp::delete())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
-        .and_then(|resource, id, state, who| respond(delete_row(state, who, resource, id)))
+        .and_then(|resource, id, state, who| {
+            respond(
+                hides(&state, &who, &resource),
+                delete_row(state, who, resource, id),
+            )
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -574,7 +574,8 @@ impl Range {
 
     /// SQL's `limit`: `None` for all rows.
     pub fn limit(&self) -> Option<i64> {
-        self.upper.map(|u| u.saturating_sub(self.lower).saturating_add(1).max(0))
+        self.upper
+            .map(|u| u.saturating_sub(self.lower).saturating_add(1).max(0))
     }
 }
 
