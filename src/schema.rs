@@ -204,6 +204,30 @@ impl Watcher {
         Ok(())
     }
 
+    /// A table that can no longer be captured exactly (it became a partition, gained
+    /// inheritance children, lost its primary key, made it DEFERRABLE): its subscribers are
+    /// told once, and it is not served until it can be again.
+    async fn stop_serving(
+        &self,
+        client: &Client,
+        name: &TableName,
+        relid: u32,
+        seen: &mut HashMap<String, Seen>,
+        why: &str,
+    ) -> Result<(), SqlError> {
+        let resource = name.resource();
+        if self.tables.get(&resource).is_some() || seen.contains_key(&resource) {
+            tracing::warn!(table = %name, reason = %why,
+                "an exposed table can no longer be captured; its subscribers are reset and it is no longer served");
+            self.settle(client).await?;
+            self.hub.route(relid, None);
+            self.tables.remove(&resource);
+            self.hub.publish_reset(&resource, "table_changed");
+            seen.remove(&resource);
+        }
+        Ok(())
+    }
+
     async fn check(
         &self,
         client: &mut Client,
@@ -252,16 +276,9 @@ impl Watcher {
             _ => None,
         };
         if let Some(why) = refusal {
-            if self.tables.get(&resource).is_some() || seen.contains_key(&resource) {
-                tracing::warn!(table = %name, reason = %why,
-                    "an exposed table can no longer be captured; its subscribers are reset and it is no longer served");
-                self.settle(client).await?;
-                self.hub.route(described.relid, None);
-                self.tables.remove(&resource);
-                self.hub.publish_reset(&resource, "table_changed");
-                seen.remove(&resource);
-            }
-            return Ok(());
+            return self
+                .stop_serving(client, name, described.relid, seen, &why)
+                .await;
         }
         let Ok(kind) = described.kind.clone() else {
             return Ok(());
@@ -290,6 +307,13 @@ impl Watcher {
         let Some(mut current) = signature(client, described.relid, true).await? else {
             return Ok(());
         };
+        if current.key.is_empty() {
+            // The primary key went between the two reads (the description still saw it).
+            let why = format!("Table {name} has no primary key");
+            return self
+                .stop_serving(client, name, described.relid, seen, &why)
+                .await;
+        }
         match previous {
             None => {
                 // New to the watcher: re-created (or capture just installed).
