@@ -500,6 +500,29 @@ async fn resolve_type(
     }
 }
 
+/// Runs a statement that addresses one row by key (`id`, as the path gave it) in the
+/// request's transaction and commits: the row, or 404 when no row matched (or the caller's
+/// policy hides it).
+async fn one_row(
+    state: &AppState,
+    client: &mut deadpool_postgres::Object,
+    scope: &Scope,
+    table: &TableInfo,
+    sql: &str,
+    params: &Params,
+    id: &str,
+) -> Result<tokio_postgres::Row, ApiError> {
+    let tx = begin(state, client, scope).await?;
+    let db = |err: tokio_postgres::Error| db_error(&err, table, scope.anonymous());
+    let row = tx
+        .query_opt(sql, &refs(params))
+        .await
+        .map_err(db)?
+        .ok_or_else(|| missing_row(table, id))?;
+    tx.commit().await.map_err(db)?;
+    Ok(row)
+}
+
 /// Starts the request's transaction; with `rest_set_role`, as the caller's database role with
 /// `request.jwt.claims` set (PostgREST's model: grants and row-level security apply).
 async fn begin<'c>(

@@ -180,13 +180,6 @@ pub(super) async fn read_row(
         key_condition(&table, &key, &mut params)?,
         policy.to_sql_qualified("t", &mut params),
     );
-    let tx = begin(&state, &mut client, &scope).await?;
-    let db = |err: tokio_postgres::Error| db_error(&err, &table, scope.anonymous());
-    let row = tx
-        .query_opt(&sql, &refs(&params))
-        .await
-        .map_err(db)?
-        .ok_or_else(|| missing_row(&table, &id))?;
-    tx.commit().await.map_err(db)?;
+    let row = one_row(&state, &mut client, &scope, &table, &sql, &params, &id).await?;
     Ok(raw_json(StatusCode::OK, row.get(0)))
 }

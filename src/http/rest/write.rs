@@ -167,15 +167,7 @@ pub(super) async fn insert_rows(
     let location = (prefer.ret == Some(Return::HeadersOnly) && count == 1)
         .then(|| location(&table, &stored[0].full))
         .flatten();
-    let body = if representation {
-        Some(render(
-            wants.media,
-            stored.into_iter().map(|s| s.shown).collect(),
-            shown.as_deref(),
-        )?)
-    } else {
-        None
-    };
+    let body = written_body(representation, wants.media, stored, shown.as_deref())?;
     tx.commit()
         .await
         .map_err(|err| db_error(&err, &table, anonymous))?;
@@ -455,15 +447,7 @@ pub(super) async fn write_rows(
         )
         .with_details(format!("The query affects {count} rows")));
     }
-    let body = if representation {
-        Some(render(
-            wants.media,
-            stored.into_iter().map(|s| s.shown).collect(),
-            shown.as_deref(),
-        )?)
-    } else {
-        None
-    };
+    let body = written_body(representation, wants.media, stored, shown.as_deref())?;
     tx.commit()
         .await
         .map_err(|err| db_error(&err, &table, anonymous))?;
@@ -606,14 +590,7 @@ pub(super) async fn delete_row(
         &condition,
         &statement::returning(&statement::row_json(shown.as_deref()), false),
     );
-    let tx = begin(&state, &mut client, &scope).await?;
-    let db = |err: tokio_postgres::Error| db_error(&err, &table, scope.anonymous());
-    let row = tx
-        .query_opt(&sql, &refs(&params))
-        .await
-        .map_err(db)?
-        .ok_or_else(|| missing_row(&table, &id))?;
-    tx.commit().await.map_err(db)?;
+    let row = one_row(&state, &mut client, &scope, &table, &sql, &params, &id).await?;
     Ok(raw_json(StatusCode::OK, row.get(1)))
 }
 
@@ -683,4 +660,18 @@ async fn find_bad_value(
         }
     }
     None
+}
+
+/// The written rows as the response body, when the caller asked for them
+/// (`Prefer: return=representation`).
+fn written_body(
+    representation: bool,
+    media: Media,
+    stored: Vec<Stored>,
+    shown: Option<&[Shown]>,
+) -> Result<Option<String>, ApiError> {
+    if !representation {
+        return Ok(None);
+    }
+    render(media, stored.into_iter().map(|s| s.shown).collect(), shown).map(Some)
 }
