@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: finds PostgreSQL at $DATABASE_URL (default: postgres@127.0.0.1:5432) or,
 # if none answers, starts a throwaway cluster from the local binaries; installs the PostgREST
-# client suites' pinned packages (npm ci for postgrest-js, a venv with postgrest-py); then runs
+# client suites' pinned packages (npm ci for postgrest-js, a venv with postgrest-py) and, for
+# the browser tests, Debian's chromium and playwright-core (npm ci in clients/js); then runs
 # cargo fmt --check, cargo clippy -D warnings and cargo test against it (the client suites run
 # inside cargo test: tests/integration/clients.rs).
 set -euo pipefail
@@ -65,7 +66,21 @@ if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv' >/dev/null
     echo "test.sh: Python 3 with venv is required (the postgrest-py suite, clients/postgrest/python)" >&2
     exit 1
 fi
+# The browser tests (the JS client and the dashboard) drive Debian's Chromium with
+# playwright-core: install the package when it is missing and we may.
+if [ -z "${CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing Debian's chromium package for the browser tests"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+    else
+        echo "test.sh: the browser tests need Chromium: install Debian's chromium package or set CHROMIUM" >&2
+        exit 1
+    fi
+fi
 (cd clients/postgrest && npm ci --no-audit --no-fund)
+(cd clients/js && npm ci --no-audit --no-fund)
 venv=target/postgrest-py-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r clients/postgrest/python/requirements.txt

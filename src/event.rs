@@ -262,9 +262,10 @@ pub mod control {
         json!({"type": "authenticated", "role": role, "expires_at": expires_at}).to_string()
     }
 
-    /// `{"type":"subscribed","resource":…}`.
-    pub fn subscribed(resource: &str) -> String {
-        json!({"type": "subscribed", "resource": resource}).to_string()
+    /// `{"type":"subscribed","resource":…,"key":[…]}`: `key` names the primary key columns,
+    /// so that a client can key initial rows the way events carry `id`.
+    pub fn subscribed(resource: &str, key: &[String]) -> String {
+        json!({"type": "subscribed", "resource": resource, "key": key}).to_string()
     }
 
     /// `{"type":"unsubscribed","resource":…}`.

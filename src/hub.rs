@@ -529,6 +529,21 @@ impl Hub {
         topics.get(resource).cloned()
     }
 
+    /// Per table, for `/metrics`: its resource name, the cursors reading it now (one per
+    /// subscription) and the entries published to it since the relay started.
+    pub fn topic_stats(&self) -> Vec<(String, usize, u64)> {
+        let topics = self.topics.read().unwrap_or_else(PoisonError::into_inner);
+        let mut stats: Vec<_> = topics
+            .iter()
+            .map(|(name, topic)| {
+                let readers = topic.head_tx.receiver_count();
+                (name.to_string(), readers, topic.lock().next())
+            })
+            .collect();
+        stats.sort();
+        stats
+    }
+
     /// The resource names of every topic.
     pub fn resources(&self) -> Vec<String> {
         let topics = self.topics.read().unwrap_or_else(PoisonError::into_inner);

@@ -167,3 +167,55 @@ impl Metrics {
         out
     }
 }
+
+/// Appends the per-table lines of `/metrics`: subscriptions reading each table now and the
+/// events published to it (`stats` from [`crate::hub::Hub::topic_stats`]).
+pub fn render_tables(out: &mut String, stats: &[(String, usize, u64)]) {
+    out.push_str(
+        "# HELP pgrelay_subscriptions Subscriptions reading a table now.\n\
+         # TYPE pgrelay_subscriptions gauge\n",
+    );
+    for (table, readers, _) in stats {
+        let table = label(table);
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "pgrelay_subscriptions{{table=\"{table}\"}} {readers}");
+    }
+    out.push_str(
+        "# HELP pgrelay_table_events_total Events published to a table's subscribers since the relay started.\n\
+         # TYPE pgrelay_table_events_total counter\n",
+    );
+    for (table, _, events) in stats {
+        let table = label(table);
+        let _ = writeln!(
+            out,
+            "pgrelay_table_events_total{{table=\"{table}\"}} {events}"
+        );
+    }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_escaped_as_prometheus_label_values() {
+        let mut out = String::new();
+        render_tables(&mut out, &[("a\"b\\c\nd".to_owned(), 2, 7)]);
+        assert!(
+            out.contains("pgrelay_subscriptions{table=\"a\\\"b\\\\c\\nd\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("pgrelay_table_events_total{table=\"a\\\"b\\\\c\\nd\"} 7\n"),
+            "{out}"
+        );
+    }
+}

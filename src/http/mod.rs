@@ -1,5 +1,6 @@
 //! HTTP surface: routes, shared state, and the one `recover` that renders every rejection.
 
+pub mod assets;
 pub mod host;
 pub mod origin;
 pub mod rest;
@@ -246,6 +247,7 @@ pub fn routes(
         .or(host::guard(hosts).and(
             metrics(state)
                 .or(root())
+                .or(assets::files())
                 .or(origin::guard(origins, browser_facing)),
         ))
         .recover(recover)
@@ -284,23 +286,33 @@ pub fn overflow_routes(
         }))
 }
 
-/// GET /: what this relay serves (no table names: `/api` lists those the caller may use).
-fn root() -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path::end().and(warp::get()).map(|| {
-        warp::reply::json(&json!({
-            "name": "pgrelay",
-            "version": env!("CARGO_PKG_VERSION"),
-            "routes": {
-                "/api": "the tables you may use, with their columns and rights",
-                "/api/{table}": "REST: read and write rows (PostgREST-style filters)",
-                "/ws/{table}": "WebSocket: a table's changes (filters, select, snapshot, since, batch)",
-                "/ws": "WebSocket: several tables on one socket (subscribe messages)",
-                "/healthz": "the process is up",
-                "/readyz": "capture is connected and caught up",
-                "/metrics": "Prometheus metrics",
-            },
-        }))
-    })
+/// GET /: the dashboard for a browser (`Accept: text/html`), otherwise what this relay serves
+/// as JSON (no table names: `/api` lists those the caller may use).
+fn root() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    warp::path::end()
+        .and(warp::get())
+        .and(warp::header::optional::<String>("accept"))
+        .map(|accept: Option<String>| {
+            if accept.is_some_and(|a| a.contains("text/html")) {
+                return assets::dashboard();
+            }
+            warp::reply::json(&json!({
+                "name": "pgrelay",
+                "version": env!("CARGO_PKG_VERSION"),
+                "routes": {
+                    "/": "this index as JSON; the live dashboard for a browser",
+                    "/client.js": "the JavaScript client (ES module; types at /client.d.ts)",
+                    "/api": "the tables you may use, with their columns and rights",
+                    "/api/{table}": "REST: read and write rows (PostgREST-style filters)",
+                    "/ws/{table}": "WebSocket: a table's changes (filters, select, snapshot, since, batch)",
+                    "/ws": "WebSocket: several tables on one socket (subscribe messages)",
+                    "/healthz": "the process is up",
+                    "/readyz": "capture is connected and caught up",
+                    "/metrics": "Prometheus metrics",
+                },
+            }))
+            .into_response()
+        })
 }
 
 /// GET /healthz: the process is up.
@@ -335,11 +347,9 @@ fn metrics(
         .and(warp::get())
         .and(with_state(state))
         .map(|state: Arc<AppState>| {
-            warp::reply::with_header(
-                state.metrics.render(state.capture.is_listening()),
-                "content-type",
-                "text/plain; version=0.0.4",
-            )
+            let mut text = state.metrics.render(state.capture.is_listening());
+            crate::metrics::render_tables(&mut text, &state.hub.topic_stats());
+            warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
         })
 }
 

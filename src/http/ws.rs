@@ -1101,7 +1101,7 @@ impl Session {
             .filter(|(_, access)| access.read);
         let Some((table, access)) = found else {
             let m = format!("Unknown resource {resource:?}");
-            self.send_error("not_found", &m).await?;
+            self.send_resource_error(&resource, "not_found", &m).await?;
             if self.single.is_some() {
                 // This socket's own table is gone (dropped or renamed): nothing left to stream.
                 return Err(End::Close(close::NOT_FOUND, "table not exposed"));
@@ -1112,7 +1112,7 @@ impl Session {
             Ok(params) => params,
             Err(m) => {
                 return self
-                    .send_error("bad_request", &format!("{resource}: {m}"))
+                    .send_resource_error(&resource, "bad_request", &format!("{resource}: {m}"))
                     .await;
             }
         };
@@ -1126,28 +1126,34 @@ impl Session {
         if existing.is_none() && self.subs.len() >= limit {
             self.state.metrics.inc(&self.state.metrics.limited);
             let m = format!("A socket may hold at most {limit} subscriptions");
-            return self.send_error("too_many_subscriptions", &m).await;
+            return self
+                .send_resource_error(&resource, "too_many_subscriptions", &m)
+                .await;
         }
         let shape = match compile_shape(&self.state, &table, &params, &access).await {
             Ok(shape) => shape,
             Err(SetupError::Bad(m)) => {
                 return self
-                    .send_error("bad_request", &format!("{resource}: {m}"))
+                    .send_resource_error(&resource, "bad_request", &format!("{resource}: {m}"))
                     .await;
             }
             Err(SetupError::NotFound) => {
                 let m = format!("Unknown resource {resource:?}");
-                return self.send_error("not_found", &m).await;
+                return self.send_resource_error(&resource, "not_found", &m).await;
             }
             Err(SetupError::Unavailable) => {
                 return self
-                    .send_error("unavailable", "The database is unavailable; try again")
+                    .send_resource_error(
+                        &resource,
+                        "unavailable",
+                        "The database is unavailable; try again",
+                    )
                     .await;
             }
         };
         let Some(topic) = self.state.hub.topic(&resource) else {
             let m = format!("Unknown resource {resource:?}");
-            return self.send_error("not_found", &m).await;
+            return self.send_resource_error(&resource, "not_found", &m).await;
         };
         if self.single.is_some() {
             // On /ws/{table} the subscription exists; the message replaces its keys and, unless
@@ -1191,7 +1197,8 @@ impl Session {
                     }
                 }
             };
-            self.send_text(control::subscribed(&resource)).await?;
+            let key = &self.subs[index].table.key_columns;
+            self.send_text(control::subscribed(&resource, key)).await?;
             self.start(index, &params, reset).await
         }
     }
@@ -1340,6 +1347,18 @@ impl Session {
 
     async fn send_error(&mut self, code: &str, message: &str) -> Result<(), End> {
         self.send_text(control::error(code, message)).await
+    }
+
+    /// An `error` about one subscription, naming its resource (so that a client of `/ws`
+    /// knows which of its subscriptions failed).
+    async fn send_resource_error(
+        &mut self,
+        resource: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<(), End> {
+        self.send_text(control::resource_error(resource, code, message))
+            .await
     }
 
     async fn send_text(&mut self, text: String) -> Result<(), End> {

@@ -585,12 +585,12 @@ mod live {
             .await;
         assert_eq!(
             ws.next_json().await,
-            json!({"type": "subscribed", "resource": "items"})
+            json!({"type": "subscribed", "resource": "items", "key": ["id"]})
         );
         ws.send_json(json!({"type": "subscribe", "resource": "orders", "status": "eq.open", "snapshot": true})).await;
         assert_eq!(
             ws.next_json().await,
-            json!({"type": "subscribed", "resource": "orders"})
+            json!({"type": "subscribed", "resource": "orders", "key": ["id"]})
         );
         assert_eq!(ws.initial_rows().await, Vec::<Value>::new());
 

@@ -508,7 +508,7 @@ pub struct Cluster {
     settings: String,
 }
 
-fn pg_bindir() -> std::path::PathBuf {
+pub fn pg_bindir() -> std::path::PathBuf {
     if let Ok(dir) = std::env::var("PGRELAY_TEST_PGBIN") {
         return dir.into();
     }
