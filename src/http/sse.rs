@@ -127,10 +127,12 @@ async fn open(
     let sub = Subscription::new(ready.table, ready.access, cursor, params, ready.shape);
 
     let (chunks_tx, mut chunks_rx) = mpsc::channel::<Bytes>(QUEUE_CHUNKS + 2);
-    // The first chunk goes out with the headers: how long the client waits to reconnect.
+    // The first chunk goes out with the headers: how long the client waits to reconnect. A
+    // fresh channel has room for it and for the place kept for the last message (were either
+    // refused, the stream would go on without a `retry:`, or send its last message like the
+    // rest).
     let retry = rand::random_range(RETRY_MS);
     let _ = chunks_tx.try_send(Bytes::from(format!("retry: {retry}\n\n")));
-    // (A fresh channel has room for it; without it the last message is sent like the rest.)
     let last = chunks_tx.clone().try_reserve_owned().ok();
     let stream = Stream {
         out: Out {
