@@ -9,7 +9,7 @@
 //!   capture  (one dedicated connection: polls the log for newly committed transactions,
 //!             woken by NOTIFY or a timer; reconnects and catches up from where it was)
 //!   -> hub   (per-table ring of frames encoded once; batch log for resumes; 4008)
-//!   -> http  (warp: /ws/{table}, /ws, /api/{table}, /healthz, /readyz, /metrics)
+//!   -> http  (warp: /ws/{table}, /ws, /sse/{table}, /api/{table}, /healthz, /readyz, /metrics)
 //! schema watcher (renames, drops, column and trigger changes -> resets, routing)
 //! REST (/api/{table}, pooled connections) writes like any other writer: through the triggers.
 //! ```
@@ -20,7 +20,7 @@
 //! - [`snapshot`] — initial data and the snapshot handoff.
 //! - [`filter`], [`subscription`] — what a subscriber asks for and what it receives.
 //! - [`schema`] — the exposed tables as they are now.
-//! - [`http`] — routes, the per-socket task and the REST API.
+//! - [`http`] — routes, the per-socket task, Server-Sent Events and the REST API.
 //! - [`sql`], [`tls`] — install/uninstall, catalog, pool, identifier quoting; TLS to PostgreSQL
 //!   and on the listener.
 //! - [`retention`] — pruning the change log.

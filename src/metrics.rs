@@ -14,9 +14,9 @@ pub struct Metrics {
     pub capture_reconnects: AtomicU64,
     /// WebSocket connections open now (gauge).
     pub ws_connections: AtomicU64,
-    /// Frames written to WebSockets.
+    /// Frames written to WebSockets, and events written to SSE streams.
     pub frames_sent: AtomicU64,
-    /// Connections closed with 4008.
+    /// Connections closed as slow consumers (WebSocket 4008, SSE `slow_consumer`).
     pub slow_consumers: AtomicU64,
     /// Log rows deleted by retention.
     pub pruned_rows: AtomicU64,
@@ -135,13 +135,13 @@ impl Metrics {
             (
                 "pgrelay_frames_sent_total",
                 "counter",
-                "Frames written to WebSockets.",
+                "Frames written to WebSockets and events written to SSE streams.",
                 load(&self.frames_sent),
             ),
             (
                 "pgrelay_slow_consumers_total",
                 "counter",
-                "Connections closed with 4008.",
+                "Connections closed as slow consumers (WebSocket 4008, SSE slow_consumer).",
                 load(&self.slow_consumers),
             ),
             (

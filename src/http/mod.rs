@@ -5,6 +5,7 @@ pub mod host;
 pub mod origin;
 pub mod rest;
 pub mod server;
+pub mod sse;
 pub mod ws;
 
 use std::borrow::Cow;
@@ -239,6 +240,7 @@ pub fn routes(
     let hosts = Arc::clone(&state.hosts);
     let browser_facing = ws::table_route(Arc::clone(&state))
         .or(ws::multiplexed_route(Arc::clone(&state)))
+        .or(sse::route(Arc::clone(&state)))
         .or(rest::routes(Arc::clone(&state)));
     // Health checks pass whatever their Host; everything else must be sent to a name the
     // relay answers to (DNS rebinding), then come from an allowed origin.
@@ -306,6 +308,7 @@ fn root() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> 
                     "/api/{table}": "REST: read and write rows (PostgREST-style filters)",
                     "/ws/{table}": "WebSocket: a table's changes (filters, select, snapshot, since, batch)",
                     "/ws": "WebSocket: several tables on one socket (subscribe messages)",
+                    "/sse/{table}": "Server-Sent Events: a table's changes (the keys of /ws/{table}; Last-Event-ID resumes)",
                     "/healthz": "the process is up",
                     "/readyz": "capture is connected and caught up",
                     "/metrics": "Prometheus metrics",

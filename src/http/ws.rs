@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use futures_util::future::select_all;
 use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -58,7 +58,7 @@ const STALL_GRACE: Duration = Duration::from_secs(15);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Close codes (DESIGN.md).
-mod close {
+pub(super) mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
@@ -76,7 +76,11 @@ mod close {
 /// Where a subscription starts reading: at the head, or where a client that saw `since`
 /// (on this relay or another one) resumes. The flag is true when the relay cannot prove it
 /// holds everything after `since` (the client must get a `reset`).
-async fn open_cursor(state: &AppState, topic: &Arc<Topic>, since: Option<i64>) -> (Cursor, bool) {
+pub(super) async fn open_cursor(
+    state: &AppState,
+    topic: &Arc<Topic>,
+    since: Option<i64>,
+) -> (Cursor, bool) {
     let Some(seq) = since else {
         return (topic.subscribe(), false);
     };
@@ -181,7 +185,7 @@ async fn compile_shape(
 }
 
 /// Percent-decodes a path segment (decoding a plain name changes nothing).
-fn decode(resource: &str) -> String {
+pub(super) fn decode(resource: &str) -> String {
     percent_encoding::percent_decode_str(resource)
         .decode_utf8_lossy()
         .into_owned()
@@ -190,16 +194,16 @@ fn decode(resource: &str) -> String {
 /// Why a socket is refused: an HTTP status for a plain request; for an upgrade request, an
 /// `error` message and a close code after the upgrade, which browsers can read.
 #[derive(Debug)]
-struct Refusal {
+pub(super) struct Refusal {
     status: warp::http::StatusCode,
     code: &'static str,
-    message: String,
+    pub(super) message: String,
     close: u16,
     reason: &'static str,
 }
 
 impl Refusal {
-    fn unauthorized(err: &AuthError) -> Refusal {
+    pub(super) fn unauthorized(err: &AuthError) -> Refusal {
         Refusal {
             status: warp::http::StatusCode::UNAUTHORIZED,
             code: match err {
@@ -245,19 +249,19 @@ impl Refusal {
         }
     }
 
-    fn into_rejection(self) -> Rejection {
+    pub(super) fn into_rejection(self) -> Rejection {
         warp::reject::custom(ApiError::new(self.status, self.code, self.message))
     }
 }
 
 /// A `/ws/{table}` subscription checked against the table and the caller.
-struct Ready {
-    table: TableInfo,
-    access: Access,
-    shape: Shape,
+pub(super) struct Ready {
+    pub(super) table: TableInfo,
+    pub(super) access: Access,
+    pub(super) shape: Shape,
 }
 
-async fn prepare(
+pub(super) async fn prepare(
     state: &AppState,
     resource: &str,
     params: &Params,
@@ -620,15 +624,15 @@ fn upgrade(handshake: Handshake, state: Arc<AppState>, opening: Opening) -> impl
     warp::reply::with_header(reply, "sec-websocket-accept", accept)
 }
 
-/// One table subscription on a socket.
-struct Subscription {
-    table: TableInfo,
+/// One table subscription on a socket (or an SSE stream).
+pub(super) struct Subscription {
+    pub(super) table: TableInfo,
     /// What the caller may do with the table (a refreshed token must leave it as it is).
     access: Access,
     topic: Arc<Topic>,
     cursor: Cursor,
     /// What the client asked for (a subscribe message on `/ws/{table}` overrides parts).
-    params: Params,
+    pub(super) params: Params,
     shape: Shape,
     /// Events whose transaction this snapshot contains were in the initial data: drop them.
     seen_in: Option<Snapshot>,
@@ -637,7 +641,13 @@ struct Subscription {
 }
 
 impl Subscription {
-    fn new(table: TableInfo, access: Access, cursor: Cursor, params: Params, shape: Shape) -> Self {
+    pub(super) fn new(
+        table: TableInfo,
+        access: Access,
+        cursor: Cursor,
+        params: Params,
+        shape: Shape,
+    ) -> Self {
         Subscription {
             table,
             access,
@@ -660,8 +670,8 @@ impl Subscription {
     }
 }
 
-/// Why a socket loop ended, and how to close it.
-enum End {
+/// Why a socket loop (or an SSE stream) ended, and how to close it.
+pub(super) enum End {
     /// Close with this code and reason.
     Close(u16, &'static str),
     /// The peer is gone or the socket failed: nothing more to send.
@@ -1259,10 +1269,7 @@ impl Session {
             self.subs.remove(index);
             return Ok(());
         };
-        let batch_rows = state.config.snapshot_batch_rows;
         let (ping_interval, ping_timeout) = (state.config.ping_interval, state.config.ping_timeout);
-        // Read before the snapshot is taken: every event up to it is in the snapshot.
-        let position = state.hub.position();
         let heard = Arc::clone(&self.heard);
         let mut next_ping = self.next_ping;
         let mut upkeep = move || {
@@ -1275,74 +1282,8 @@ impl Session {
                 Upkeep::Nothing
             }
         };
-        // Initial-data reads take pooled connections: at most `max_snapshots` at once, so
-        // REST keeps connections of its own.
-        let permit = tokio::select! {
-            biased;
-            _ = state.token.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
-            permit = tokio::time::timeout(state.config.pool_wait_timeout, Arc::clone(&state.snapshots).acquire_owned()) => permit,
-        };
-        let Ok(Ok(_permit)) = permit else {
-            tracing::debug!("initial data refused: every snapshot slot is busy");
-            state.metrics.inc(&state.metrics.limited);
-            self.send_error(
-                "unavailable",
-                "Too many subscribers are taking initial data at once; try again",
-            )
-            .await?;
-            return Err(End::Close(close::TRY_AGAIN, "snapshot slots busy"));
-        };
-        let deadline = state.config.limits.snapshot_deadline;
-        state.metrics.add(&state.metrics.snapshots_running, 1);
-        let _running = Running(&state.metrics);
         let sub = &mut self.subs[index];
-        let sending = snapshot::send_initial(
-            &state.pool,
-            &table,
-            &sub.shape,
-            batch_rows,
-            position,
-            snapshot::Target {
-                sink: &mut self.sink,
-                upkeep: &mut upkeep,
-                write_timeout: ping_timeout,
-            },
-        );
-        let result = tokio::select! {
-            biased;
-            // Dropping the send rolls the snapshot's transaction back.
-            _ = state.token.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
-            // A reader too slow to take its initial data within the deadline gives its
-            // connection and snapshot back.
-            _ = tokio::time::sleep(deadline) => {
-                tracing::debug!(?deadline, "initial data not taken within the deadline");
-                return Err(End::Close(close::SLOW_CONSUMER, "initial data not read within the deadline"));
-            }
-            result = sending => result,
-        };
-        match result {
-            Ok(snapshot) => {
-                sub.seen_in = Some(snapshot);
-                // What was published while the initial data went out is read from the ring
-                // (bounded); only what comes after counts against the queue limit.
-                sub.cursor.rebase();
-                Ok(())
-            }
-            Err(snapshot::SnapshotError::Socket(_)) => Err(End::Gone),
-            Err(snapshot::SnapshotError::Stalled) => {
-                Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))
-            }
-            Err(snapshot::SnapshotError::PeerSilent) => {
-                Err(End::Close(close::NORMAL, "heartbeat timeout"))
-            }
-            Err(err) => {
-                tracing::error!(error = %crate::error::chain(&err), "initial data failed");
-                let _ = self
-                    .send_text(control::error("internal", "Initial data could not be read"))
-                    .await;
-                Err(End::Close(close::INTERNAL, "initial data failed"))
-            }
-        }
+        send_initial(&state, sub, &table, &mut self.sink, &mut upkeep).await
     }
 
     async fn send_error(&mut self, code: &str, message: &str) -> Result<(), End> {
@@ -1368,15 +1309,108 @@ impl Session {
     /// Sends one message unless shutdown comes first; a client that has not taken it within
     /// the ping timeout has stopped reading and is closed as a slow consumer.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        let limit = self.state.config.ping_timeout;
-        tokio::select! {
-            biased;
-            _ = self.state.token.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
-            sent = tokio::time::timeout(limit, self.sink.send(message)) => match sent {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(End::Gone),
-                Err(_) => Err(End::Close(close::SLOW_CONSUMER, "slow consumer")),
-            },
+        send_to(&mut self.sink, &self.state, message).await
+    }
+}
+
+/// Sends one message unless shutdown comes first; a client that has not taken it within the
+/// ping timeout has stopped reading and is closed as a slow consumer.
+pub(super) async fn send_to<S>(sink: &mut S, state: &AppState, message: Message) -> Result<(), End>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let limit = state.config.ping_timeout;
+    tokio::select! {
+        biased;
+        _ = state.token.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down")),
+        sent = tokio::time::timeout(limit, sink.send(message)) => match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Close(close::SLOW_CONSUMER, "slow consumer")),
+        },
+    }
+}
+
+/// Sends a subscription's initial rows (as of now) to `sink`, and from then on drops the
+/// events they contain. At most `max_snapshots` run at once; one not taken within the
+/// snapshot deadline ends as a slow consumer. `upkeep` is asked between messages.
+pub(super) async fn send_initial<S>(
+    state: &AppState,
+    sub: &mut Subscription,
+    table: &TableInfo,
+    sink: &mut S,
+    upkeep: &mut (dyn FnMut() -> Upkeep + Send),
+) -> Result<(), End>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let batch_rows = state.config.snapshot_batch_rows;
+    // Read before the snapshot is taken: every event up to it is in the snapshot.
+    let position = state.hub.position();
+    // Initial-data reads take pooled connections: at most `max_snapshots` at once, so
+    // REST keeps connections of its own.
+    let permit = tokio::select! {
+        biased;
+        _ = state.token.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
+        permit = tokio::time::timeout(state.config.pool_wait_timeout, Arc::clone(&state.snapshots).acquire_owned()) => permit,
+    };
+    let Ok(Ok(_permit)) = permit else {
+        tracing::debug!("initial data refused: every snapshot slot is busy");
+        state.metrics.inc(&state.metrics.limited);
+        let text = control::error(
+            "unavailable",
+            "Too many subscribers are taking initial data at once; try again",
+        );
+        send_to(sink, state, Message::text(text)).await?;
+        return Err(End::Close(close::TRY_AGAIN, "snapshot slots busy"));
+    };
+    let deadline = state.config.limits.snapshot_deadline;
+    state.metrics.add(&state.metrics.snapshots_running, 1);
+    let _running = Running(&state.metrics);
+    let sending = snapshot::send_initial(
+        &state.pool,
+        table,
+        &sub.shape,
+        batch_rows,
+        position,
+        snapshot::Target {
+            sink: &mut *sink,
+            upkeep,
+            write_timeout: state.config.ping_timeout,
+        },
+    );
+    let result = tokio::select! {
+        biased;
+        // Dropping the send rolls the snapshot's transaction back.
+        _ = state.token.cancelled() => return Err(End::Close(close::GOING_AWAY, "server shutting down")),
+        // A reader too slow to take its initial data within the deadline gives its
+        // connection and snapshot back.
+        _ = tokio::time::sleep(deadline) => {
+            tracing::debug!(?deadline, "initial data not taken within the deadline");
+            return Err(End::Close(close::SLOW_CONSUMER, "initial data not read within the deadline"));
+        }
+        result = sending => result,
+    };
+    match result {
+        Ok(snapshot) => {
+            sub.seen_in = Some(snapshot);
+            // What was published while the initial data went out is read from the ring
+            // (bounded); only what comes after counts against the queue limit.
+            sub.cursor.rebase();
+            Ok(())
+        }
+        Err(snapshot::SnapshotError::Socket(_)) => Err(End::Gone),
+        Err(snapshot::SnapshotError::Stalled) => {
+            Err(End::Close(close::SLOW_CONSUMER, "slow consumer"))
+        }
+        Err(snapshot::SnapshotError::PeerSilent) => {
+            Err(End::Close(close::NORMAL, "heartbeat timeout"))
+        }
+        Err(err) => {
+            tracing::error!(error = %crate::error::chain(&err), "initial data failed");
+            let text = control::error("internal", "Initial data could not be read");
+            let _ = send_to(sink, state, Message::text(text)).await;
+            Err(End::Close(close::INTERNAL, "initial data failed"))
         }
     }
 }
@@ -1390,7 +1424,10 @@ impl Drop for Session {
 
 /// Waits for entries on any subscription; returns which one has a batch. Pends forever when
 /// there is no subscription. Polls starting at `first` so a busy table cannot starve others.
-async fn next_batch(subs: &mut [Subscription], first: usize) -> (usize, Result<(), Overflow>) {
+pub(super) async fn next_batch(
+    subs: &mut [Subscription],
+    first: usize,
+) -> (usize, Result<(), Overflow>) {
     match subs.len() {
         0 => std::future::pending().await,
         1 => {
@@ -1418,11 +1455,14 @@ async fn next_batch(subs: &mut [Subscription], first: usize) -> (usize, Result<(
 /// Feeds the subscription's batch (each entry shaped for it, minus what its initial data
 /// holds), then flushes once; gives up with 4008 when the cursor overflows while the socket
 /// is slow. Returns why the subscription ends, when an entry ends it.
-async fn write_events(
-    sink: &mut SplitSink<WebSocket, Message>,
+pub(super) async fn write_events<S>(
+    sink: &mut S,
     sub: &mut Subscription,
     state: &AppState,
-) -> Result<Option<String>, End> {
+) -> Result<Option<String>, End>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
     let Subscription {
         topic,
         cursor,
@@ -1543,11 +1583,10 @@ impl Progress {
 }
 
 /// Feeds one frame to the socket and notes that it took it.
-async fn feed(
-    sink: &mut SplitSink<WebSocket, Message>,
-    message: Message,
-    progress: &Progress,
-) -> Result<(), WsError> {
+async fn feed<S>(sink: &mut S, message: Message, progress: &Progress) -> Result<(), WsError>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
     sink.feed(message).await?;
     progress.note();
     Ok(())
@@ -1618,7 +1657,7 @@ fn read_error_end(err: &WsError) -> End {
     end
 }
 
-fn overflow_end(overflow: Overflow) -> End {
+pub(super) fn overflow_end(overflow: Overflow) -> End {
     match overflow {
         Overflow::Lagged => End::Close(close::SLOW_CONSUMER, "slow consumer: not reading"),
         Overflow::Evicted => End::Close(
@@ -1630,7 +1669,7 @@ fn overflow_end(overflow: Overflow) -> End {
 }
 
 /// Sleeps until `deadline`, or for ever when there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
+pub(super) async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,

@@ -28,6 +28,7 @@ mod shutdown;
 mod slow;
 mod snapshot;
 mod soak;
+mod sse;
 mod stream;
 mod support;
 mod tls;
