@@ -334,7 +334,10 @@ export class Subscription extends Emitter {
     const message = { type: "subscribe", resource: this.resource, ...filter, batch: true };
     if (select !== undefined) message.select = list(select);
     if (events !== undefined) message.events = list(events);
-    if (resume && this.position !== null) message.since = this.position;
+    // A copy a reset declared stale is loaded again, never resumed (even if events came
+    // after the reset, before the new initial rows).
+    const current = this.loaded || !snapshot;
+    if (resume && current && this.position !== null) message.since = this.position;
     // With `since`, `snapshot` asks for initial rows only if the resume is impossible.
     if (snapshot) message.snapshot = true;
     return message;

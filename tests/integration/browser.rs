@@ -696,3 +696,65 @@ async fn the_relay_serves_its_client_its_types_and_the_dashboard_with_a_strict_p
         404
     );
 }
+
+/// JS defining `window.FaultyWebSocket`, a WebSocket whose traffic a test can cut:
+/// `window.incoming(message, socket)` and `window.outgoing(message, socket)` (parsed JSON)
+/// return false to drop a message.
+const FAULTY_WEBSOCKET: &str = r#"(() => {
+    window.FaultyWebSocket = class extends WebSocket {
+      set onmessage(handler) {
+        super.onmessage = handler && ((event) => {
+          if (!window.incoming || window.incoming(JSON.parse(event.data), this) !== false) handler(event);
+        });
+      }
+      get onmessage() {
+        return super.onmessage;
+      }
+      send(data) {
+        if (!window.outgoing || window.outgoing(JSON.parse(data), this) !== false) super.send(data);
+      }
+    };
+    return true;
+})()"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_reloads_after_a_reset_even_if_the_connection_drops_before_the_new_rows() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items(name) values ('one'), ('two')")
+        .await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    browser.eval(FAULTY_WEBSOCKET).await;
+    browser
+        .eval(&subscribe_js(
+            "items",
+            "items",
+            "{}",
+            "WebSocket: window.FaultyWebSocket, minBackoff: 50, maxBackoff: 100",
+        ))
+        .await;
+    browser.wait("window.items.loaded", 10_000).await;
+    // On this socket, the subscribe that follows the reset never reaches the relay: the page
+    // keeps receiving events, and the socket drops before any new initial rows come.
+    browser
+        .eval(
+            r#"window.first = window.relay.socket;
+               window.outgoing = (m, socket) => !(socket === window.first && m.type === "subscribe");
+               true"#,
+        )
+        .await;
+    db.exec("alter table items add column extra int not null default 7")
+        .await;
+    browser
+        .wait(r#"window.log.some((e) => e[0] === "reset")"#, 10_000)
+        .await;
+    let changes = browser.eval("window.changes").await.as_u64().unwrap();
+    db.exec("insert into items(name) values ('three')").await;
+    browser
+        .wait(&format!("window.changes > {changes}"), 10_000)
+        .await;
+    browser.eval("window.first.close(); true").await;
+    // The copy the reset declared stale is loaded again, not resumed.
+    assert_rows_equal(&mut browser, &db, "items", "select * from items").await;
+}
