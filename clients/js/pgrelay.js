@@ -113,6 +113,10 @@ export class Relay extends Emitter {
     this.attempt = 0;
     this.closed = false;
     this.timers = { reconnect: null, heartbeat: null, refresh: null };
+    /** Pings sent and pongs received on this socket; resource → the pong that ends its fence. */
+    this.pings = 0;
+    this.pongs = 0;
+    this.fences = new Map();
     this.#connect();
   }
 
@@ -144,6 +148,18 @@ export class Relay extends Emitter {
     clearInterval(this.timers.heartbeat);
     if (this.socket) this.socket.close(1000, "client closed");
     this.#setStatus("closed");
+  }
+
+  /**
+   * After an unsubscribe: what the relay still sends about `resource` belongs to the old
+   * subscription, up to the answer to a ping sent now (the relay answers in order), and is
+   * dropped, so that a new subscription to the same table never sees it.
+   */
+  fence(resource) {
+    if (!this.socket || this.socket.readyState !== 1) return;
+    this.send({ type: "ping" });
+    this.pings += 1;
+    this.fences.set(resource, this.pings);
   }
 
   send(message) {
@@ -185,6 +201,8 @@ export class Relay extends Emitter {
     socket.onopen = () => {
       opened.at = Date.now();
       heard = opened.at;
+      this.pings = this.pongs = 0;
+      this.fences.clear();
       if (token) this.send({ type: "auth", token });
       this.#setStatus("open");
       for (const subscription of this.subscriptions.values()) subscription.start();
@@ -196,6 +214,7 @@ export class Relay extends Emitter {
           this.#onClose(socket, opened, 1006, "heartbeat timeout");
         } else {
           this.send({ type: "ping" });
+          this.pings += 1;
         }
       }, this.options.heartbeat);
     };
@@ -216,7 +235,11 @@ export class Relay extends Emitter {
   }
 
   #dispatch(m) {
-    if (m.type === "pong") return;
+    if (m.type === "pong") {
+      this.pongs += 1;
+      for (const [resource, pong] of this.fences) if (pong <= this.pongs) this.fences.delete(resource);
+      return;
+    }
     if (m.type === "authenticated") {
       this.#scheduleRefresh(m.expires_at);
       return;
@@ -225,6 +248,7 @@ export class Relay extends Emitter {
       for (const event of m.events) this.#dispatch(event);
       return;
     }
+    if (this.fences.has(m.resource)) return;
     const subscription = m.resource === undefined ? undefined : this.subscriptions.get(m.resource);
     if (subscription) {
       subscription.handle(m);
@@ -363,6 +387,7 @@ export class Subscription extends Emitter {
     this.state = "closed";
     this.relay.subscriptions.delete(this.resource);
     this.relay.send({ type: "unsubscribe", resource: this.resource });
+    this.relay.fence(this.resource);
   }
 
   /** The Map key of a row (`fromRow`) or of an event's `id`. */

@@ -758,3 +758,42 @@ async fn the_js_client_reloads_after_a_reset_even_if_the_connection_drops_before
     // The copy the reset declared stale is loaded again, not resumed.
     assert_rows_equal(&mut browser, &db, "items", "select * from items").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_clients_new_subscription_ignores_what_the_relay_still_sends_for_the_one_it_replaces()
+ {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items(name, qty) select 'n' || g, g % 2 from generate_series(1, 20) g")
+        .await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    // Subscribed, unsubscribed and subscribed again with another filter at once: the relay's
+    // replies for the first subscription (its initial rows) are still on their way.
+    let first = browser
+        .eval(
+            r#"(async () => {
+                const { Relay } = await import("/client.js");
+                const relay = new Relay();
+                window.relay = relay;
+                await new Promise((resolve) => relay.on("status", (s) => s === "open" && resolve()));
+                relay.subscribe("items", { filter: { qty: "eq.1" } }).unsubscribe();
+                const s = relay.subscribe("items", { filter: { qty: "eq.0" } });
+                window.even = s;
+                await s.ready;
+                return [...s.rows.values()].map((r) => r.qty);
+            })()"#,
+        )
+        .await;
+    assert!(
+        first.as_array().unwrap().iter().all(|q| q == 0),
+        "ready with another subscription's rows: {first}"
+    );
+    assert_rows_equal(
+        &mut browser,
+        &db,
+        "even",
+        "select * from items where qty = 0",
+    )
+    .await;
+}
