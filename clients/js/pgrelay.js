@@ -22,6 +22,11 @@ const FATAL_CLOSE = new Map([
   [4400, "bad_request"],
 ]);
 
+/** How long a connection may stay silent while initial rows are awaited: the relay sends nothing
+ * while it reads them (a large or locked table), and gives up on its own after its snapshot
+ * deadline (120 s by default). */
+const LOAD_SILENCE = 125_000;
+
 /** Subscription error codes that retrying will not fix (the others are retried). */
 const FATAL_ERRORS = new Set([
   "bad_request",
@@ -208,7 +213,9 @@ export class Relay extends Emitter {
       for (const subscription of this.subscriptions.values()) subscription.start();
       clearInterval(this.timers.heartbeat);
       this.timers.heartbeat = setInterval(() => {
-        if (Date.now() - heard > 2 * this.options.heartbeat) {
+        const loading = [...this.subscriptions.values()].some((s) => s.awaiting);
+        const limit = 2 * this.options.heartbeat;
+        if (Date.now() - heard > (loading ? Math.max(limit, LOAD_SILENCE) : limit)) {
           // Silent for two intervals: the connection is dead even if no close came.
           socket.close(4000, "heartbeat timeout");
           this.#onClose(socket, opened, 1006, "heartbeat timeout");
@@ -339,6 +346,8 @@ export class Subscription extends Emitter {
     /** `pending`, `live`, `failed` or `closed`. */
     this.state = "pending";
     this.loading = null;
+    /** True from a subscribe that will bring initial rows until they are in. */
+    this.awaiting = false;
     this.queued = [];
     this.attempt = 0;
     this.retry = null;
@@ -371,11 +380,14 @@ export class Subscription extends Emitter {
   start({ resume = true } = {}) {
     if (this.state === "failed" || this.state === "closed") return;
     clearTimeout(this.retry);
-    this.relay.send(this.#message({ resume }));
+    const message = this.#message({ resume });
+    if (this.relay.socket?.readyState === 1) this.awaiting = message.snapshot === true && message.since === undefined;
+    this.relay.send(message);
   }
 
   disconnected() {
     this.loading = null;
+    this.awaiting = false;
     this.queued = [];
     if (this.state === "live") this.state = "pending";
   }
@@ -425,6 +437,8 @@ export class Subscription extends Emitter {
         // resume asked for `snapshot` too; any other reset needs a new subscribe.
         this.position = null;
         this.loaded = false;
+        // A refused resume is followed by initial rows (asked for with `snapshot`).
+        this.awaiting = Boolean(this.options.snapshot);
         this.emit("reset", m.reason);
         if (this.options.snapshot && m.reason !== "history_unavailable") this.start({ resume: false });
         return;
@@ -443,6 +457,7 @@ export class Subscription extends Emitter {
     this.rows.clear();
     for (const [key, row] of this.loading) this.rows.set(key, row);
     this.loading = null;
+    this.awaiting = false;
     if (m.seq !== undefined && m.seq !== null) this.position = m.seq;
     this.loaded = true;
     this.state = "live";
@@ -471,6 +486,7 @@ export class Subscription extends Emitter {
   }
 
   #error(m) {
+    this.awaiting = false;
     const error = new RelayError(m.code, m.message, { resource: this.resource });
     this.emit("error", error);
     if (FATAL_ERRORS.has(m.code)) {

@@ -797,3 +797,39 @@ async fn the_js_clients_new_subscription_ignores_what_the_relay_still_sends_for_
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_keeps_a_connection_whose_initial_rows_are_slow_to_come() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items(name) values ('one'), ('two')")
+        .await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    // The table is locked: the relay's snapshot waits for it, sending nothing meanwhile, for
+    // many of the client's heartbeat intervals.
+    let locker = db.client().await;
+    locker
+        .batch_execute("begin; lock table items in access exclusive mode")
+        .await
+        .unwrap();
+    browser
+        .eval(&subscribe_js(
+            "items",
+            "items",
+            "{}",
+            "heartbeat: 200, minBackoff: 50, maxBackoff: 100",
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    locker.batch_execute("commit").await.unwrap();
+    assert_rows_equal(&mut browser, &db, "items", "select * from items").await;
+    let log = browser.eval("window.log").await;
+    let opens = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e[1] == "open")
+        .count();
+    assert_eq!(opens, 1, "a busy relay is not a dead one: {log}");
+}
