@@ -35,6 +35,9 @@ const FATAL_ERRORS = new Set([
   "forbidden",
 ]);
 
+/** Keys of a subscribe message that are not filters (a column so named cannot be filtered on /ws). */
+const MESSAGE_KEYS = new Set(["type", "resource", "select", "events", "since", "snapshot", "batch"]);
+
 /** An error the relay reported, or a connection failure. */
 export class RelayError extends Error {
   constructor(code, message, { resource = null, closeCode = null } = {}) {
@@ -139,6 +142,11 @@ export class Relay extends Emitter {
     if (this.closed) throw new RelayError("closed", "pgrelay: this relay connection was closed");
     if (this.subscriptions.has(resource)) {
       throw new RelayError("bad_request", `pgrelay: already subscribed to ${resource}`, { resource });
+    }
+    for (const column of Object.keys(options.filter ?? {})) {
+      if (MESSAGE_KEYS.has(column)) {
+        throw new RelayError("bad_request", `pgrelay: cannot filter on ${column}: a subscribe message uses that key`, { resource });
+      }
     }
     const subscription = new Subscription(this, resource, options);
     this.subscriptions.set(resource, subscription);

@@ -833,3 +833,39 @@ async fn the_js_client_keeps_a_connection_whose_initial_rows_are_slow_to_come() 
         .count();
     assert_eq!(opens, 1, "a busy relay is not a dead one: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_refuses_a_filter_on_a_column_named_like_a_message_key() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table notes(id int primary key, type text); insert into notes values (1, 'a')",
+            &["notes"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["notes"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let answer = browser
+        .eval(
+            r#"(async () => {
+                const { Relay } = await import("/client.js");
+                const relay = new Relay();
+                try {
+                  const s = relay.subscribe("notes", { filter: { type: "eq.a" } });
+                  const outcome = await Promise.race([
+                    s.ready.then(() => "ready", (e) => [e.code, e.message]),
+                    new Promise((resolve) => setTimeout(() => resolve("no answer"), 3000)),
+                  ]);
+                  return outcome;
+                } catch (e) {
+                  return [e.code, e.message];
+                } finally {
+                  relay.close();
+                }
+            })()"#,
+        )
+        .await;
+    assert_eq!(answer[0], "bad_request", "{answer}");
+    assert!(answer[1].as_str().unwrap().contains("type"), "{answer}");
+}
