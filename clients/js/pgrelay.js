@@ -22,6 +22,11 @@ const FATAL_CLOSE = new Map([
   [4400, "bad_request"],
 ]);
 
+/** How long a connection may stay silent while initial rows are awaited: the relay sends nothing
+ * while it reads them (a large or locked table), and gives up on its own after its snapshot
+ * deadline (120 s by default). */
+const LOAD_SILENCE = 125_000;
+
 /** Subscription error codes that retrying will not fix (the others are retried). */
 const FATAL_ERRORS = new Set([
   "bad_request",
@@ -29,6 +34,9 @@ const FATAL_ERRORS = new Set([
   "subscription_ended",
   "forbidden",
 ]);
+
+/** Keys of a subscribe message that are not filters (a column so named cannot be filtered on /ws). */
+const MESSAGE_KEYS = new Set(["type", "resource", "select", "events", "since", "snapshot", "batch"]);
 
 /** An error the relay reported, or a connection failure. */
 export class RelayError extends Error {
@@ -113,6 +121,10 @@ export class Relay extends Emitter {
     this.attempt = 0;
     this.closed = false;
     this.timers = { reconnect: null, heartbeat: null, refresh: null };
+    /** Pings sent and pongs received on this socket; resource → the pong that ends its fence. */
+    this.pings = 0;
+    this.pongs = 0;
+    this.fences = new Map();
     this.#connect();
   }
 
@@ -131,6 +143,11 @@ export class Relay extends Emitter {
     if (this.subscriptions.has(resource)) {
       throw new RelayError("bad_request", `pgrelay: already subscribed to ${resource}`, { resource });
     }
+    for (const column of Object.keys(options.filter ?? {})) {
+      if (MESSAGE_KEYS.has(column)) {
+        throw new RelayError("bad_request", `pgrelay: cannot filter on ${column}: a subscribe message uses that key`, { resource });
+      }
+    }
     const subscription = new Subscription(this, resource, options);
     this.subscriptions.set(resource, subscription);
     if (this.status === "open") subscription.start();
@@ -144,6 +161,18 @@ export class Relay extends Emitter {
     clearInterval(this.timers.heartbeat);
     if (this.socket) this.socket.close(1000, "client closed");
     this.#setStatus("closed");
+  }
+
+  /**
+   * After an unsubscribe: what the relay still sends about `resource` belongs to the old
+   * subscription, up to the answer to a ping sent now (the relay answers in order), and is
+   * dropped, so that a new subscription to the same table never sees it.
+   */
+  fence(resource) {
+    if (!this.socket || this.socket.readyState !== 1) return;
+    this.send({ type: "ping" });
+    this.pings += 1;
+    this.fences.set(resource, this.pings);
   }
 
   send(message) {
@@ -185,17 +214,22 @@ export class Relay extends Emitter {
     socket.onopen = () => {
       opened.at = Date.now();
       heard = opened.at;
+      this.pings = this.pongs = 0;
+      this.fences.clear();
       if (token) this.send({ type: "auth", token });
       this.#setStatus("open");
       for (const subscription of this.subscriptions.values()) subscription.start();
       clearInterval(this.timers.heartbeat);
       this.timers.heartbeat = setInterval(() => {
-        if (Date.now() - heard > 2 * this.options.heartbeat) {
+        const loading = [...this.subscriptions.values()].some((s) => s.awaiting);
+        const limit = 2 * this.options.heartbeat;
+        if (Date.now() - heard > (loading ? Math.max(limit, LOAD_SILENCE) : limit)) {
           // Silent for two intervals: the connection is dead even if no close came.
           socket.close(4000, "heartbeat timeout");
           this.#onClose(socket, opened, 1006, "heartbeat timeout");
         } else {
           this.send({ type: "ping" });
+          this.pings += 1;
         }
       }, this.options.heartbeat);
     };
@@ -216,7 +250,11 @@ export class Relay extends Emitter {
   }
 
   #dispatch(m) {
-    if (m.type === "pong") return;
+    if (m.type === "pong") {
+      this.pongs += 1;
+      for (const [resource, pong] of this.fences) if (pong <= this.pongs) this.fences.delete(resource);
+      return;
+    }
     if (m.type === "authenticated") {
       this.#scheduleRefresh(m.expires_at);
       return;
@@ -225,6 +263,7 @@ export class Relay extends Emitter {
       for (const event of m.events) this.#dispatch(event);
       return;
     }
+    if (this.fences.has(m.resource)) return;
     const subscription = m.resource === undefined ? undefined : this.subscriptions.get(m.resource);
     if (subscription) {
       subscription.handle(m);
@@ -315,6 +354,8 @@ export class Subscription extends Emitter {
     /** `pending`, `live`, `failed` or `closed`. */
     this.state = "pending";
     this.loading = null;
+    /** True from a subscribe that will bring initial rows until they are in. */
+    this.awaiting = false;
     this.queued = [];
     this.attempt = 0;
     this.retry = null;
@@ -334,7 +375,10 @@ export class Subscription extends Emitter {
     const message = { type: "subscribe", resource: this.resource, ...filter, batch: true };
     if (select !== undefined) message.select = list(select);
     if (events !== undefined) message.events = list(events);
-    if (resume && this.position !== null) message.since = this.position;
+    // A copy a reset declared stale is loaded again, never resumed (even if events came
+    // after the reset, before the new initial rows).
+    const current = this.loaded || !snapshot;
+    if (resume && current && this.position !== null) message.since = this.position;
     // With `since`, `snapshot` asks for initial rows only if the resume is impossible.
     if (snapshot) message.snapshot = true;
     return message;
@@ -344,11 +388,14 @@ export class Subscription extends Emitter {
   start({ resume = true } = {}) {
     if (this.state === "failed" || this.state === "closed") return;
     clearTimeout(this.retry);
-    this.relay.send(this.#message({ resume }));
+    const message = this.#message({ resume });
+    if (this.relay.socket?.readyState === 1) this.awaiting = message.snapshot === true && message.since === undefined;
+    this.relay.send(message);
   }
 
   disconnected() {
     this.loading = null;
+    this.awaiting = false;
     this.queued = [];
     if (this.state === "live") this.state = "pending";
   }
@@ -360,6 +407,7 @@ export class Subscription extends Emitter {
     this.state = "closed";
     this.relay.subscriptions.delete(this.resource);
     this.relay.send({ type: "unsubscribe", resource: this.resource });
+    this.relay.fence(this.resource);
   }
 
   /** The Map key of a row (`fromRow`) or of an event's `id`. */
@@ -397,6 +445,8 @@ export class Subscription extends Emitter {
         // resume asked for `snapshot` too; any other reset needs a new subscribe.
         this.position = null;
         this.loaded = false;
+        // A refused resume is followed by initial rows (asked for with `snapshot`).
+        this.awaiting = Boolean(this.options.snapshot);
         this.emit("reset", m.reason);
         if (this.options.snapshot && m.reason !== "history_unavailable") this.start({ resume: false });
         return;
@@ -415,6 +465,7 @@ export class Subscription extends Emitter {
     this.rows.clear();
     for (const [key, row] of this.loading) this.rows.set(key, row);
     this.loading = null;
+    this.awaiting = false;
     if (m.seq !== undefined && m.seq !== null) this.position = m.seq;
     this.loaded = true;
     this.state = "live";
@@ -443,6 +494,7 @@ export class Subscription extends Emitter {
   }
 
   #error(m) {
+    this.awaiting = false;
     const error = new RelayError(m.code, m.message, { resource: this.resource });
     this.emit("error", error);
     if (FATAL_ERRORS.has(m.code)) {

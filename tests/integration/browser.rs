@@ -696,3 +696,176 @@ async fn the_relay_serves_its_client_its_types_and_the_dashboard_with_a_strict_p
         404
     );
 }
+
+/// JS defining `window.FaultyWebSocket`, a WebSocket whose traffic a test can cut:
+/// `window.incoming(message, socket)` and `window.outgoing(message, socket)` (parsed JSON)
+/// return false to drop a message.
+const FAULTY_WEBSOCKET: &str = r#"(() => {
+    window.FaultyWebSocket = class extends WebSocket {
+      set onmessage(handler) {
+        super.onmessage = handler && ((event) => {
+          if (!window.incoming || window.incoming(JSON.parse(event.data), this) !== false) handler(event);
+        });
+      }
+      get onmessage() {
+        return super.onmessage;
+      }
+      send(data) {
+        if (!window.outgoing || window.outgoing(JSON.parse(data), this) !== false) super.send(data);
+      }
+    };
+    return true;
+})()"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_reloads_after_a_reset_even_if_the_connection_drops_before_the_new_rows() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items(name) values ('one'), ('two')")
+        .await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    browser.eval(FAULTY_WEBSOCKET).await;
+    browser
+        .eval(&subscribe_js(
+            "items",
+            "items",
+            "{}",
+            "WebSocket: window.FaultyWebSocket, minBackoff: 50, maxBackoff: 100",
+        ))
+        .await;
+    browser.wait("window.items.loaded", 10_000).await;
+    // On this socket, the subscribe that follows the reset never reaches the relay: the page
+    // keeps receiving events, and the socket drops before any new initial rows come.
+    browser
+        .eval(
+            r#"window.first = window.relay.socket;
+               window.outgoing = (m, socket) => !(socket === window.first && m.type === "subscribe");
+               true"#,
+        )
+        .await;
+    db.exec("alter table items add column extra int not null default 7")
+        .await;
+    browser
+        .wait(r#"window.log.some((e) => e[0] === "reset")"#, 10_000)
+        .await;
+    let changes = browser.eval("window.changes").await.as_u64().unwrap();
+    db.exec("insert into items(name) values ('three')").await;
+    browser
+        .wait(&format!("window.changes > {changes}"), 10_000)
+        .await;
+    browser.eval("window.first.close(); true").await;
+    // The copy the reset declared stale is loaded again, not resumed.
+    assert_rows_equal(&mut browser, &db, "items", "select * from items").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_clients_new_subscription_ignores_what_the_relay_still_sends_for_the_one_it_replaces()
+ {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items(name, qty) select 'n' || g, g % 2 from generate_series(1, 20) g")
+        .await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    // Subscribed, unsubscribed and subscribed again with another filter at once: the relay's
+    // replies for the first subscription (its initial rows) are still on their way.
+    let first = browser
+        .eval(
+            r#"(async () => {
+                const { Relay } = await import("/client.js");
+                const relay = new Relay();
+                window.relay = relay;
+                await new Promise((resolve) => relay.on("status", (s) => s === "open" && resolve()));
+                relay.subscribe("items", { filter: { qty: "eq.1" } }).unsubscribe();
+                const s = relay.subscribe("items", { filter: { qty: "eq.0" } });
+                window.even = s;
+                await s.ready;
+                return [...s.rows.values()].map((r) => r.qty);
+            })()"#,
+        )
+        .await;
+    assert!(
+        first.as_array().unwrap().iter().all(|q| q == 0),
+        "ready with another subscription's rows: {first}"
+    );
+    assert_rows_equal(
+        &mut browser,
+        &db,
+        "even",
+        "select * from items where qty = 0",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_keeps_a_connection_whose_initial_rows_are_slow_to_come() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items(name) values ('one'), ('two')")
+        .await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    // The table is locked: the relay's snapshot waits for it, sending nothing meanwhile, for
+    // many of the client's heartbeat intervals.
+    let locker = db.client().await;
+    locker
+        .batch_execute("begin; lock table items in access exclusive mode")
+        .await
+        .unwrap();
+    browser
+        .eval(&subscribe_js(
+            "items",
+            "items",
+            "{}",
+            "heartbeat: 200, minBackoff: 50, maxBackoff: 100",
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    locker.batch_execute("commit").await.unwrap();
+    assert_rows_equal(&mut browser, &db, "items", "select * from items").await;
+    let log = browser.eval("window.log").await;
+    let opens = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e[1] == "open")
+        .count();
+    assert_eq!(opens, 1, "a busy relay is not a dead one: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_refuses_a_filter_on_a_column_named_like_a_message_key() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table notes(id int primary key, type text); insert into notes values (1, 'a')",
+            &["notes"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["notes"]).await;
+    let mut browser = Browser::start().await;
+    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let answer = browser
+        .eval(
+            r#"(async () => {
+                const { Relay } = await import("/client.js");
+                const relay = new Relay();
+                try {
+                  const s = relay.subscribe("notes", { filter: { type: "eq.a" } });
+                  const outcome = await Promise.race([
+                    s.ready.then(() => "ready", (e) => [e.code, e.message]),
+                    new Promise((resolve) => setTimeout(() => resolve("no answer"), 3000)),
+                  ]);
+                  return outcome;
+                } catch (e) {
+                  return [e.code, e.message];
+                } finally {
+                  relay.close();
+                }
+            })()"#,
+        )
+        .await;
+    assert_eq!(answer[0], "bad_request", "{answer}");
+    assert!(answer[1].as_str().unwrap().contains("type"), "{answer}");
+}
