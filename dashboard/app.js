@@ -177,6 +177,7 @@ async function start() {
   const response = await get("/api");
   if (response.status === 401) {
     $("login").hidden = false;
+    sessionStorage.removeItem("pgrelay-token");
     if (token) $("login-error").textContent = "that token was refused";
     return;
   }

@@ -38,7 +38,8 @@ export interface SubscribeOptions {
   filter?: Record<string, string>;
   /** Columns to keep in rows and events (the key columns are always kept). */
   select?: string | string[];
-  /** Event types to receive: `create`, `update`, `delete`, `truncate`. */
+  /** Event types to receive: `create`, `update`, `delete`, `truncate`. With only some of
+   * them, `rows` no longer follows the table (a row whose delete is not sent stays). */
   events?: string | string[];
   /** Load the initial rows and keep `rows` exact (default true); false: events only, from now on. */
   snapshot?: boolean;

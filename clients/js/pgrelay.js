@@ -201,6 +201,8 @@ export class Relay extends Emitter {
       return this.#reconnectLater();
     }
     if (this.closed) return;
+    // A token function that gives nothing cannot fix a refusal by being asked again.
+    this.hasToken = Boolean(token);
     let socket;
     try {
       socket = new this.WebSocket(this.url);
@@ -298,7 +300,7 @@ export class Relay extends Emitter {
     // A connection that stayed up a while starts the backoff over.
     if (opened.at && Date.now() - opened.at > 10_000) this.attempt = 0;
     const fatal = FATAL_CLOSE.get(code);
-    const refreshable = code === 4001 && typeof this.options.token === "function";
+    const refreshable = code === 4001 && typeof this.options.token === "function" && this.hasToken;
     if (fatal && !refreshable) {
       this.emit("error", new RelayError(fatal, `pgrelay: the relay closed the connection (${code}): ${reason || fatal}`, { closeCode: code }));
       this.closed = true;
@@ -404,7 +406,10 @@ export class Subscription extends Emitter {
   unsubscribe() {
     if (this.state === "closed") return;
     clearTimeout(this.retry);
+    const failed = this.state === "failed";
     this.state = "closed";
+    // A failed subscription is already gone from the relay (and its table may have a new one).
+    if (failed) return;
     this.relay.subscriptions.delete(this.resource);
     this.relay.send({ type: "unsubscribe", resource: this.resource });
     this.relay.fence(this.resource);

@@ -295,10 +295,23 @@ fn root() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> 
         .and(warp::get())
         .and(warp::header::optional::<String>("accept"))
         .map(|accept: Option<String>| {
-            if accept.is_some_and(|a| a.contains("text/html")) {
-                return assets::dashboard();
-            }
-            warp::reply::json(&json!({
+            // The answer depends on Accept: caches must keep the two apart.
+            let mut response = if accept.is_some_and(|a| a.contains("text/html")) {
+                assets::dashboard()
+            } else {
+                index()
+            };
+            response.headers_mut().insert(
+                warp::http::header::VARY,
+                warp::http::HeaderValue::from_static("accept"),
+            );
+            response
+        })
+}
+
+/// What this relay serves, as JSON.
+fn index() -> warp::reply::Response {
+    warp::reply::json(&json!({
                 "name": "pgrelay",
                 "version": env!("CARGO_PKG_VERSION"),
                 "routes": {
@@ -315,7 +328,6 @@ fn root() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> 
                 },
             }))
             .into_response()
-        })
 }
 
 /// GET /healthz: the process is up.

@@ -688,6 +688,7 @@ async fn the_relay_serves_its_client_its_types_and_the_dashboard_with_a_strict_p
         page.header("x-content-type-options").as_deref(),
         Some("nosniff")
     );
+    assert_eq!(page.header("vary").as_deref(), Some("accept"));
     let index: Value =
         serde_json::from_str(get("/", "application/json").await.unwrap().body()).unwrap();
     assert_eq!(index["name"], "pgrelay");
