@@ -238,12 +238,17 @@ impl Watcher {
         let previous = seen.get(&resource).cloned();
         let now = sql::describe_one(client, name).await?;
 
-        // The table we were following: gone, or renamed?
-        if let Some(prev) = &previous
-            && now.as_ref().is_none_or(|d| d.relid != prev.relid)
+        // The table we were following, or serving since before the watcher first looked at
+        // it (a drop right after start): gone, or renamed?
+        let followed = previous
+            .as_ref()
+            .map(|p| p.relid)
+            .or_else(|| self.tables.get(&resource).map(|t| t.relid));
+        if let Some(relid) = followed
+            && now.as_ref().is_none_or(|d| d.relid != relid)
         {
             let renamed_to = client
-                .query_opt(NAME_OF, &[&prev.relid])
+                .query_opt(NAME_OF, &[&relid])
                 .await?
                 .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)));
             let reason = match &renamed_to {
@@ -259,7 +264,7 @@ impl Watcher {
             self.settle(client).await?;
             // No longer served before anyone hears of it: a client that re-subscribes on the
             // reset must not find the table still there.
-            self.hub.route(prev.relid, None);
+            self.hub.route(relid, None);
             self.tables.remove(&resource);
             self.hub.publish_reset(&resource, reason);
             seen.remove(&resource);
