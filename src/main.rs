@@ -85,7 +85,7 @@ enum Command {
     /// over on `reset`, and exits with an error on a refusal (the relay's message printed).
     Tail {
         /// Base URL of the relay.
-        #[arg(long, default_value = "ws://127.0.0.1:8080")]
+        #[arg(long, env = "PGRELAY_URL", default_value = "ws://127.0.0.1:8080")]
         url: String,
         /// Send the initial rows first.
         #[arg(long)]

@@ -561,3 +561,29 @@ async fn tail_follows_a_table_across_a_relay_restart_and_stops_on_a_refusal() {
     assert!(stdout.contains("not_found"), "{stdout}");
     assert!(stderr.contains("4004"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_takes_the_relays_url_from_pgrelay_url() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new()
+        .await
+        .with_tables("create table items(id int primary key, v text)", &["items"])
+        .await;
+    db.exec("insert into items values (1, 'there')").await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut tail = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["tail", "--snapshot", "items"])
+        .env("PGRELAY_URL", format!("ws://{}", relay.addr))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    let line = crate::support::within(crate::support::STEP, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    let initial: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(initial["data"][0]["v"], "there", "{initial}");
+}
