@@ -192,6 +192,13 @@ pub async fn serve<F, R, H, HR>(
                 }
             },
         };
+        // Frames go out as soon as they are written: with Nagle's algorithm a small frame
+        // waits for the ACK of the one before it, which a client's delayed ACK may hold for
+        // up to 40 ms on a real network (on loopback the steady benchmark showed no
+        // difference: p99 19-21 ms either way). Best effort.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY");
+        }
         let admission = connections.admit(peer.ip());
         let (slot, full_service) = match admission {
             Admission::Serve(slot) => (slot, true),
