@@ -6,6 +6,7 @@
 
 mod auth;
 mod clients;
+mod demo;
 mod filters;
 mod install;
 mod limits;
