@@ -20,7 +20,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log lines as `text` (colours only on a terminal) or `json` (one object per line, for
-    /// log collectors). `RUST_LOG` chooses what is logged (default `pgrelay=info,warn`).
+    /// log collectors). `RUST_LOG` chooses what is logged (default `pgrelay=info,warn`; for
+    /// `demo`, `warn`).
     #[arg(long, global = true, env = "PGRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }

@@ -14,7 +14,7 @@
 //! authentication, capture installed at start.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -537,7 +537,8 @@ fn sh_quote(text: &str) -> String {
 }
 
 /// How to run this binary again from the current directory: `pgrelay` when PATH finds this
-/// very file, else its path (relative to the current directory when it is below it).
+/// very file, else its path (`./target/release/pgrelay` when it is below the current
+/// directory).
 fn own_command() -> String {
     let Ok(exe) = std::env::current_exe() else {
         return "pgrelay".to_owned();
@@ -550,6 +551,8 @@ fn own_command() -> String {
     if let Ok(cwd) = std::env::current_dir().and_then(std::fs::canonicalize)
         && let Ok(relative) = exe.strip_prefix(&cwd)
     {
+        // A bare name would be looked up on PATH: `./pgrelay`, not `pgrelay`.
+        let relative = Path::new(".").join(relative);
         return sh_quote(&relative.display().to_string());
     }
     sh_quote(&exe.display().to_string())
