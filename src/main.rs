@@ -1,6 +1,7 @@
-//! The `pgrelay` command line: serve, install, uninstall, status, tail, bench.
+//! The `pgrelay` command line: serve, install, uninstall, status, tail, bench, demo.
 
 mod bench;
+mod cli;
 
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log lines as `text` (colours only on a terminal) or `json` (one object per line, for
-    /// log collectors). `RUST_LOG` chooses what is logged (default `pgrelay=info,warn`).
+    /// log collectors). `RUST_LOG` chooses what is logged (default `pgrelay=info,warn`; for
+    /// `demo`, `warn`).
     #[arg(long, global = true, env = "PGRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -99,6 +101,12 @@ enum Command {
         /// Table (resource) to follow, optionally with query keys: `items?price=gt.10`.
         table: String,
     },
+    /// Try pgrelay: a throwaway PostgreSQL (or --database-url), a demo table, a writer
+    /// changing it, and the relay serving it on loopback, until Ctrl-C.
+    ///
+    /// Without --database-url it starts a PostgreSQL cluster from the local server binaries
+    /// in a temporary directory, and removes it on Ctrl-C.
+    Demo(cli::demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -158,8 +166,13 @@ fn tables(names: &[String]) -> anyhow::Result<Vec<TableName>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The demo's own lines say what happens; its log shows only what goes wrong.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "pgrelay=info,warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "pgrelay=info,warn".into());
+        .unwrap_or_else(|_| default_filter.into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -266,6 +279,7 @@ async fn main() -> anyhow::Result<()> {
             table,
         } => tail(&url, &table, snapshot, since, token.as_deref()).await,
         Command::Bench(args) => run_bench(args).await,
+        Command::Demo(args) => cli::demo::run(args).await,
     }
 }
 

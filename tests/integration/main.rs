@@ -7,6 +7,7 @@
 mod auth;
 mod browser;
 mod clients;
+mod demo;
 mod filters;
 mod install;
 mod limits;

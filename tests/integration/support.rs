@@ -508,6 +508,8 @@ pub struct Cluster {
     settings: String,
 }
 
+/// The PostgreSQL server binaries: `PGRELAY_TEST_PGBIN`, `pg_config --bindir`, `initdb` on PATH,
+/// or the newest `/usr/lib/postgresql/*/bin`.
 pub fn pg_bindir() -> std::path::PathBuf {
     if let Ok(dir) = std::env::var("PGRELAY_TEST_PGBIN") {
         return dir.into();
