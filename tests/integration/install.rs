@@ -460,13 +460,7 @@ async fn serve_logs_json_lines_per_request_and_socket_naming_the_peer_never_a_to
     assert!(!text.contains("\u{1b}["), "colour codes in a log: {text}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::support::free_port;
 
 /// The relay binary serving `items` on `port` (its stderr piped when `logs`), waited for.
 async fn relay_process(

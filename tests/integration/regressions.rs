@@ -129,16 +129,7 @@ async fn docs_relay(db: &TestDb) -> Relay {
         settings.tables = Some(vec!["docs".into()]);
         let parsed = settings.into_config().unwrap();
         c.policies = parsed.policies;
-        c.auth.jwt = Some(pgrelay::access::auth::JwtConfig {
-            keys: pgrelay::access::auth::KeySource::Secret(pgrelay::access::auth::Secret(
-                SECRET.into(),
-            )),
-            algorithms: vec![],
-            audience: None,
-            issuer: None,
-            leeway: Duration::from_secs(0),
-            require_exp: true,
-        });
+        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
     })
     .await
 }

@@ -574,16 +574,7 @@ async fn a_stream_needs_a_token_takes_it_from_access_token_applies_its_policy_an
         .unwrap();
         settings.tables = Some(vec!["docs".into()]);
         c.policies = settings.into_config().unwrap().policies;
-        c.auth.jwt = Some(pgrelay::access::auth::JwtConfig {
-            keys: pgrelay::access::auth::KeySource::Secret(pgrelay::access::auth::Secret(
-                SECRET.into(),
-            )),
-            algorithms: vec![],
-            audience: None,
-            issuer: None,
-            leeway: Duration::from_secs(0),
-            require_exp: true,
-        });
+        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
     })
     .await;
 

@@ -1006,3 +1006,36 @@ pub async fn install_mode(db: &TestDb, tables: &[&str], mode: &str) {
         .await
         .expect("install capture");
 }
+
+/// JWT verification with an HMAC `secret`: no audience or issuer check, no leeway, `exp`
+/// required.
+pub fn hmac_jwt(secret: &str) -> pgrelay::access::auth::JwtConfig {
+    use pgrelay::access::auth::{JwtConfig, KeySource, Secret};
+    JwtConfig {
+        keys: KeySource::Secret(Secret(secret.into())),
+        algorithms: vec![],
+        audience: None,
+        issuer: None,
+        leeway: Duration::from_secs(0),
+        require_exp: true,
+    }
+}
+
+/// A TCP port free on 127.0.0.1 just now (for a relay that must come back on the same port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `/readyz` at `addr` answers 200.
+pub async fn wait_ready_at(addr: SocketAddr) {
+    within(STEP, async {
+        while !matches!(http_get(addr, "/readyz").await, Ok((200, _))) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
