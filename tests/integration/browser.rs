@@ -71,6 +71,13 @@ impl Browser {
         }
     }
 
+    /// A browser with a blank page of the relay at `addr` open (its origin, for `/client.js`).
+    async fn on(addr: SocketAddr) -> Self {
+        let mut browser = Self::start().await;
+        browser.goto(format!("http://{addr}/healthz")).await;
+        browser
+    }
+
     /// Sends one command and returns its value; a failed command fails the test.
     #[track_caller]
     fn call(&mut self, command: Value) -> impl Future<Output = Value> + '_ {
@@ -355,8 +362,7 @@ async fn the_js_client_keeps_composite_keys_key_changes_truncate_filters_and_sel
         )
         .await;
     let relay = Relay::start(&db, &["tags"]).await;
-    let mut browser = Browser::start().await;
-    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let mut browser = Browser::on(relay.addr).await;
     browser
         .eval(&subscribe_js(
             "shown",
@@ -400,8 +406,7 @@ async fn the_js_client_resumes_a_dropped_connection_without_reloading_and_report
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     db.exec("insert into items(name) values ('one')").await;
     let relay = Relay::start(&db, &["items"]).await;
-    let mut browser = Browser::start().await;
-    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let mut browser = Browser::on(relay.addr).await;
     browser
         .eval(&subscribe_js(
             "items",
@@ -481,8 +486,7 @@ async fn the_js_client_sends_its_token_and_refreshes_it_before_it_expires() {
         c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
     })
     .await;
-    let mut browser = Browser::start().await;
-    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let mut browser = Browser::on(relay.addr).await;
     // The first token lives 3 s, each next one 2 s longer; the client asks its function for
     // the next one before `exp`.
     let tokens: Vec<String> = (0..8).map(|i| token(3 + 2 * i)).collect();
@@ -692,8 +696,7 @@ async fn the_js_client_reloads_after_a_reset_even_if_the_connection_drops_before
     db.exec("insert into items(name) values ('one'), ('two')")
         .await;
     let relay = Relay::start(&db, &["items"]).await;
-    let mut browser = Browser::start().await;
-    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let mut browser = Browser::on(relay.addr).await;
     browser.eval(FAULTY_WEBSOCKET).await;
     browser
         .eval(&subscribe_js(
@@ -735,8 +738,7 @@ async fn the_js_clients_new_subscription_ignores_what_the_relay_still_sends_for_
     db.exec("insert into items(name, qty) select 'n' || g, g % 2 from generate_series(1, 20) g")
         .await;
     let relay = Relay::start(&db, &["items"]).await;
-    let mut browser = Browser::start().await;
-    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let mut browser = Browser::on(relay.addr).await;
     // Subscribed, unsubscribed and subscribed again with another filter at once: the relay's
     // replies for the first subscription (its initial rows) are still on their way.
     let first = browser
@@ -773,8 +775,7 @@ async fn the_js_client_keeps_a_connection_whose_initial_rows_are_slow_to_come() 
     db.exec("insert into items(name) values ('one'), ('two')")
         .await;
     let relay = Relay::start(&db, &["items"]).await;
-    let mut browser = Browser::start().await;
-    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let mut browser = Browser::on(relay.addr).await;
     // The table is locked: the relay's snapshot waits for it, sending nothing meanwhile, for
     // many of the client's heartbeat intervals.
     let locker = db.client().await;
@@ -808,8 +809,7 @@ async fn the_js_client_refuses_a_filter_on_a_column_named_like_a_message_key() {
         )
         .await;
     let relay = Relay::start(&db, &["notes"]).await;
-    let mut browser = Browser::start().await;
-    browser.goto(format!("http://{}/healthz", relay.addr)).await;
+    let mut browser = Browser::on(relay.addr).await;
     let answer = browser
         .eval(
             r#"(async () => {
