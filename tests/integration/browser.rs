@@ -833,3 +833,71 @@ async fn the_js_client_refuses_a_filter_on_a_column_named_like_a_message_key() {
     assert_eq!(answer[0], "bad_request", "{answer}");
     assert!(answer[1].as_str().unwrap().contains("type"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browsers_event_source_streams_a_table_and_comes_back_after_a_relay_restart() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items(name) values ('first')").await;
+    let port = crate::support::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let relay = Relay::spawn_on(&bind, &db, &["items"], |_| {}).await;
+    relay.wait_ready().await;
+    let mut browser = Browser::on(relay.addr).await;
+    browser
+        .eval(
+            r#"window.messages = [];
+               window.source = new EventSource("/sse/items?snapshot=true");
+               source.onmessage = (e) => messages.push([e.lastEventId, JSON.parse(e.data)]);
+               true"#,
+        )
+        .await;
+    let has = |js: &str| format!("window.messages.some(([id, m]) => {js})");
+    browser
+        .wait(
+            &has(r#"m.type === "initial" && m.done && m.data[0].name === "first" && id === String(m.seq)"#),
+            10_000,
+        )
+        .await;
+    db.exec("insert into items(name) values ('second')").await;
+    browser
+        .wait(
+            &has(r#"m.type === "create" && m.data.name === "second" && id === String(m.seq)"#),
+            10_000,
+        )
+        .await;
+
+    // The relay restarts on the same port: the stream ends saying so, the EventSource comes
+    // back by itself with Last-Event-ID, and the new relay, which cannot vouch for that
+    // position, sends a reset and the rows again.
+    relay.stop().await.unwrap();
+    browser
+        .wait(
+            &has(r#"m.type === "error" && m.code === "shutting_down""#),
+            10_000,
+        )
+        .await;
+    db.exec("insert into items(name) values ('while away')")
+        .await;
+    let relay = Relay::spawn_on(&bind, &db, &["items"], |_| {}).await;
+    relay.wait_ready().await;
+    browser
+        .wait(
+            &has(r#"m.type === "reset" && m.reason === "history_unavailable""#),
+            20_000,
+        )
+        .await;
+    browser
+        .wait(
+            &has(r#"m.type === "initial" && m.done && m.data.length === 3"#),
+            10_000,
+        )
+        .await;
+    db.exec("insert into items(name) values ('after')").await;
+    browser
+        .wait(
+            &has(r#"m.type === "create" && m.data.name === "after""#),
+            10_000,
+        )
+        .await;
+    assert_eq!(browser.eval("window.source.readyState").await, json!(1));
+}
