@@ -194,8 +194,8 @@ pub async fn serve<F, R, H, HR>(
         };
         // Frames go out as soon as they are written: with Nagle's algorithm a small frame
         // waits for the ACK of the one before it, which a client's delayed ACK may hold for
-        // up to 40 ms on a real network (on loopback the steady benchmark showed no
-        // difference: p99 19-21 ms either way). Best effort.
+        // up to 40 ms (BENCHMARKS.md 0a: poll mode, 20 subscribers, p90 33 -> 3.3 ms).
+        // Best effort.
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
