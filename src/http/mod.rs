@@ -319,6 +319,7 @@ fn index() -> warp::reply::Response {
                     "/client.js": "the JavaScript client (ES module; types at /client.d.ts)",
                     "/api": "the tables you may use, with their columns and rights",
                     "/api/{table}": "REST: read and write rows (PostgREST-style filters)",
+                    "/rest/v1/{table}": "the same REST routes, where supabase-js looks for them",
                     "/ws/{table}": "WebSocket: a table's changes (filters, select, snapshot, since, batch)",
                     "/ws": "WebSocket: several tables on one socket (subscribe messages)",
                     "/sse/{table}": "Server-Sent Events: a table's changes (the keys of /ws/{table}; Last-Event-ID resumes)",
