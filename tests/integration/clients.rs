@@ -160,3 +160,16 @@ async fn supabase_js_reads_and_writes_through_rest_v1() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_receives_postgres_changes_over_realtime_v1() {
+    let (_db, relay) = supabase_relay().await;
+    let url = format!("http://{}", relay.addr);
+    node_suite(
+        &supabase_dir(),
+        "@supabase/supabase-js",
+        &["test/realtime.test.mjs"],
+        &url,
+    )
+    .await;
+}
