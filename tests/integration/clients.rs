@@ -173,3 +173,41 @@ async fn supabase_js_receives_postgres_changes_over_realtime_v1() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_realtime_applies_tokens_and_policies() {
+    let db = TestDb::new()
+        .await
+        .with_tables(SUPABASE_SCHEMA, &["items"])
+        .await;
+    let dir = supabase_dir();
+    let secret = "supabase-js-suite-secret-of-at-least-32-bytes";
+    let config = dir.join("policies.toml");
+    let relay = RelayProcess::start(
+        &db.url,
+        "items",
+        &[
+            "--config",
+            &config.to_string_lossy(),
+            "--jwt-secret",
+            secret,
+        ],
+    )
+    .await;
+    let url = format!("http://{}", relay.addr);
+    if !dir.join("node_modules/@supabase/supabase-js").exists() {
+        run(&dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
+    }
+    run(
+        &dir,
+        "node",
+        &[
+            "--test",
+            "--test-concurrency=1",
+            "--test-timeout=20000",
+            "test/tokens.test.mjs",
+        ],
+        &[("PGRELAY_URL", &url), ("PGRELAY_JWT_SECRET", secret)],
+    )
+    .await;
+}
