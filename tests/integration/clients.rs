@@ -211,3 +211,29 @@ async fn supabase_js_realtime_applies_tokens_and_policies() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_realtime_subscribes_again_across_a_relay_restart() {
+    let (db, relay) = supabase_relay().await;
+    let dir = supabase_dir();
+    if !dir.join("node_modules/@supabase/supabase-js").exists() {
+        run(&dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
+    }
+    let url = format!("http://{}", relay.addr);
+    run(
+        &dir,
+        "node",
+        &[
+            "--test",
+            "--test-concurrency=1",
+            "--test-timeout=40000",
+            "test/restart.test.mjs",
+        ],
+        &[
+            ("PGRELAY_URL", &url),
+            ("PGRELAY_BIN", env!("CARGO_BIN_EXE_pgrelay")),
+            ("PGRELAY_DATABASE_URL", &db.url),
+        ],
+    )
+    .await;
+}
