@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: finds PostgreSQL at $DATABASE_URL (default: postgres@127.0.0.1:5432) or,
 # if none answers, starts a throwaway cluster from the local binaries; installs the PostgREST
-# client suites' pinned packages (npm ci for postgrest-js, a venv with postgrest-py) and, for
+# client suites' pinned packages (npm ci for postgrest-js and supabase-js, a venv with postgrest-py) and, for
 # the browser tests, Debian's chromium and playwright-core (npm ci in clients/js); then runs
 # cargo fmt --check, cargo clippy -D warnings and cargo test against it (the client suites run
 # inside cargo test: tests/integration/clients.rs).
@@ -81,6 +81,7 @@ if [ -z "${CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ]; then
 fi
 (cd clients/postgrest && npm ci --no-audit --no-fund)
 (cd clients/js && npm ci --no-audit --no-fund)
+(cd clients/supabase && npm ci --no-audit --no-fund)
 venv=target/postgrest-py-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r clients/postgrest/python/requirements.txt

@@ -3,6 +3,7 @@
 pub mod assets;
 pub mod host;
 pub mod origin;
+pub mod realtime;
 pub mod rest;
 pub mod server;
 pub mod sse;
@@ -241,6 +242,7 @@ pub fn routes(
     let browser_facing = ws::table_route(Arc::clone(&state))
         .or(ws::multiplexed_route(Arc::clone(&state)))
         .or(sse::route(Arc::clone(&state)))
+        .or(realtime::route(Arc::clone(&state)))
         .or(rest::routes(Arc::clone(&state)));
     // Health checks pass whatever their Host; everything else must be sent to a name the
     // relay answers to (DNS rebinding), then come from an allowed origin.
@@ -319,8 +321,10 @@ fn index() -> warp::reply::Response {
                     "/client.js": "the JavaScript client (ES module; types at /client.d.ts)",
                     "/api": "the tables you may use, with their columns and rights",
                     "/api/{table}": "REST: read and write rows (PostgREST-style filters)",
+                    "/rest/v1/{table}": "the same REST routes, where supabase-js looks for them",
                     "/ws/{table}": "WebSocket: a table's changes (filters, select, snapshot, since, batch)",
                     "/ws": "WebSocket: several tables on one socket (subscribe messages)",
+                    "/realtime/v1/websocket": "Supabase Realtime's protocol (Phoenix channels, postgres_changes) for supabase-js",
                     "/sse/{table}": "Server-Sent Events: a table's changes (the keys of /ws/{table}; Last-Event-ID resumes)",
                     "/healthz": "the process is up",
                     "/readyz": "capture is connected and caught up",

@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use futures_util::future::select_all;
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -38,7 +38,7 @@ use crate::sql::TableInfo;
 use crate::subscription::{Delivery, Params, Shape, ShapeError};
 
 /// A WebSocket after pgrelay's own upgrade (see [`handshake`]).
-type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
+pub(super) type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Bytes tungstenite reads (and zero-fills) at a time. Its default, 128 KiB, is resident for
 /// every connection once read into: 146 KiB per idle connection was measured with it, 18 KiB
@@ -469,7 +469,7 @@ pub struct Handshake {
     on_upgrade: OnUpgrade,
 }
 
-fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
+pub(super) fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
     warp::header::headers_cloned()
         .and(warp::ext::optional::<OnUpgrade>())
         .and_then(
@@ -595,6 +595,22 @@ pub(crate) fn auth_token(message: &Value) -> Option<&str> {
 
 /// Replies 101 and runs the session on the upgraded connection, as a task of the tracker.
 fn upgrade(handshake: Handshake, state: Arc<AppState>, opening: Opening) -> impl Reply {
+    accept(handshake, Arc::clone(&state), move |socket| async move {
+        let single = match &opening {
+            Opening::Table(first) => Some(first.resource.clone()),
+            _ => None,
+        };
+        Session::new(socket, state, single).run(opening).await;
+    })
+}
+
+/// Replies 101 and runs `session` on the upgraded connection (with pgrelay's socket limits),
+/// as a task of the tracker.
+pub(super) fn accept<F, Fut>(handshake: Handshake, state: Arc<AppState>, session: F) -> impl Reply
+where
+    F: FnOnce(WebSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let limit = state.config.max_client_frame;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -608,11 +624,7 @@ fn upgrade(handshake: Handshake, state: Arc<AppState>, opening: Opening) -> impl
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                let single = match &opening {
-                    Opening::Table(first) => Some(first.resource.clone()),
-                    _ => None,
-                };
-                Session::new(socket, state, single).run(opening).await;
+                session(socket).await;
             }
             Err(err) => tracing::debug!(error = %err, "websocket upgrade did not complete"),
         }
@@ -628,7 +640,7 @@ fn upgrade(handshake: Handshake, state: Arc<AppState>, opening: Opening) -> impl
 pub(super) struct Subscription {
     pub(super) table: TableInfo,
     /// What the caller may do with the table (a refreshed token must leave it as it is).
-    access: Access,
+    pub(super) access: Access,
     topic: Arc<Topic>,
     cursor: Cursor,
     /// What the client asked for (a subscribe message on `/ws/{table}` overrides parts).
@@ -680,7 +692,7 @@ pub(super) enum End {
 
 /// Milliseconds since `epoch` when the client was last heard from (written by the reader
 /// task, which sees every frame, pongs included, even while the session is busy).
-struct Heard {
+pub(super) struct Heard {
     epoch: Instant,
     millis: AtomicU64,
 }
@@ -691,7 +703,7 @@ impl Heard {
         self.millis.store(elapsed, Ordering::Relaxed);
     }
 
-    fn silent_for(&self) -> Duration {
+    pub(super) fn silent_for(&self) -> Duration {
         let last = Duration::from_millis(self.millis.load(Ordering::Relaxed));
         self.epoch.elapsed().saturating_sub(last)
     }
@@ -705,7 +717,7 @@ struct Session {
     next_ping: Instant,
     /// Client frames, read by a task of their own (see `Session::new`); `None` once the
     /// client is gone.
-    frames_rx: tokio::sync::mpsc::Receiver<Result<Message, WsError>>,
+    frames_rx: FramesRx,
     reader: tokio::task::JoinHandle<()>,
     state: Arc<AppState>,
     /// `Some(resource)` on `/ws/{table}`; `None` on `/ws`.
@@ -724,14 +736,14 @@ struct Session {
 }
 
 /// A token bucket: `rate` messages per second, bursts of `2 × rate`.
-struct Bucket {
+pub(super) struct Bucket {
     tokens: f64,
     rate: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn new(rate: u32) -> Bucket {
+    pub(super) fn new(rate: u32) -> Bucket {
         let rate = f64::from(rate.max(1));
         Bucket {
             tokens: 2.0 * rate,
@@ -741,7 +753,7 @@ impl Bucket {
     }
 
     /// Takes one message's token; false when the client is over its rate.
-    fn take(&mut self) -> bool {
+    pub(super) fn take(&mut self) -> bool {
         let now = Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(2.0 * self.rate);
@@ -755,28 +767,63 @@ impl Bucket {
     }
 }
 
-impl Session {
-    fn new(socket: WebSocket, state: Arc<AppState>, single: Option<String>) -> Self {
-        let (sink, mut stream) = socket.split();
-        // The read half gets its own task, polled only when the socket has data: every poll
-        // of a tungstenite stream zero-fills its 128 KiB read buffer, and the event loop
-        // below would otherwise poll it once per event written (measured: 40% of the relay's
-        // CPU at 1,000 events/s to 100 subscribers).
-        let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(16);
-        let heard = Arc::new(Heard {
-            epoch: Instant::now(),
-            millis: AtomicU64::new(0),
-        });
-        let reader_heard = Arc::clone(&heard);
-        let reader = tokio::spawn(async move {
-            while let Some(frame) = stream.next().await {
-                reader_heard.now();
-                let failed = frame.is_err();
-                if frames_tx.send(frame).await.is_err() || failed {
+/// Client frames, as the reader task of [`spawn_reader`] passes them on.
+pub(super) type FramesRx = tokio::sync::mpsc::Receiver<Result<Message, WsError>>;
+
+/// Starts the task that reads a socket's client frames. The read half gets its own task,
+/// polled only when the socket has data: every poll of a tungstenite stream zero-fills its
+/// read buffer, and a session's event loop would otherwise poll it once per event written
+/// (measured: 40% of the relay's CPU at 1,000 events/s to 100 subscribers). The task ends
+/// when the client is gone or the receiver is dropped; the caller aborts it when done.
+pub(super) fn spawn_reader(
+    mut stream: SplitStream<WebSocket>,
+) -> (FramesRx, tokio::task::JoinHandle<()>, Arc<Heard>) {
+    let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(16);
+    let heard = Arc::new(Heard {
+        epoch: Instant::now(),
+        millis: AtomicU64::new(0),
+    });
+    let reader_heard = Arc::clone(&heard);
+    let reader = tokio::spawn(async move {
+        while let Some(frame) = stream.next().await {
+            reader_heard.now();
+            let failed = frame.is_err();
+            if frames_tx.send(frame).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    (frames_rx, reader, heard)
+}
+
+/// Sends Close, then waits briefly for the peer's Close so the handshake completes (dropping
+/// at once can reset the connection before the peer reads our frame).
+pub(super) async fn close_socket(
+    sink: &mut SplitSink<WebSocket, Message>,
+    frames_rx: &mut FramesRx,
+    code: u16,
+    reason: &'static str,
+) {
+    let frame = Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if sink.send(frame).await.is_ok() {
+            while let Some(Ok(message)) = frames_rx.recv().await {
+                if message.is_close() {
                     break;
                 }
             }
-        });
+        }
+    })
+    .await;
+}
+
+impl Session {
+    fn new(socket: WebSocket, state: Arc<AppState>, single: Option<String>) -> Self {
+        let (sink, stream) = socket.split();
+        let (frames_rx, reader, heard) = spawn_reader(stream);
         state.metrics.add(&state.metrics.ws_connections, 1);
         let next_ping = Instant::now() + state.config.ping_interval;
         let bucket = Bucket::new(state.config.limits.max_message_rate);
@@ -829,24 +876,7 @@ impl Session {
             if code == close::SLOW_CONSUMER {
                 self.state.metrics.inc(&self.state.metrics.slow_consumers);
             }
-            // Send Close, then wait briefly for the peer's Close so the handshake completes
-            // (dropping at once can reset the connection before the peer reads our frame).
-            let frame = Message::Close(Some(CloseFrame {
-                code: CloseCode::from(code),
-                reason: Utf8Bytes::from_static(reason),
-            }));
-            let frames_rx = &mut self.frames_rx;
-            let sink = &mut self.sink;
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                if sink.send(frame).await.is_ok() {
-                    while let Some(Ok(message)) = frames_rx.recv().await {
-                        if message.is_close() {
-                            break;
-                        }
-                    }
-                }
-            })
-            .await;
+            close_socket(&mut self.sink, &mut self.frames_rx, code, reason).await;
         }
     }
 
@@ -1642,7 +1672,7 @@ impl Group {
 
 /// How a socket whose client frames could not be read ends: a client that broke the protocol
 /// is told why (RFC 6455 7.4.1), a connection that failed or went away is just dropped.
-fn read_error_end(err: &WsError) -> End {
+pub(super) fn read_error_end(err: &WsError) -> End {
     let end = match err {
         WsError::Capacity(_) => End::Close(close::TOO_BIG, "frame too large"),
         WsError::Utf8(_) => End::Close(close::INVALID_DATA, "invalid utf-8 in a text frame"),

@@ -1,7 +1,8 @@
 //! The official PostgREST clients, unchanged, against the relay: postgrest-js (npm, pinned in
 //! `clients/postgrest/package-lock.json`, run by Node's own test runner) and postgrest-py
-//! (PyPI, pinned in `clients/postgrest/python/requirements.txt`). Each suite gets a fresh
-//! database with `clients/postgrest/schema.sql` and a `pgrelay serve` process, finds it in
+//! (PyPI, pinned in `clients/postgrest/python/requirements.txt`); and supabase-js (npm, pinned
+//! in `clients/supabase/package-lock.json`) over `/rest/v1` and `/realtime/v1`. Each suite
+//! gets a fresh database with its `schema.sql` and a `pgrelay serve` process, finds it in
 //! `PGRELAY_URL`, and must exit 0 within its deadline.
 //!
 //! The clients' packages are installed by `scripts/test.sh`; run alone, these tests install
@@ -21,6 +22,10 @@ const SCHEMA: &str = include_str!("../../clients/postgrest/schema.sql");
 
 fn suite_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/postgrest")
+}
+
+fn supabase_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/supabase")
 }
 
 /// Runs `program args` in `dir` to the end (or the deadline), failing the test with its
@@ -54,6 +59,17 @@ async fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) {
         output.status
     );
     eprintln!("{stdout}");
+}
+
+/// Runs one Node test file of `dir` against `url` (installing the suite's packages first
+/// when they are missing).
+async fn node_suite(dir: &Path, package: &str, files: &[&str], url: &str) {
+    if !dir.join("node_modules").join(package).exists() {
+        run(dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
+    }
+    let mut args = vec!["--test", "--test-concurrency=1", "--test-timeout=20000"];
+    args.extend_from_slice(files);
+    run(dir, "node", &args, &[("PGRELAY_URL", url)]).await;
 }
 
 /// A fresh database with the suite's tables and a relay process serving them.
@@ -116,6 +132,108 @@ async fn postgrest_py_passes_its_suite_against_the_relay() {
         &python.to_string_lossy(),
         &["-m", "unittest", "-v", "test_postgrest_py"],
         &[("PGRELAY_URL", &url)],
+    )
+    .await;
+}
+
+/// A fresh database with the supabase-js suite's table and a relay process serving it.
+async fn supabase_relay() -> (TestDb, RelayProcess) {
+    let db = TestDb::new()
+        .await
+        .with_tables(SUPABASE_SCHEMA, &["items"])
+        .await;
+    let relay = RelayProcess::start(&db.url, "items", &[]).await;
+    (db, relay)
+}
+
+const SUPABASE_SCHEMA: &str = include_str!("../../clients/supabase/schema.sql");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_reads_and_writes_through_rest_v1() {
+    let (_db, relay) = supabase_relay().await;
+    let url = format!("http://{}", relay.addr);
+    node_suite(
+        &supabase_dir(),
+        "@supabase/supabase-js",
+        &["test/rest.test.mjs"],
+        &url,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_receives_postgres_changes_over_realtime_v1() {
+    let (_db, relay) = supabase_relay().await;
+    let url = format!("http://{}", relay.addr);
+    node_suite(
+        &supabase_dir(),
+        "@supabase/supabase-js",
+        &["test/realtime.test.mjs"],
+        &url,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_realtime_applies_tokens_and_policies() {
+    let db = TestDb::new()
+        .await
+        .with_tables(SUPABASE_SCHEMA, &["items"])
+        .await;
+    let dir = supabase_dir();
+    let secret = "supabase-js-suite-secret-of-at-least-32-bytes";
+    let config = dir.join("policies.toml");
+    let relay = RelayProcess::start(
+        &db.url,
+        "items",
+        &[
+            "--config",
+            &config.to_string_lossy(),
+            "--jwt-secret",
+            secret,
+        ],
+    )
+    .await;
+    let url = format!("http://{}", relay.addr);
+    if !dir.join("node_modules/@supabase/supabase-js").exists() {
+        run(&dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
+    }
+    run(
+        &dir,
+        "node",
+        &[
+            "--test",
+            "--test-concurrency=1",
+            "--test-timeout=20000",
+            "test/tokens.test.mjs",
+        ],
+        &[("PGRELAY_URL", &url), ("PGRELAY_JWT_SECRET", secret)],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_js_realtime_subscribes_again_across_a_relay_restart() {
+    let (db, relay) = supabase_relay().await;
+    let dir = supabase_dir();
+    if !dir.join("node_modules/@supabase/supabase-js").exists() {
+        run(&dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
+    }
+    let url = format!("http://{}", relay.addr);
+    run(
+        &dir,
+        "node",
+        &[
+            "--test",
+            "--test-concurrency=1",
+            "--test-timeout=40000",
+            "test/restart.test.mjs",
+        ],
+        &[
+            ("PGRELAY_URL", &url),
+            ("PGRELAY_BIN", env!("CARGO_BIN_EXE_pgrelay")),
+            ("PGRELAY_DATABASE_URL", &db.url),
+        ],
     )
     .await;
 }

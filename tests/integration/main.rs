@@ -16,6 +16,7 @@ mod model;
 mod partitions;
 mod poll;
 mod protocol;
+mod realtime;
 mod recovery;
 mod regressions;
 mod replicas;

@@ -66,8 +66,20 @@ const ESTIMATE_EXACT_BELOW: i64 = 10_000;
 /// Bound parameters, in `$n` order.
 type Params = Vec<Box<dyn ToSql + Sync + Send>>;
 
-/// All REST routes.
+/// All REST routes, at both of their mount points: `/api` and `/rest/v1` (where Supabase's
+/// clients look for PostgREST: `createClient(url, key).from('items')` calls
+/// `{url}/rest/v1/items`). The two serve exactly the same routes.
 pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    let mount = warp::path("api")
+        .or(warp::path("rest").and(warp::path("v1")))
+        .unify();
+    mount.and(mounted(state))
+}
+
+/// The REST routes below their mount point (paths below are shown under `/api`).
+fn mounted(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     index(Arc::clone(&state))
@@ -112,7 +124,7 @@ fn hides(state: &Arc<AppState>, who: &Principal, resource: &String) -> bool {
 /// GET /api: the tables this caller may use, with their key, visible columns and rights
 /// (a table it has no right on is not listed, as it would not be found).
 fn index(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("api")
+    warp::path::end()
         .and(warp::get())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
@@ -152,7 +164,7 @@ fn index(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = R
 /// GET|HEAD /api/{table}?select=id,name&price=gt.10&or=(…)&order=price.desc&limit=10&offset=20
 /// (`Range`, `Prefer: count=…`, `Accept: application/vnd.pgrst.object+json | text/csv`)
 fn read(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("api" / String)
+    warp::path!(String)
         .and(
             warp::get()
                 .map(|| false)
@@ -175,7 +187,7 @@ fn read(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Re
 fn get_one(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("api" / String / String)
+    warp::path!(String / String)
         .and(warp::get())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
@@ -193,7 +205,7 @@ fn get_one(
 fn create(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let limit = state.config.max_body_bytes;
     let timeout = state.config.limits.body_timeout;
-    warp::path!("api" / String)
+    warp::path!(String)
         .and(warp::post())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
@@ -215,7 +227,7 @@ fn update_filtered(
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let limit = state.config.max_body_bytes;
     let timeout = state.config.limits.body_timeout;
-    warp::path!("api" / String)
+    warp::path!(String)
         .and(warp::patch())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
@@ -235,7 +247,7 @@ fn update_filtered(
 fn delete_filtered(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("api" / String)
+    warp::path!(String)
         .and(warp::delete())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
@@ -253,7 +265,7 @@ fn delete_filtered(
 fn update(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let limit = state.config.max_body_bytes;
     let timeout = state.config.limits.body_timeout;
-    warp::path!("api" / String / String)
+    warp::path!(String / String)
         .and(warp::patch())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
@@ -273,7 +285,7 @@ fn replace(
 ) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
     let limit = state.config.max_body_bytes;
     let timeout = state.config.limits.body_timeout;
-    warp::path!("api" / String / String)
+    warp::path!(String / String)
         .and(warp::put())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))
@@ -288,7 +300,7 @@ fn replace(
 
 /// DELETE /api/{table}/{id}: 200 with the deleted row
 fn remove(state: Arc<AppState>) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    warp::path!("api" / String / String)
+    warp::path!(String / String)
         .and(warp::delete())
         .and(with_state(Arc::clone(&state)))
         .and(caller(state))

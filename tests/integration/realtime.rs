@@ -1,0 +1,145 @@
+//! `/realtime/v1/websocket`, Supabase Realtime's protocol, on the wire: the exact messages
+//! realtime-js reads (its own tests, with supabase-js itself, are in `clients/supabase/`).
+
+use serde_json::{Value, json};
+
+use crate::support::{Relay, TestDb, Ws};
+
+const ITEMS: &str = "create table items(id int primary key, name text, price numeric, tags text[])";
+
+/// Joins `topic` with `bindings` (vsn 2.0.0, join ref "1") and returns the join reply.
+async fn join(ws: &mut Ws, topic: &str, bindings: Value) -> Value {
+    let payload = json!({"config": {"postgres_changes": bindings}, "access_token": "anon"});
+    ws.send_json(json!(["1", "1", topic, "phx_join", payload]))
+        .await;
+    ws.next_json().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_is_answered_with_the_bindings_ids_then_changes_come_in_supabase_shape() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    ws.send_json(json!([null, "0", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(
+        ws.next_json().await,
+        json!([null, "0", "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
+
+    let binding =
+        json!({"event": "*", "schema": "public", "table": "items", "filter": "price=gt.1"});
+    let reply = join(&mut ws, "realtime:t", json!([binding])).await;
+    let id = reply[4]["response"]["postgres_changes"][0]["id"].clone();
+    assert!(id.is_u64(), "{reply}");
+    let mut echoed = binding.clone();
+    echoed["id"] = id.clone();
+    assert_eq!(
+        reply,
+        json!(["1", "1", "realtime:t", "phx_reply",
+               {"status": "ok", "response": {"postgres_changes": [echoed]}}])
+    );
+    assert_eq!(
+        ws.next_json().await,
+        json!(["1", null, "realtime:t", "system", {
+            "extension": "postgres_changes", "status": "ok",
+            "message": "Subscribed to PostgreSQL", "channel": "t"}])
+    );
+
+    db.exec("insert into items values (1, 'cheap', 1, null)")
+        .await;
+    db.exec("insert into items values (2, 'dear', 5, '{a,b}')")
+        .await;
+    db.exec("update items set price = 0 where id = 2").await;
+    let columns = json!([
+        {"name": "id", "type": "int4"}, {"name": "name", "type": "text"},
+        {"name": "price", "type": "numeric"}, {"name": "tags", "type": "_text"},
+    ]);
+    let row = json!({"id": 2, "name": "dear", "price": 5, "tags": ["a", "b"]});
+    for (kind, record, old_record) in [
+        ("INSERT", Some(row.clone()), None),
+        // Moved out of the filter: a DELETE of the row as it was.
+        ("DELETE", None, Some(row.clone())),
+    ] {
+        let message = ws.next_json().await;
+        assert_eq!(
+            message.as_array().map(|m| m[..4].to_vec()),
+            Some(vec![
+                json!("1"),
+                Value::Null,
+                json!("realtime:t"),
+                json!("postgres_changes")
+            ])
+        );
+        let payload = &message[4];
+        assert_eq!(payload["ids"], json!([id]));
+        let data = &payload["data"];
+        assert_eq!(data["schema"], "public");
+        assert_eq!(data["table"], "items");
+        assert_eq!(data["type"], kind);
+        assert_eq!(data["columns"], columns);
+        assert_eq!(data["errors"], Value::Null);
+        assert!(data["commit_timestamp"].is_string(), "{data}");
+        assert_eq!(data.get("record").cloned(), record, "{data}");
+        assert_eq!(data.get("old_record").cloned(), old_record, "{data}");
+    }
+
+    ws.send_json(json!(["1", "2", "realtime:t", "phx_leave", {}]))
+        .await;
+    assert_eq!(
+        ws.next_json().await,
+        json!(["1", "2", "realtime:t", "phx_reply", {"status": "ok", "response": {}}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsn_1_speaks_objects_and_refuses_an_unknown_table_with_a_reason() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=1.0.0")
+        .await;
+    let bindings = json!([{"event": "*", "schema": "public", "table": "nope"}]);
+    ws.send_json(
+        json!({"topic": "realtime:x", "event": "phx_join", "ref": "3", "join_ref": "3",
+                        "payload": {"config": {"postgres_changes": bindings}}}),
+    )
+    .await;
+    let reply = ws.next_json().await;
+    assert_eq!(reply["topic"], "realtime:x");
+    assert_eq!(reply["event"], "phx_reply");
+    assert_eq!(reply["ref"], "3");
+    assert_eq!(reply["join_ref"], "3");
+    assert_eq!(reply["payload"]["status"], "error");
+    let reason = reply["payload"]["response"]["reason"].as_str().unwrap();
+    assert!(reason.contains("not exposed"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_table_changes_gets_phx_error_so_that_realtime_js_joins_again() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    let binding = json!({"event": "*", "schema": "public", "table": "items"});
+    let reply = join(&mut ws, "realtime:t", json!([binding])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(ws.next_json().await[3], "system");
+    db.exec("alter table items add column colour text").await;
+    assert_eq!(
+        ws.next_json().await,
+        json!(["1", "1", "realtime:t", "phx_error", {}])
+    );
+    // Joined again, it streams the table as it is now.
+    let reply = join(&mut ws, "realtime:t", json!([binding])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(ws.next_json().await[3], "system");
+    db.exec("insert into items values (1, 'a', 1, null, 'red')")
+        .await;
+    let message = ws.next_json().await;
+    assert_eq!(message[3], "postgres_changes", "{message}");
+    assert_eq!(message[4]["data"]["record"]["colour"], "red");
+}
