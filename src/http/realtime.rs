@@ -387,6 +387,13 @@ impl Session {
                     .await;
             }
         };
+        let limit = self.state.config.limits.max_subscriptions;
+        if self.subs.len() + requested.len() > limit {
+            // Before any binding is checked: checking one may ask the database.
+            self.state.metrics.inc(&self.state.metrics.limited);
+            let reason = format!("A socket may hold at most {limit} table subscriptions");
+            return self.join_error(&frame, &reason).await;
+        }
         let topic: Arc<str> = Arc::from(frame.topic.as_str());
         let join_ref: Option<Arc<str>> = frame.join_ref.as_deref().map(Arc::from);
         // Check everything first: a join is served whole or not at all.
@@ -437,7 +444,7 @@ impl Session {
             }
             echoed.push(Value::Object(echo));
         }
-        let limit = self.state.config.limits.max_subscriptions;
+        // Whole-schema bindings may have grown into more subscriptions than bindings.
         if self.subs.len() + prepared.len() > limit {
             self.state.metrics.inc(&self.state.metrics.limited);
             let reason = format!("A socket may hold at most {limit} table subscriptions");

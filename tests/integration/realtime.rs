@@ -143,3 +143,93 @@ async fn a_channel_whose_table_changes_gets_phx_error_so_that_realtime_js_joins_
     assert_eq!(message[3], "postgres_changes", "{message}");
     assert_eq!(message[4]["data"]["record"]["colour"], "red");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_without_a_table_streams_every_exposed_table_of_its_schema() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create schema shop;
+             create table shop.orders(id int primary key, status text);
+             create table shop.refunds(id int primary key, amount int);
+             create table items(id int primary key, name text);",
+            &["shop.orders", "shop.refunds", "items"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["shop.orders", "shop.refunds", "items"]).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    let reply = join(
+        &mut ws,
+        "realtime:shop",
+        json!([{"event": "*", "schema": "shop"}]),
+    )
+    .await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(ws.next_json().await[3], "system");
+    db.exec("insert into items values (1, 'not in shop')").await;
+    db.exec("insert into shop.orders values (1, 'open')").await;
+    db.exec("insert into shop.refunds values (1, 5)").await;
+    let mut tables = Vec::new();
+    for _ in 0..2 {
+        let message = ws.next_json().await;
+        assert_eq!(message[3], "postgres_changes", "{message}");
+        assert_eq!(message[4]["data"]["schema"], "shop");
+        tables.push(message[4]["data"]["table"].as_str().unwrap().to_owned());
+    }
+    tables.sort();
+    assert_eq!(tables, ["orders", "refunds"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_is_refused_and_a_join_past_the_subscription_limit_gets_a_reason() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| c.limits.max_subscriptions = 2).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    let one = json!({"event": "*", "schema": "public", "table": "items"});
+    let reply = join(&mut ws, "realtime:a", json!([one])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    assert_eq!(ws.next_json().await[3], "system");
+    ws.send_json(json!(["1", "2", "realtime:a", "broadcast", {"event": "x", "payload": {}}]))
+        .await;
+    let refused = ws.next_json().await;
+    assert_eq!(refused[3], "phx_reply", "{refused}");
+    assert_eq!(refused[4]["status"], "error", "{refused}");
+    assert!(
+        refused[4]["response"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Broadcast and Presence are not offered"),
+        "{refused}"
+    );
+    // Two more bindings would make three subscriptions on this socket: refused whole.
+    let reply = join(&mut ws, "realtime:b", json!([one, one])).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    assert!(
+        reply[4]["response"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2"),
+        "{reply}"
+    );
+    // Counted before any binding is looked at (looking may ask the database): three
+    // bindings of an unknown table are refused for their number, not their table.
+    let nope = json!({"event": "*", "schema": "public", "table": "nope"});
+    let reply = join(&mut ws, "realtime:c", json!([nope, nope, nope])).await;
+    assert!(
+        reply[4]["response"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2"),
+        "{reply}"
+    );
+    // The first channel is still served.
+    db.exec("insert into items values (1, 'still', 1, null)")
+        .await;
+    let message = ws.next_json().await;
+    assert_eq!(message[2], "realtime:a", "{message}");
+    assert_eq!(message[4]["data"]["type"], "INSERT", "{message}");
+}
