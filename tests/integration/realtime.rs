@@ -233,3 +233,87 @@ async fn broadcast_is_refused_and_a_join_past_the_subscription_limit_gets_a_reas
     assert_eq!(message[2], "realtime:a", "{message}");
     assert_eq!(message[4]["data"]["type"], "INSERT", "{message}");
 }
+
+const SECRET: &str = "realtime-wire-test-secret-realtime-wire";
+
+fn member(category: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"role": "member", "category": category, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_token_that_grants_other_rows_closes_the_channel_and_one_that_grants_the_same_keeps_it()
+ {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table items(id int primary key, category text)",
+            &["items"],
+        )
+        .await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        let mut settings = pgrelay::settings::Settings::from_toml(
+            r#"
+            [[policy]]
+            tables = ["items"]
+            roles = ["member"]
+            read = true
+            filter = "category=eq.{claims.category}"
+            "#,
+        )
+        .unwrap();
+        settings.tables = Some(vec!["items".into()]);
+        c.policies = settings.into_config().unwrap().policies;
+        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+    })
+    .await;
+    let token = member("a");
+    let mut ws = relay
+        .ws(&format!("/realtime/v1/websocket?apikey={token}&vsn=2.0.0"))
+        .await;
+    let binding = json!([{"event": "*", "schema": "public", "table": "items"}]);
+    let payload = json!({"config": {"postgres_changes": binding}, "access_token": token});
+    ws.send_json(json!(["1", "1", "realtime:m", "phx_join", payload]))
+        .await;
+    assert_eq!(ws.next_json().await[4]["status"], "ok");
+    assert_eq!(ws.next_json().await[3], "system");
+
+    // Another token for the same rows: the channel goes on.
+    ws.send_json(json!(["1", "2", "realtime:m", "access_token", {"access_token": member("a")}]))
+        .await;
+    db.exec("insert into items values (1, 'b'), (2, 'a')").await;
+    let message = ws.next_json().await;
+    assert_eq!(message[4]["data"]["record"]["id"], 2, "{message}");
+
+    // A token for other rows: the channel is told why and closed.
+    ws.send_json(json!(["1", "3", "realtime:m", "access_token", {"access_token": member("b")}]))
+        .await;
+    let system = ws.next_json().await;
+    assert_eq!(system[3], "system", "{system}");
+    assert_eq!(system[4]["status"], "error", "{system}");
+    assert!(
+        system[4]["message"]
+            .as_str()
+            .unwrap()
+            .contains("grants different access"),
+        "{system}"
+    );
+    assert_eq!(ws.next_json().await[3], "phx_close");
+    db.exec("insert into items values (3, 'a')").await;
+    ws.send_json(json!([null, "4", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(
+        ws.next_json().await[3],
+        "phx_reply",
+        "nothing more for the closed channel"
+    );
+}
