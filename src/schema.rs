@@ -144,7 +144,7 @@ pub struct Watcher {
     /// Time between checks.
     pub interval: Duration,
     /// Capture's progress: a schema change is published only after every event committed
-    /// before it (see [`Watcher::settle`]).
+    /// before it (see `Watcher::settle`).
     pub capture: Arc<crate::capture::CaptureState>,
 }
 

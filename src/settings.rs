@@ -6,6 +6,10 @@
 //! `[limits]` exist only in the file or, for the common cases, as flags). Every field is
 //! optional, so a layer says only what it sets. Errors name the option, never a secret's value.
 
+// The fields' doc comments are also `--help` texts, where `[default: …]` says a default
+// (as clap's own do): rustdoc must not read it as a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -2,10 +2,10 @@
 //! `or=(a.eq.1,and(b.gt.2,c.not.is.null))`), with one meaning in SQL (initial rows, REST) and
 //! in Rust (live events).
 //!
-//! - [`parse`] — the grammar: conditions, `not.`, `(any)`/`(all)`, logic trees.
+//! - [`parse`](mod@parse) — the grammar: conditions, `not.`, `(any)`/`(all)`, logic trees.
 //! - `key` — values in comparable form; `pattern` — `like` in Rust.
 //!
-//! A filter is parsed once per subscription or request: [`parse`] checks the syntax,
+//! A filter is parsed once per subscription or request: [`parse()`](fn@parse) checks the syntax,
 //! [`compile`] checks columns and operators against the catalog and has PostgreSQL itself
 //! convert every value to the column's type (so `price=gt.abc` is rejected as PostgreSQL
 //! would reject it), keeping the value as `to_jsonb` renders it. Live rows are rendered by the

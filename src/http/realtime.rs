@@ -5,7 +5,7 @@
 //! A channel's `phx_join` names its bindings (`{event, schema, table, filter}`); each binding
 //! is a `/ws/{table}` subscription without initial data (the code is `http::ws`'s: the same
 //! checks, policies, filters, cursor and slow-consumer rules), whose change frames are written
-//! through [`Translate`], which turns each into the `postgres_changes` message realtime-js
+//! through `Translate`, which turns each into the `postgres_changes` message realtime-js
 //! parses. What the protocol adds:
 //! - Both serializers: `vsn=1.0.0` (JSON objects) and `vsn=2.0.0` (JSON arrays
 //!   `[join_ref, ref, topic, event, payload]`), chosen by the query parameter.
