@@ -3,8 +3,8 @@
 # if none answers, starts a throwaway cluster from the local binaries; installs the PostgREST
 # client suites' pinned packages (npm ci for postgrest-js and supabase-js, a venv with postgrest-py) and, for
 # the browser tests, Debian's chromium and playwright-core (npm ci in clients/js); then runs
-# cargo fmt --check, cargo clippy -D warnings and cargo test against it (the client suites run
-# inside cargo test: tests/integration/clients.rs).
+# cargo fmt --check, cargo clippy -D warnings, cargo doc (warnings denied) and cargo test
+# against it (the client suites run inside cargo test: tests/integration/clients.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,4 +88,5 @@ venv=target/postgrest-py-venv
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 cargo test
