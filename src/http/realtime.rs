@@ -366,6 +366,15 @@ impl Session {
     async fn on_join(&mut self, frame: Frame) -> Result<(), End> {
         // Joining a topic again (realtime-js does after `phx_error`) replaces the channel.
         self.drop_channel(&frame.topic);
+        // Every channel is held by the socket (its topic may be as long as a client frame),
+        // bindings or not: they are counted too, or joins without bindings would grow the
+        // socket without bound.
+        let limit = self.state.config.limits.max_subscriptions;
+        if self.channels.len() >= limit {
+            self.state.metrics.inc(&self.state.metrics.limited);
+            let reason = format!("A socket may hold at most {limit} channels");
+            return self.join_error(&frame, &reason).await;
+        }
         let token = match frame.payload.get("access_token") {
             Some(Value::String(token)) => Some(token.clone()),
             _ => self.token.clone(),
@@ -387,7 +396,6 @@ impl Session {
                     .await;
             }
         };
-        let limit = self.state.config.limits.max_subscriptions;
         if self.subs.len() + requested.len() > limit {
             // Before any binding is checked: checking one may ask the database.
             self.state.metrics.inc(&self.state.metrics.limited);

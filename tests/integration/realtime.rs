@@ -317,3 +317,35 @@ async fn a_refreshed_token_that_grants_other_rows_closes_the_channel_and_one_tha
         "nothing more for the closed channel"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_without_bindings_count_against_the_limit_so_a_socket_cannot_grow_without_bound() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| c.limits.max_subscriptions = 2).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    // Each join of a new topic is held by the socket, bindings or not (its topic may be as
+    // long as a client frame): past the limit, a join is refused.
+    for n in 0..2 {
+        let reply = join(&mut ws, &format!("realtime:{n}"), json!([])).await;
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+    }
+    let reply = join(&mut ws, "realtime:2", json!([])).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    assert!(
+        reply[4]["response"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2"),
+        "{reply}"
+    );
+    // Joining a topic it holds again replaces that channel; leaving one frees its place.
+    let reply = join(&mut ws, "realtime:1", json!([])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    ws.send_json(json!(["1", "2", "realtime:0", "phx_leave", {}]))
+        .await;
+    assert_eq!(ws.next_json().await[4]["status"], "ok");
+    let reply = join(&mut ws, "realtime:2", json!([])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+}
