@@ -349,3 +349,104 @@ async fn channels_without_bindings_count_against_the_limit_so_a_socket_cannot_gr
     let reply = join(&mut ws, "realtime:2", json!([])).await;
     assert_eq!(reply[4]["status"], "ok", "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_restricted_channel_never_sees_hidden_columns_or_other_rows() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table items(id int primary key, category text, secret text)",
+            &["items"],
+        )
+        .await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        let mut settings = pgrelay::settings::Settings::from_toml(
+            r#"
+            [[policy]]
+            tables = ["items"]
+            roles = ["member"]
+            read = true
+            filter = "category=eq.{claims.category}"
+            columns = ["id", "category"]
+            "#,
+        )
+        .unwrap();
+        settings.tables = Some(vec!["items".into()]);
+        c.policies = settings.into_config().unwrap().policies;
+        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+    })
+    .await;
+    let token = member("a");
+    let mut ws = relay
+        .ws(&format!("/realtime/v1/websocket?apikey={token}&vsn=2.0.0"))
+        .await;
+    // A filter on a hidden column is refused.
+    let hidden =
+        json!([{"event": "*", "schema": "public", "table": "items", "filter": "secret=eq.x"}]);
+    let payload = json!({"config": {"postgres_changes": hidden}, "access_token": token});
+    ws.send_json(json!(["1", "1", "realtime:h", "phx_join", payload]))
+        .await;
+    assert_eq!(ws.next_json().await[4]["status"], "error");
+
+    let binding = json!([{"event": "*", "schema": "public", "table": "items"}]);
+    let payload = json!({"config": {"postgres_changes": binding}, "access_token": token});
+    ws.send_json(json!(["2", "2", "realtime:m", "phx_join", payload]))
+        .await;
+    assert_eq!(ws.next_json().await[4]["status"], "ok");
+    assert_eq!(ws.next_json().await[3], "system");
+    db.exec("insert into items values (1, 'b', 's1'), (2, 'a', 's2')")
+        .await;
+    db.exec("update items set secret = 's3' where id = 2").await;
+    db.exec("update items set category = 'b', secret = 's4' where id = 2")
+        .await;
+    db.exec("update items set category = 'a' where id = 1")
+        .await;
+    db.exec("delete from items where id = 1").await;
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let message = ws.next_json().await;
+        assert_eq!(message[3], "postgres_changes", "{message}");
+        let text = message.to_string();
+        assert!(
+            !text.contains("secret") && !["s1", "s2", "s3", "s4"].iter().any(|s| text.contains(s)),
+            "{text}"
+        );
+        let data = &message[4]["data"];
+        assert_eq!(
+            data["columns"],
+            json!([{"name": "id", "type": "int4"}, {"name": "category", "type": "text"}])
+        );
+        seen.push((
+            data["type"].clone(),
+            data["record"].clone(),
+            data["old_record"].clone(),
+        ));
+    }
+    assert_eq!(
+        seen[0],
+        (
+            json!("INSERT"),
+            json!({"id": 2, "category": "a"}),
+            Value::Null
+        )
+    );
+    assert_eq!(seen[1].0, "UPDATE");
+    // Out of the caller's rows: the key only.
+    assert_eq!(seen[2], (json!("DELETE"), Value::Null, json!({"id": 2})));
+    assert_eq!(
+        seen[3],
+        (
+            json!("INSERT"),
+            json!({"id": 1, "category": "a"}),
+            Value::Null
+        )
+    );
+    assert_eq!(
+        seen[4],
+        (
+            json!("DELETE"),
+            Value::Null,
+            json!({"id": 1, "category": "a"})
+        )
+    );
+}
