@@ -407,7 +407,7 @@ impl Session {
         // Check everything first: a join is served whole or not at all.
         let mut prepared = Vec::new();
         let mut echoed = Vec::new();
-        for binding in &requested {
+        for (n, binding) in requested.iter().enumerate() {
             let id = self.next_id;
             self.next_id += 1;
             let wanted = match Binding::read(binding) {
@@ -435,6 +435,14 @@ impl Session {
                     names
                 }
             };
+            // A whole-schema binding may grow into more subscriptions than bindings: counted
+            // as it grows (with one for each binding still to come), before any is looked up.
+            let later = requested.len() - n - 1;
+            if self.subs.len() + prepared.len() + resources.len() + later > limit {
+                self.state.metrics.inc(&self.state.metrics.limited);
+                let reason = format!("A socket may hold at most {limit} table subscriptions");
+                return self.join_error(&frame, &reason).await;
+            }
             for resource in resources {
                 let ready =
                     match ws::prepare(&self.state, &resource, &wanted.params, &principal).await {
@@ -451,12 +459,6 @@ impl Session {
                 }
             }
             echoed.push(Value::Object(echo));
-        }
-        // Whole-schema bindings may have grown into more subscriptions than bindings.
-        if self.subs.len() + prepared.len() > limit {
-            self.state.metrics.inc(&self.state.metrics.limited);
-            let reason = format!("A socket may hold at most {limit} table subscriptions");
-            return self.join_error(&frame, &reason).await;
         }
         let mut columns = Vec::with_capacity(prepared.len());
         for (_, ready, _) in &prepared {

@@ -450,3 +450,39 @@ async fn a_policy_restricted_channel_never_sees_hidden_columns_or_other_rows() {
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_schema_binding_is_counted_against_the_limit_as_it_expands_before_more_lookups() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create schema shop;
+             create table shop.a(id int primary key);
+             create table shop.b(id int primary key);
+             create table shop.c(id int primary key);",
+            &["shop.a", "shop.b", "shop.c"],
+        )
+        .await;
+    let relay = Relay::start_with(&db, &["shop.a", "shop.b", "shop.c"], |c| {
+        c.limits.max_subscriptions = 2;
+    })
+    .await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    // Two bindings, but the first alone is three subscriptions: refused for their number
+    // before the second (or the rest of the first) is looked up.
+    let bindings = json!([
+        {"event": "*", "schema": "shop"},
+        {"event": "*", "schema": "public", "table": "nope"},
+    ]);
+    let reply = join(&mut ws, "realtime:s", bindings).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    assert!(
+        reply[4]["response"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2"),
+        "{reply}"
+    );
+}
