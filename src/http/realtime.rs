@@ -227,6 +227,9 @@ struct Session {
     /// The id the next binding gets.
     next_id: u64,
     bucket: Bucket,
+    /// Since when the socket holds no channel: one that has none must come with a token that
+    /// authenticates, or it is closed after the auth timeout (heartbeats do not keep it).
+    alone_since: Option<Instant>,
 }
 
 impl Session {
@@ -248,6 +251,7 @@ impl Session {
             next_first: 0,
             next_id: 1,
             bucket: Bucket::new(state.config.limits.max_message_rate),
+            alone_since: None,
             state,
         }
     }
@@ -277,12 +281,14 @@ impl Session {
         let token = self.state.token.clone();
         loop {
             let deadline = self.channels.iter().filter_map(|c| c.deadline).min();
+            let alone = self.alone_deadline();
             tokio::select! {
                 // priority 1: shutdown
                 biased;
                 _ = token.cancelled() => return Ok(End::Close(close::GOING_AWAY, "server shutting down")),
                 // priority 2: a channel's token ran out
                 _ = ws::sleep_until_some(deadline) => Box::pin(self.on_deadline()).await?,
+                _ = ws::sleep_until_some(alone) => self.on_alone()?,
                 // priority 3: what the client says
                 frame = self.frames_rx.recv() => Box::pin(self.on_client_frame(frame)).await?,
                 // priority 4: heartbeat
@@ -549,6 +555,33 @@ impl Session {
         channel.deadline = principal.expires_in().map(|d| Instant::now() + d);
         channel.principal = principal;
         Ok(())
+    }
+
+    /// When a socket without a channel is next checked for a token that authenticates.
+    fn alone_deadline(&mut self) -> Option<Instant> {
+        if !self.channels.is_empty() {
+            self.alone_since = None;
+            return None;
+        }
+        let since = *self.alone_since.get_or_insert_with(Instant::now);
+        Some(since + self.state.config.auth.auth_timeout)
+    }
+
+    /// A socket has held no channel for the auth timeout: it is closed unless its own token
+    /// (the `apikey`) authenticates (the next check is an auth timeout later).
+    fn on_alone(&mut self) -> Result<(), End> {
+        self.alone_since = Some(Instant::now());
+        match self.state.gate.principal(self.token.as_deref()) {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                tracing::debug!(error = %err, "a socket without a channel has no valid token");
+                let reason = match err {
+                    AuthError::Expired => "token expired",
+                    _ => "authentication required",
+                };
+                Err(End::Close(close::UNAUTHORIZED, reason))
+            }
+        }
     }
 
     /// A channel's token expired: it is told, and closed.

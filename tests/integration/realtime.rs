@@ -486,3 +486,52 @@ async fn a_whole_schema_binding_is_counted_against_the_limit_as_it_expands_befor
         "{reply}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_never_authenticates_is_closed_after_the_auth_timeout_however_it_heartbeats()
+{
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+        c.auth.auth_timeout = std::time::Duration::from_millis(500);
+    })
+    .await;
+    // Without a token, or with one that is not valid, and never a channel: the socket would
+    // hold one of the relay's connections for as long as it heartbeats.
+    for path in [
+        "/realtime/v1/websocket?vsn=2.0.0",
+        "/realtime/v1/websocket?apikey=garbage&vsn=2.0.0",
+    ] {
+        let mut ws = relay.ws(path).await;
+        let started = std::time::Instant::now();
+        let closed = crate::support::within(std::time::Duration::from_secs(10), async {
+            let mut n = 0;
+            loop {
+                n += 1;
+                ws.send_json(json!([null, n.to_string(), "phoenix", "heartbeat", {}]))
+                    .await;
+                match ws.next_frame().await {
+                    crate::support::Frame::Closed(frame) => {
+                        return frame.map(|f| u16::from(f.code));
+                    }
+                    crate::support::Frame::Json(_) => {}
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_eq!(closed, Some(4001), "{path}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    // A valid token in the socket's apikey keeps it open without a channel.
+    let mut ws = relay
+        .ws(&format!(
+            "/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+            member("a")
+        ))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    ws.send_json(json!([null, "1", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(ws.next_json().await[3], "phx_reply");
+}
