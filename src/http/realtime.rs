@@ -731,6 +731,12 @@ impl Binding {
     /// `{event, schema, table?, filter?}`: `event` is `*`, `INSERT`, `UPDATE` or `DELETE`;
     /// `filter` is realtime's `column=op.value`, which is pgrelay's filter on one column.
     fn read(binding: &Value) -> Result<Binding, String> {
+        if !binding.is_object() {
+            // (Read as one, it would have every key missing: a whole-schema binding.)
+            return Err(format!(
+                "postgres_changes: a binding must be an object, not {binding}"
+            ));
+        }
         let text = |key: &str| match binding.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),

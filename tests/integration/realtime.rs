@@ -535,3 +535,28 @@ async fn a_socket_that_never_authenticates_is_closed_after_the_auth_timeout_howe
         .await;
     assert_eq!(ws.next_json().await[3], "phx_reply");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_that_is_not_an_object_is_refused_not_read_as_a_whole_schema() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    for bad in [json!(null), json!(5), json!("items"), json!([])] {
+        let reply = join(&mut ws, "realtime:x", json!([bad])).await;
+        assert_eq!(reply[4]["status"], "error", "{bad}: {reply}");
+        assert!(
+            reply[4]["response"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("must be an object"),
+            "{reply}"
+        );
+    }
+    // Nothing was subscribed: a change reaches no channel.
+    db.exec("insert into items values (1, 'a', 1, null)").await;
+    ws.send_json(json!([null, "9", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(ws.next_json().await[3], "phx_reply");
+}
