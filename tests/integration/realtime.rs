@@ -560,3 +560,51 @@ async fn a_binding_that_is_not_an_object_is_refused_not_read_as_a_whole_schema()
         .await;
     assert_eq!(ws.next_json().await[3], "phx_reply");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realtime_client_that_stops_reading_is_closed_as_a_slow_consumer() {
+    use futures_util::SinkExt;
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs(id serial primary key, body text)",
+            &["docs"],
+        )
+        .await;
+    let relay = Relay::start_with(&db, &["docs"], |c| {
+        c.queue_bytes = 256 * 1024;
+    })
+    .await;
+    let mut stalled =
+        crate::support::stalled_client(relay.addr, "/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+            .await;
+    // Two channels on the table (each binding its own cursor), then no reads at all.
+    for topic in ["realtime:a", "realtime:b"] {
+        let payload = json!({"config": {"postgres_changes": [
+            {"event": "*", "schema": "public", "table": "docs"}]}});
+        let join = json!(["1", "1", topic, "phx_join", payload]).to_string();
+        stalled
+            .send(tokio_tungstenite::tungstenite::Message::text(join))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let writer = db.client().await;
+    crate::support::within(std::time::Duration::from_secs(60), async {
+        for _ in 0..10 {
+            writer
+                .batch_execute(
+                    "insert into docs(body) select repeat('x', 2000) from generate_series(1, 1000)",
+                )
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    crate::support::wait_for_metrics(
+        relay.addr,
+        &["pgrelay_slow_consumers_total 1", "pgrelay_ws_connections 0"],
+    )
+    .await;
+    drop(stalled);
+}
