@@ -227,6 +227,9 @@ struct Session {
     /// The id the next binding gets.
     next_id: u64,
     bucket: Bucket,
+    /// Since when the socket holds no channel: one that has none must come with a token that
+    /// authenticates, or it is closed after the auth timeout (heartbeats do not keep it).
+    alone_since: Option<Instant>,
 }
 
 impl Session {
@@ -248,6 +251,7 @@ impl Session {
             next_first: 0,
             next_id: 1,
             bucket: Bucket::new(state.config.limits.max_message_rate),
+            alone_since: None,
             state,
         }
     }
@@ -277,12 +281,14 @@ impl Session {
         let token = self.state.token.clone();
         loop {
             let deadline = self.channels.iter().filter_map(|c| c.deadline).min();
+            let alone = self.alone_deadline();
             tokio::select! {
                 // priority 1: shutdown
                 biased;
                 _ = token.cancelled() => return Ok(End::Close(close::GOING_AWAY, "server shutting down")),
                 // priority 2: a channel's token ran out
                 _ = ws::sleep_until_some(deadline) => Box::pin(self.on_deadline()).await?,
+                _ = ws::sleep_until_some(alone) => self.on_alone()?,
                 // priority 3: what the client says
                 frame = self.frames_rx.recv() => Box::pin(self.on_client_frame(frame)).await?,
                 // priority 4: heartbeat
@@ -366,6 +372,15 @@ impl Session {
     async fn on_join(&mut self, frame: Frame) -> Result<(), End> {
         // Joining a topic again (realtime-js does after `phx_error`) replaces the channel.
         self.drop_channel(&frame.topic);
+        // Every channel is held by the socket (its topic may be as long as a client frame),
+        // bindings or not: they are counted too, or joins without bindings would grow the
+        // socket without bound.
+        let limit = self.state.config.limits.max_subscriptions;
+        if self.channels.len() >= limit {
+            self.state.metrics.inc(&self.state.metrics.limited);
+            let reason = format!("A socket may hold at most {limit} channels");
+            return self.join_error(&frame, &reason).await;
+        }
         let token = match frame.payload.get("access_token") {
             Some(Value::String(token)) => Some(token.clone()),
             _ => self.token.clone(),
@@ -387,7 +402,6 @@ impl Session {
                     .await;
             }
         };
-        let limit = self.state.config.limits.max_subscriptions;
         if self.subs.len() + requested.len() > limit {
             // Before any binding is checked: checking one may ask the database.
             self.state.metrics.inc(&self.state.metrics.limited);
@@ -399,7 +413,7 @@ impl Session {
         // Check everything first: a join is served whole or not at all.
         let mut prepared = Vec::new();
         let mut echoed = Vec::new();
-        for binding in &requested {
+        for (n, binding) in requested.iter().enumerate() {
             let id = self.next_id;
             self.next_id += 1;
             let wanted = match Binding::read(binding) {
@@ -427,6 +441,14 @@ impl Session {
                     names
                 }
             };
+            // A whole-schema binding may grow into more subscriptions than bindings: counted
+            // as it grows (with one for each binding still to come), before any is looked up.
+            let later = requested.len() - n - 1;
+            if self.subs.len() + prepared.len() + resources.len() + later > limit {
+                self.state.metrics.inc(&self.state.metrics.limited);
+                let reason = format!("A socket may hold at most {limit} table subscriptions");
+                return self.join_error(&frame, &reason).await;
+            }
             for resource in resources {
                 let ready =
                     match ws::prepare(&self.state, &resource, &wanted.params, &principal).await {
@@ -443,12 +465,6 @@ impl Session {
                 }
             }
             echoed.push(Value::Object(echo));
-        }
-        // Whole-schema bindings may have grown into more subscriptions than bindings.
-        if self.subs.len() + prepared.len() > limit {
-            self.state.metrics.inc(&self.state.metrics.limited);
-            let reason = format!("A socket may hold at most {limit} table subscriptions");
-            return self.join_error(&frame, &reason).await;
         }
         let mut columns = Vec::with_capacity(prepared.len());
         for (_, ready, _) in &prepared {
@@ -539,6 +555,33 @@ impl Session {
         channel.deadline = principal.expires_in().map(|d| Instant::now() + d);
         channel.principal = principal;
         Ok(())
+    }
+
+    /// When a socket without a channel is next checked for a token that authenticates.
+    fn alone_deadline(&mut self) -> Option<Instant> {
+        if !self.channels.is_empty() {
+            self.alone_since = None;
+            return None;
+        }
+        let since = *self.alone_since.get_or_insert_with(Instant::now);
+        Some(since + self.state.config.auth.auth_timeout)
+    }
+
+    /// A socket has held no channel for the auth timeout: it is closed unless its own token
+    /// (the `apikey`) authenticates (the next check is an auth timeout later).
+    fn on_alone(&mut self) -> Result<(), End> {
+        self.alone_since = Some(Instant::now());
+        match self.state.gate.principal(self.token.as_deref()) {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                tracing::debug!(error = %err, "a socket without a channel has no valid token");
+                let reason = match err {
+                    AuthError::Expired => "token expired",
+                    _ => "authentication required",
+                };
+                Err(End::Close(close::UNAUTHORIZED, reason))
+            }
+        }
     }
 
     /// A channel's token expired: it is told, and closed.
@@ -688,6 +731,12 @@ impl Binding {
     /// `{event, schema, table?, filter?}`: `event` is `*`, `INSERT`, `UPDATE` or `DELETE`;
     /// `filter` is realtime's `column=op.value`, which is pgrelay's filter on one column.
     fn read(binding: &Value) -> Result<Binding, String> {
+        if !binding.is_object() {
+            // (Read as one, it would have every key missing: a whole-schema binding.)
+            return Err(format!(
+                "postgres_changes: a binding must be an object, not {binding}"
+            ));
+        }
         let text = |key: &str| match binding.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),

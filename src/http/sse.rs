@@ -226,6 +226,8 @@ impl Stream {
                 _ = token.cancelled() => return Ok(End::Close(close::GOING_AWAY, "server shutting down")),
                 // priority 2: the token ran out
                 _ = ws::sleep_until_some(deadline) => return Err(self.expired().await),
+                // The client hung up (the body is dropped): end now, not at the next write.
+                () = self.out.gone() => return Err(End::Gone),
                 // priority 3: heartbeat
                 _ = tokio::time::sleep_until(self.next_ping) => {
                     ws::send_to(&mut self.out, &self.state, Message::Ping(Default::default())).await?;
@@ -312,6 +314,14 @@ struct Out {
 }
 
 impl Out {
+    /// Resolves once the body is dropped: the client is gone.
+    async fn gone(&self) {
+        match self.chunks.get_ref() {
+            Some(sender) => sender.closed().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Hands the gathered events to the body.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         if self.buf.is_empty() {

@@ -317,3 +317,294 @@ async fn a_refreshed_token_that_grants_other_rows_closes_the_channel_and_one_tha
         "nothing more for the closed channel"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_without_bindings_count_against_the_limit_so_a_socket_cannot_grow_without_bound() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| c.limits.max_subscriptions = 2).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    // Each join of a new topic is held by the socket, bindings or not (its topic may be as
+    // long as a client frame): past the limit, a join is refused.
+    for n in 0..2 {
+        let reply = join(&mut ws, &format!("realtime:{n}"), json!([])).await;
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+    }
+    let reply = join(&mut ws, "realtime:2", json!([])).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    assert!(
+        reply[4]["response"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2"),
+        "{reply}"
+    );
+    // Joining a topic it holds again replaces that channel; leaving one frees its place.
+    let reply = join(&mut ws, "realtime:1", json!([])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    ws.send_json(json!(["1", "2", "realtime:0", "phx_leave", {}]))
+        .await;
+    assert_eq!(ws.next_json().await[4]["status"], "ok");
+    let reply = join(&mut ws, "realtime:2", json!([])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_restricted_channel_never_sees_hidden_columns_or_other_rows() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table items(id int primary key, category text, secret text)",
+            &["items"],
+        )
+        .await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        let mut settings = pgrelay::settings::Settings::from_toml(
+            r#"
+            [[policy]]
+            tables = ["items"]
+            roles = ["member"]
+            read = true
+            filter = "category=eq.{claims.category}"
+            columns = ["id", "category"]
+            "#,
+        )
+        .unwrap();
+        settings.tables = Some(vec!["items".into()]);
+        c.policies = settings.into_config().unwrap().policies;
+        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+    })
+    .await;
+    let token = member("a");
+    let mut ws = relay
+        .ws(&format!("/realtime/v1/websocket?apikey={token}&vsn=2.0.0"))
+        .await;
+    // A filter on a hidden column is refused.
+    let hidden =
+        json!([{"event": "*", "schema": "public", "table": "items", "filter": "secret=eq.x"}]);
+    let payload = json!({"config": {"postgres_changes": hidden}, "access_token": token});
+    ws.send_json(json!(["1", "1", "realtime:h", "phx_join", payload]))
+        .await;
+    assert_eq!(ws.next_json().await[4]["status"], "error");
+
+    let binding = json!([{"event": "*", "schema": "public", "table": "items"}]);
+    let payload = json!({"config": {"postgres_changes": binding}, "access_token": token});
+    ws.send_json(json!(["2", "2", "realtime:m", "phx_join", payload]))
+        .await;
+    assert_eq!(ws.next_json().await[4]["status"], "ok");
+    assert_eq!(ws.next_json().await[3], "system");
+    db.exec("insert into items values (1, 'b', 's1'), (2, 'a', 's2')")
+        .await;
+    db.exec("update items set secret = 's3' where id = 2").await;
+    db.exec("update items set category = 'b', secret = 's4' where id = 2")
+        .await;
+    db.exec("update items set category = 'a' where id = 1")
+        .await;
+    db.exec("delete from items where id = 1").await;
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let message = ws.next_json().await;
+        assert_eq!(message[3], "postgres_changes", "{message}");
+        let text = message.to_string();
+        assert!(
+            !text.contains("secret") && !["s1", "s2", "s3", "s4"].iter().any(|s| text.contains(s)),
+            "{text}"
+        );
+        let data = &message[4]["data"];
+        assert_eq!(
+            data["columns"],
+            json!([{"name": "id", "type": "int4"}, {"name": "category", "type": "text"}])
+        );
+        seen.push((
+            data["type"].clone(),
+            data["record"].clone(),
+            data["old_record"].clone(),
+        ));
+    }
+    assert_eq!(
+        seen[0],
+        (
+            json!("INSERT"),
+            json!({"id": 2, "category": "a"}),
+            Value::Null
+        )
+    );
+    assert_eq!(seen[1].0, "UPDATE");
+    // Out of the caller's rows: the key only.
+    assert_eq!(seen[2], (json!("DELETE"), Value::Null, json!({"id": 2})));
+    assert_eq!(
+        seen[3],
+        (
+            json!("INSERT"),
+            json!({"id": 1, "category": "a"}),
+            Value::Null
+        )
+    );
+    assert_eq!(
+        seen[4],
+        (
+            json!("DELETE"),
+            Value::Null,
+            json!({"id": 1, "category": "a"})
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_schema_binding_is_counted_against_the_limit_as_it_expands_before_more_lookups() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create schema shop;
+             create table shop.a(id int primary key);
+             create table shop.b(id int primary key);
+             create table shop.c(id int primary key);",
+            &["shop.a", "shop.b", "shop.c"],
+        )
+        .await;
+    let relay = Relay::start_with(&db, &["shop.a", "shop.b", "shop.c"], |c| {
+        c.limits.max_subscriptions = 2;
+    })
+    .await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    // Two bindings, but the first alone is three subscriptions: refused for their number
+    // before the second (or the rest of the first) is looked up.
+    let bindings = json!([
+        {"event": "*", "schema": "shop"},
+        {"event": "*", "schema": "public", "table": "nope"},
+    ]);
+    let reply = join(&mut ws, "realtime:s", bindings).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    assert!(
+        reply[4]["response"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2"),
+        "{reply}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_never_authenticates_is_closed_after_the_auth_timeout_however_it_heartbeats()
+{
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+        c.auth.auth_timeout = std::time::Duration::from_millis(500);
+    })
+    .await;
+    // Without a token, or with one that is not valid, and never a channel: the socket would
+    // hold one of the relay's connections for as long as it heartbeats.
+    for path in [
+        "/realtime/v1/websocket?vsn=2.0.0",
+        "/realtime/v1/websocket?apikey=garbage&vsn=2.0.0",
+    ] {
+        let mut ws = relay.ws(path).await;
+        let started = std::time::Instant::now();
+        let closed = crate::support::within(std::time::Duration::from_secs(10), async {
+            let mut n = 0;
+            loop {
+                n += 1;
+                ws.send_json(json!([null, n.to_string(), "phoenix", "heartbeat", {}]))
+                    .await;
+                match ws.next_frame().await {
+                    crate::support::Frame::Closed(frame) => {
+                        return frame.map(|f| u16::from(f.code));
+                    }
+                    crate::support::Frame::Json(_) => {}
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_eq!(closed, Some(4001), "{path}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    // A valid token in the socket's apikey keeps it open without a channel.
+    let mut ws = relay
+        .ws(&format!(
+            "/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+            member("a")
+        ))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    ws.send_json(json!([null, "1", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(ws.next_json().await[3], "phx_reply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_that_is_not_an_object_is_refused_not_read_as_a_whole_schema() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay
+        .ws("/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+        .await;
+    for bad in [json!(null), json!(5), json!("items"), json!([])] {
+        let reply = join(&mut ws, "realtime:x", json!([bad])).await;
+        assert_eq!(reply[4]["status"], "error", "{bad}: {reply}");
+        assert!(
+            reply[4]["response"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("must be an object"),
+            "{reply}"
+        );
+    }
+    // Nothing was subscribed: a change reaches no channel.
+    db.exec("insert into items values (1, 'a', 1, null)").await;
+    ws.send_json(json!([null, "9", "phoenix", "heartbeat", {}]))
+        .await;
+    assert_eq!(ws.next_json().await[3], "phx_reply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realtime_client_that_stops_reading_is_closed_as_a_slow_consumer() {
+    use futures_util::SinkExt;
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs(id serial primary key, body text)",
+            &["docs"],
+        )
+        .await;
+    let relay = Relay::start_with(&db, &["docs"], |c| {
+        c.queue_bytes = 256 * 1024;
+    })
+    .await;
+    let mut stalled =
+        crate::support::stalled_client(relay.addr, "/realtime/v1/websocket?apikey=anon&vsn=2.0.0")
+            .await;
+    // Two channels on the table (each binding its own cursor), then no reads at all.
+    for topic in ["realtime:a", "realtime:b"] {
+        let payload = json!({"config": {"postgres_changes": [
+            {"event": "*", "schema": "public", "table": "docs"}]}});
+        let join = json!(["1", "1", topic, "phx_join", payload]).to_string();
+        stalled
+            .send(tokio_tungstenite::tungstenite::Message::text(join))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let writer = db.client().await;
+    crate::support::within(std::time::Duration::from_secs(60), async {
+        for _ in 0..10 {
+            writer
+                .batch_execute(
+                    "insert into docs(body) select repeat('x', 2000) from generate_series(1, 1000)",
+                )
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    crate::support::wait_for_metrics(
+        relay.addr,
+        &["pgrelay_slow_consumers_total 1", "pgrelay_ws_connections 0"],
+    )
+    .await;
+    drop(stalled);
+}

@@ -717,3 +717,21 @@ async fn shutdown_ends_every_stream_with_a_message_saying_so() {
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert_eq!(rest[0].json["code"], "shutting_down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_is_gone_is_ended_at_once_not_at_the_next_ping() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        c.ping_interval = Duration::from_secs(600);
+        c.ping_timeout = Duration::from_secs(1800);
+    })
+    .await;
+    // A client that opens streams and hangs up at once must not leave a subscription behind
+    // each time (connection limits count only the connections that are still open).
+    for _ in 0..3 {
+        let sse = Sse::open(relay.addr, "/sse/items", &[]).await;
+        assert_eq!(sse.status, 200);
+        drop(sse);
+    }
+    wait_for_metrics(relay.addr, &["pgrelay_subscriptions{table=\"items\"} 0\n"]).await;
+}
