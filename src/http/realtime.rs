@@ -466,24 +466,35 @@ impl Session {
             }
             echoed.push(Value::Object(echo));
         }
-        let mut columns = Vec::with_capacity(prepared.len());
-        for (_, ready, _) in &prepared {
-            match column_types(&self.state, ready).await {
-                Some(json) => columns.push(json),
-                None => {
-                    return self
-                        .join_error(&frame, "The database is unavailable; try again")
-                        .await;
-                }
-            }
-        }
-        // Arm every binding, then reply: from now on every event published is the channel's.
-        for ((id, ready, params), columns_json) in prepared.into_iter().zip(columns) {
-            let Some(hub_topic) = self.state.hub.topic(&ready.table.resource) else {
+        // Everything that can fail is looked up before anything is armed: a join is armed
+        // whole or not at all. Column types once per table (several bindings may share one).
+        let mut columns: Vec<(String, String)> = Vec::new();
+        let mut armed = Vec::with_capacity(prepared.len());
+        for (id, ready, params) in prepared {
+            let resource = ready.table.resource.clone();
+            let columns_json = match columns.iter().find(|(r, _)| *r == resource) {
+                Some((_, json)) => json.clone(),
+                None => match column_types(&self.state, &ready).await {
+                    Some(json) => {
+                        columns.push((resource.clone(), json.clone()));
+                        json
+                    }
+                    None => {
+                        return self
+                            .join_error(&frame, "The database is unavailable; try again")
+                            .await;
+                    }
+                },
+            };
+            let Some(hub_topic) = self.state.hub.topic(&resource) else {
                 return self
                     .join_error(&frame, "The table is not exposed by this relay")
                     .await;
             };
+            armed.push((id, ready, params, columns_json, hub_topic));
+        }
+        // Arm every binding, then reply: from now on every event published is the channel's.
+        for (id, ready, params, columns_json, hub_topic) in armed {
             let route = Route {
                 topic: Arc::clone(&topic),
                 join_ref: join_ref.clone(),
