@@ -261,7 +261,8 @@ async fn a_refreshed_token_that_grants_other_rows_closes_the_channel_and_one_tha
         )
         .await;
     let relay = Relay::start_with(&db, &["items"], |c| {
-        let mut settings = pgrelay::settings::Settings::from_toml(
+        crate::support::with_policies(
+            c,
             r#"
             [[policy]]
             tables = ["items"]
@@ -269,11 +270,8 @@ async fn a_refreshed_token_that_grants_other_rows_closes_the_channel_and_one_tha
             read = true
             filter = "category=eq.{claims.category}"
             "#,
-        )
-        .unwrap();
-        settings.tables = Some(vec!["items".into()]);
-        c.policies = settings.into_config().unwrap().policies;
-        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+            SECRET,
+        );
     })
     .await;
     let token = member("a");
@@ -360,7 +358,8 @@ async fn a_policy_restricted_channel_never_sees_hidden_columns_or_other_rows() {
         )
         .await;
     let relay = Relay::start_with(&db, &["items"], |c| {
-        let mut settings = pgrelay::settings::Settings::from_toml(
+        crate::support::with_policies(
+            c,
             r#"
             [[policy]]
             tables = ["items"]
@@ -369,11 +368,8 @@ async fn a_policy_restricted_channel_never_sees_hidden_columns_or_other_rows() {
             filter = "category=eq.{claims.category}"
             columns = ["id", "category"]
             "#,
-        )
-        .unwrap();
-        settings.tables = Some(vec!["items".into()]);
-        c.policies = settings.into_config().unwrap().policies;
-        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+            SECRET,
+        );
     })
     .await;
     let token = member("a");

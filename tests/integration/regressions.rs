@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use pgrelay::Config;
-use pgrelay::settings::Settings;
 use serde_json::json;
 
 use crate::support::{Relay, TestDb, http_as, install_mode};
@@ -125,11 +124,7 @@ fn member_token(tenant: i64) -> String {
 
 async fn docs_relay(db: &TestDb) -> Relay {
     Relay::start_with(db, &["docs"], |c: &mut Config| {
-        let mut settings = Settings::from_toml(POLICIES).unwrap();
-        settings.tables = Some(vec!["docs".into()]);
-        let parsed = settings.into_config().unwrap();
-        c.policies = parsed.policies;
-        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+        crate::support::with_policies(c, POLICIES, SECRET);
     })
     .await
 }

@@ -561,7 +561,8 @@ async fn a_stream_needs_a_token_takes_it_from_access_token_applies_its_policy_an
         )
         .await;
     let relay = Relay::start_with(&db, &["docs"], |c| {
-        let mut settings = pgrelay::settings::Settings::from_toml(
+        crate::support::with_policies(
+            c,
             r#"
             [[policy]]
             tables = ["docs"]
@@ -570,11 +571,8 @@ async fn a_stream_needs_a_token_takes_it_from_access_token_applies_its_policy_an
             filter = "tenant_id=eq.{claims.tenant_id}"
             columns = ["tenant_id"]
             "#,
-        )
-        .unwrap();
-        settings.tables = Some(vec!["docs".into()]);
-        c.policies = settings.into_config().unwrap().policies;
-        c.auth.jwt = Some(crate::support::hmac_jwt(SECRET));
+            SECRET,
+        );
     })
     .await;
 

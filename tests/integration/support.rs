@@ -1039,3 +1039,12 @@ pub async fn wait_ready_at(addr: SocketAddr) {
     })
     .await;
 }
+
+/// Sets `config`'s policies from `[[policy]]` TOML, and JWTs signed with `secret`.
+pub fn with_policies(config: &mut Config, policies: &str, secret: &str) {
+    let mut settings = pgrelay::settings::Settings::from_toml(policies).unwrap();
+    // (Settings need tables to become a Config; the relay's tables are the test's own.)
+    settings.tables = Some(vec!["unused".into()]);
+    config.policies = settings.into_config().unwrap().policies;
+    config.auth.jwt = Some(hmac_jwt(secret));
+}
