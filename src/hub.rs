@@ -203,6 +203,19 @@ impl Ring {
         self.first + self.entries.len() as u64
     }
 
+    /// Position, offset and base of a cursor that reads from `entries[index]` on (a replay:
+    /// what is published up to now does not count against its queue limit).
+    fn cursor_fields(&self, index: usize) -> (u64, u64, u64) {
+        let pos = self.first + index as u64;
+        let offset = match index {
+            0 => self.entries.front().map_or(self.published_bytes, |e| {
+                e.end_offset - e.frame.len() as u64
+            }),
+            i => self.entries[i - 1].end_offset,
+        };
+        (pos, offset, self.published_bytes)
+    }
+
     /// The frame as shared bytes. A small frame is copied into the current block, which it
     /// then shares with its neighbours: a retained frame costs its bytes and no allocation
     /// of its own (which, with its header, rounding and spare capacity, cost more than the
@@ -373,6 +386,24 @@ impl Cursor {
         &self.topic
     }
 
+    /// Whether the cursor has read everything published on its table so far.
+    pub fn caught_up(&self) -> bool {
+        self.pos >= self.topic.lock().next()
+    }
+
+    /// Whether what the cursor has still to read holds a `reset` or a column change (or is
+    /// already evicted): a subscription resumed from here would end in it again.
+    pub fn backlog_ends(&self) -> bool {
+        let ring = self.topic.lock();
+        if self.pos < ring.first {
+            return true;
+        }
+        let start = usize::try_from(self.pos - ring.first).unwrap_or(usize::MAX);
+        ring.entries
+            .range(start.min(ring.entries.len())..)
+            .any(|e| matches!(e.kind, EntryKind::Reset(_) | EntryKind::Columns(_)))
+    }
+
     /// Stops counting what is published up to now against the queue limit (see `base`).
     pub fn rebase(&mut self) {
         self.base = self.topic.lock().published_bytes;
@@ -457,6 +488,19 @@ struct BatchLog {
 }
 
 impl BatchLog {
+    /// Ends the next batch, whose highest seq was `max_seq`.
+    fn end(&mut self, max_seq: i64) {
+        self.open = None;
+        let max = self.last_max().max(max_seq);
+        self.maxes.push_back(max);
+        while self.maxes.len() > self.capacity {
+            if let Some(dropped) = self.maxes.pop_front() {
+                self.pruned_max = dropped;
+                self.first += 1;
+            }
+        }
+    }
+
     fn next_id(&self) -> u64 {
         self.first + self.maxes.len() as u64
     }
@@ -492,6 +536,8 @@ pub struct Hub {
     /// events at or below it. `i64::MAX` until capture starts.
     start_seq: AtomicI64,
     limits: HubLimits,
+    /// Random per hub: names this hub's batches in exact positions.
+    epoch: u64,
 }
 
 impl Hub {
@@ -516,6 +562,10 @@ impl Hub {
             }),
             start_seq: AtomicI64::new(i64::MAX),
             limits,
+            epoch: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                std::time::SystemTime::now(),
+            ),
         }
     }
 
@@ -596,21 +646,59 @@ impl Hub {
     pub fn end_batch(&self, batch: u64, max_seq: i64) {
         let mut log = self.batch_log();
         debug_assert_eq!(log.open, Some(batch));
-        log.open = None;
-        let max = log.last_max().max(max_seq);
-        log.maxes.push_back(max);
-        while log.maxes.len() > log.capacity {
-            if let Some(dropped) = log.maxes.pop_front() {
-                log.pruned_max = dropped;
-                log.first += 1;
+        log.end(max_seq);
+    }
+
+    /// Appends an entry that is not a log event (a `reset`, a column change) to `topic`, in
+    /// the open batch, else in a batch of its own. Under the batch log's lock, so that a
+    /// position taken from the log ([`Hub::exact_position`]) never covers an entry that is
+    /// not in its ring yet.
+    fn publish_control(&self, topic: &Topic, kind: EntryKind, frame: String) {
+        let mut log = self.batch_log();
+        match log.open {
+            Some(batch) => topic.push(0, None, batch, kind, frame),
+            None => {
+                let batch = log.next_id();
+                topic.push(0, None, batch, kind, frame);
+                log.end(i64::MIN);
             }
         }
     }
 
-    /// The batch an entry published now belongs to (the open one, else the last ended).
-    fn current_batch(&self) -> u64 {
+    /// The position a client holds once it has read every entry published so far: the
+    /// highest seq of the ended batches and the last ended batch (`None` before any ended).
+    /// [`Hub::resume_after`] on this relay resumes right after that batch.
+    pub fn exact_position(&self) -> Option<(i64, u64)> {
         let log = self.batch_log();
-        log.open.unwrap_or_else(|| log.next_id().saturating_sub(1))
+        let last = log.next_id().checked_sub(1).filter(|b| *b >= 1)?;
+        Some((log.last_max(), last)).filter(|(max, _)| *max != i64::MIN)
+    }
+
+    /// This hub's identity (random per process): a position from [`Hub::exact_position`]
+    /// names batches of this hub only.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Where a subscriber of `topic` that has read every entry of the batches up to `batch`
+    /// (of this hub: see [`Hub::exact_position`]) resumes: right after it, exactly once.
+    pub fn resume_after(&self, topic: &Arc<Topic>, batch: u64) -> Resume {
+        let from_batch = batch.saturating_add(1);
+        if from_batch > self.batch_log().next_id() {
+            // Not a batch this hub has ended.
+            return Resume::Reset;
+        }
+        let ring = topic.lock();
+        if ring
+            .evicted_batch
+            .is_some_and(|evicted| evicted >= from_batch)
+        {
+            return Resume::Reset;
+        }
+        let index = ring.entries.partition_point(|e| e.batch < from_batch);
+        let (pos, offset, base) = ring.cursor_fields(index);
+        drop(ring);
+        Resume::From(topic.cursor_at(pos, offset, base))
     }
 
     /// The position a subscriber holds once it has the initial data of a snapshot taken
@@ -653,14 +741,7 @@ impl Hub {
         } else {
             ring.entries.partition_point(|e| e.batch < from_batch)
         };
-        let pos = ring.first + index as u64;
-        let offset = match index {
-            0 => ring.entries.front().map_or(ring.published_bytes, |e| {
-                e.end_offset - e.frame.len() as u64
-            }),
-            i => ring.entries[i - 1].end_offset,
-        };
-        let base = ring.published_bytes;
+        let (pos, offset, base) = ring.cursor_fields(index);
         drop(ring);
         // The whole tail from that batch's start: a replay must be a suffix of the stream
         // (skipping anything in it, even events the client surely has, could leave a later
@@ -740,8 +821,7 @@ impl Hub {
     pub fn publish_reset(&self, resource: &str, reason: &'static str) {
         if let Some(topic) = self.topic(resource) {
             let frame = control::reset(&topic.resource, reason);
-            let batch = self.current_batch();
-            topic.push(0, None, batch, EntryKind::Reset(reason), frame);
+            self.publish_control(&topic, EntryKind::Reset(reason), frame);
         }
     }
 
@@ -756,10 +836,9 @@ impl Hub {
     /// start over otherwise).
     pub fn publish_columns_changed(&self, resource: &str, change: ColumnsChanged) {
         if let Some(topic) = self.topic(resource) {
-            let batch = self.current_batch();
             let frame = control::reset(&topic.resource, "table_changed");
             let kind = EntryKind::Columns(Arc::new(change));
-            topic.push(0, None, batch, kind, frame);
+            self.publish_control(&topic, kind, frame);
         }
     }
 
@@ -954,6 +1033,70 @@ mod tests {
             panic!("resumable")
         };
         assert_eq!(seqs(&mut resumed).await, [3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn an_exact_position_resumes_right_after_its_batch_and_covers_only_what_is_in_the_ring() {
+        let hub = hub(1000, 1 << 20, 1 << 20);
+        hub.set_start_seq(0);
+        let topic = hub.topic("a").unwrap();
+        assert_eq!(hub.exact_position(), None);
+        let batch = hub.begin_batch();
+        for (xid, seq) in [(20, 5), (10, 3)] {
+            create(&hub, 1, batch, xid, seq, 1);
+        }
+        hub.end_batch(batch, 5);
+        let (seq, through) = hub.exact_position().expect("a batch ended");
+        assert_eq!((seq, through), (5, batch));
+        // A late committer with a lower seq, in a later batch: a seq alone must replay the
+        // batch that holds 5 (another relay may order them differently); the exact position
+        // skips just what the client has.
+        publish(&hub, 1, 4, 1);
+        let Resume::From(mut cursor) = hub.resume_after(&topic, through) else {
+            panic!("resumable")
+        };
+        assert_eq!(seqs(&mut cursor).await, [4]);
+        let Resume::From(mut cursor) = hub.resume(&topic, seq) else {
+            panic!("resumable")
+        };
+        assert_eq!(seqs(&mut cursor).await, [5, 3, 4]);
+        // A reset published outside a capture batch takes a batch of its own, so a position
+        // taken before it is in the ring never covers it.
+        let (_, before_reset) = hub.exact_position().unwrap();
+        hub.publish_reset("a", "table_dropped");
+        let (_, after_reset) = hub.exact_position().unwrap();
+        assert_eq!(after_reset, before_reset + 1);
+        let Resume::From(cursor) = hub.resume_after(&topic, before_reset) else {
+            panic!("resumable")
+        };
+        assert!(cursor.backlog_ends());
+        let Resume::From(cursor) = hub.resume_after(&topic, after_reset) else {
+            panic!("resumable")
+        };
+        assert!(!cursor.backlog_ends() && cursor.caught_up());
+        // Batches this hub never ended are not resumed from.
+        assert!(matches!(
+            hub.resume_after(&topic, after_reset + 5),
+            Resume::Reset
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_exact_position_whose_next_batch_was_evicted_resets() {
+        let hub = hub(2, 1 << 20, 1 << 20);
+        hub.set_start_seq(0);
+        let topic = hub.topic("a").unwrap();
+        publish(&hub, 1, 1, 1);
+        let (_, through) = hub.exact_position().unwrap();
+        for seq in 2..=4 {
+            publish(&hub, 1, seq, 1);
+        }
+        assert!(matches!(hub.resume_after(&topic, through), Resume::Reset));
+        let (_, now) = hub.exact_position().unwrap();
+        let Resume::From(mut cursor) = hub.resume_after(&topic, now - 1) else {
+            panic!("resumable")
+        };
+        assert_eq!(seqs(&mut cursor).await, [4]);
     }
 
     #[test]

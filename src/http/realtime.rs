@@ -42,6 +42,7 @@ use super::{ApiError, AppState, token_header, with_state};
 use crate::access::{AuthError, Principal};
 use crate::event::{Op, resource_name};
 use crate::filter;
+use crate::hub::Resume;
 use crate::subscription::{EventType, Params};
 
 /// The Phoenix serializer a socket speaks.
@@ -206,6 +207,11 @@ struct Channel {
     principal: Principal,
     /// When its token expires.
     deadline: Option<Instant>,
+    /// The join's bindings carry `since`: the client keeps a position, and is sent one
+    /// (a `system` message) whenever it has every event up to a newer one.
+    positions: bool,
+    /// The batch of the last position sent.
+    last_position: Option<u64>,
 }
 
 struct Session {
@@ -313,6 +319,9 @@ impl Session {
                     } else if routes[index].stale {
                         let topic = Arc::clone(&routes[index].topic);
                         self.drop_channel(&topic);
+                    } else {
+                        let topic = Arc::clone(&routes[index].topic);
+                        Box::pin(self.report_position(&topic)).await?;
                     }
                 }
             }
@@ -413,6 +422,10 @@ impl Session {
         // Check everything first: a join is served whole or not at all.
         let mut prepared = Vec::new();
         let mut echoed = Vec::new();
+        // Whether the client keeps positions (a binding carries `since`), and whether every
+        // binding holds one (then the channel may resume from them).
+        let mut positions = false;
+        let mut held = !requested.is_empty();
         for (n, binding) in requested.iter().enumerate() {
             let id = self.next_id;
             self.next_id += 1;
@@ -420,6 +433,8 @@ impl Session {
                 Ok(wanted) => wanted,
                 Err(reason) => return self.join_error(&frame, &reason).await,
             };
+            positions |= wanted.since.is_some();
+            held &= matches!(wanted.since, Some(Some(_)));
             let resources = match &wanted.table {
                 Some(table) => vec![resource_name(&wanted.schema, table)],
                 // A whole schema: every exposed table of it the caller may read.
@@ -455,7 +470,7 @@ impl Session {
                         Ok(ready) => ready,
                         Err(refusal) => return self.join_error(&frame, &refusal.message).await,
                     };
-                prepared.push((id, ready, wanted.params.clone()));
+                prepared.push((id, ready, wanted.params.clone(), wanted.since.flatten()));
             }
             let mut echo = serde_json::Map::new();
             echo.insert("id".into(), Value::from(id));
@@ -470,7 +485,7 @@ impl Session {
         // whole or not at all. Column types once per table (several bindings may share one).
         let mut columns: Vec<(String, String)> = Vec::new();
         let mut armed = Vec::with_capacity(prepared.len());
-        for (id, ready, params) in prepared {
+        for (id, ready, params, since) in prepared {
             let resource = ready.table.resource.clone();
             let columns_json = match columns.iter().find(|(r, _)| *r == resource) {
                 Some((_, json)) => json.clone(),
@@ -491,10 +506,40 @@ impl Session {
                     .join_error(&frame, "The table is not exposed by this relay")
                     .await;
             };
-            armed.push((id, ready, params, columns_json, hub_topic));
+            armed.push((id, ready, params, columns_json, hub_topic, since));
         }
+        // A position every event up to which the client will have once it has read the rows
+        // (taken before any cursor is placed: an event after it is sent or in those rows).
+        let position = self.state.hub.exact_position();
+        // Resume every binding from its `since`, or none of them: a client told that its
+        // channel did not resume reads its rows again.
+        let mut cursors = Vec::with_capacity(armed.len());
+        let mut resumed = held;
+        for (_, _, _, _, hub_topic, since) in armed.iter().filter(|_| held) {
+            let Some(since) = since else { break };
+            let hub = &self.state.hub;
+            let (cursor, reset) = match since.exact {
+                Some((epoch, batch)) if epoch == hub.epoch() => {
+                    match hub.resume_after(hub_topic, batch) {
+                        Resume::From(cursor) => (cursor, false),
+                        _ => (hub_topic.subscribe(), true),
+                    }
+                }
+                _ => ws::open_cursor(&self.state, hub_topic, Some(since.seq)).await,
+            };
+            if reset || cursor.backlog_ends() {
+                // (A replay that holds a `reset` would end the channel again, and again.)
+                resumed = false;
+                break;
+            }
+            cursors.push(cursor);
+        }
+        if !resumed {
+            cursors.clear();
+        }
+        let mut cursors = cursors.into_iter();
         // Arm every binding, then reply: from now on every event published is the channel's.
-        for (id, ready, params, columns_json, hub_topic) in armed {
+        for (id, ready, params, columns_json, hub_topic, _) in armed {
             let route = Route {
                 topic: Arc::clone(&topic),
                 join_ref: join_ref.clone(),
@@ -504,13 +549,8 @@ impl Session {
                 columns_json,
                 stale: false,
             };
-            let sub = Subscription::new(
-                ready.table,
-                ready.access,
-                hub_topic.subscribe(),
-                params,
-                ready.shape,
-            );
+            let cursor = cursors.next().unwrap_or_else(|| hub_topic.subscribe());
+            let sub = Subscription::new(ready.table, ready.access, cursor, params, ready.shape);
             self.subs.push(sub);
             self.routes.push(route);
         }
@@ -519,20 +559,87 @@ impl Session {
             join_ref: join_ref.clone(),
             deadline: principal.expires_in().map(|d| Instant::now() + d),
             principal,
+            positions,
+            last_position: None,
         });
         let response = json!({"postgres_changes": echoed}).to_string();
         self.reply(&frame, "ok", &response).await?;
         if !requested.is_empty() {
-            let system = json!({
+            let mut system = json!({
                 "extension": "postgres_changes",
                 "status": "ok",
                 "message": "Subscribed to PostgreSQL",
                 "channel": topic.strip_prefix("realtime:").unwrap_or(&topic),
             });
+            if positions {
+                system["resumed"] = Value::from(resumed);
+            }
             self.push(&topic, join_ref.as_deref(), "system", &system.to_string())
                 .await?;
         }
+        if positions
+            && !resumed
+            && let Some(position) = position
+        {
+            self.send_position(&topic, position).await?;
+        }
         Ok(())
+    }
+
+    /// After a channel's events were written: when the client keeps positions and now has
+    /// every event up to a newer one (all the channel's bindings are at the head), it is
+    /// sent that position.
+    async fn report_position(&mut self, topic: &Arc<str>) -> Result<(), End> {
+        let Some(channel) = self.channels.iter().find(|c| c.topic == *topic) else {
+            return Ok(());
+        };
+        if !channel.positions {
+            return Ok(());
+        }
+        // Taken before the bindings are looked at: every event up to it was published
+        // before they were found at the head.
+        let Some(position) = self.state.hub.exact_position() else {
+            return Ok(());
+        };
+        if channel.last_position.is_some_and(|last| last >= position.1) {
+            return Ok(());
+        }
+        let at_head = self
+            .subs
+            .iter()
+            .zip(&self.routes)
+            .filter(|(_, route)| route.topic == *topic)
+            .all(|(sub, route)| !route.stale && sub.caught_up());
+        if at_head {
+            self.send_position(topic, position).await?;
+        }
+        Ok(())
+    }
+
+    /// `system` `{"message":"Position","position":"…"}`: the client has every event of the
+    /// channel up to `position`; a join whose bindings carry it as `since` resumes there.
+    async fn send_position(
+        &mut self,
+        topic: &Arc<str>,
+        (seq, batch): (i64, u64),
+    ) -> Result<(), End> {
+        let join_ref = self.join_ref_of(topic);
+        if let Some(channel) = self.channels.iter_mut().find(|c| c.topic == *topic) {
+            channel.last_position = Some(batch);
+        }
+        let position = Position {
+            seq,
+            exact: Some((self.state.hub.epoch(), batch)),
+        };
+        let system = json!({
+            "extension": "postgres_changes",
+            "status": "ok",
+            "message": "Position",
+            "channel": topic.strip_prefix("realtime:").unwrap_or(topic),
+            "position": position.text(),
+        });
+        self.push(topic, join_ref.as_deref(), "system", &system.to_string())
+            .await
     }
 
     /// `access_token`: refreshes the channel's token. One that is invalid, or that grants
@@ -736,6 +843,41 @@ struct Binding {
     /// `None`: every exposed table of the schema.
     table: Option<String>,
     params: Params,
+    /// `since`, pgrelay's addition: absent (`None`), `null` (`Some(None)`: the client keeps
+    /// positions and has none yet), or the position the client holds.
+    since: Option<Option<Position>>,
+}
+
+/// A position the relay sent (`system` `Position`): `"seq/epoch/batch"`, where `seq` is
+/// pgrelay's resume position (any relay resumes from it, at least once) and `epoch/batch`
+/// name the last batch the client has whole on the relay that sent it (that relay resumes
+/// right after it, exactly once). A plain seq is taken too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    seq: i64,
+    exact: Option<(u64, u64)>,
+}
+
+impl Position {
+    fn parse(text: &str) -> Option<Position> {
+        let mut parts = text.split('/');
+        let seq = parts.next()?.parse().ok()?;
+        let exact = match (parts.next(), parts.next(), parts.next()) {
+            (None, _, _) => None,
+            (Some(epoch), Some(batch), None) => {
+                Some((u64::from_str_radix(epoch, 16).ok()?, batch.parse().ok()?))
+            }
+            _ => return None,
+        };
+        Some(Position { seq, exact })
+    }
+
+    fn text(&self) -> String {
+        match self.exact {
+            Some((epoch, batch)) => format!("{}/{epoch:x}/{batch}", self.seq),
+            None => self.seq.to_string(),
+        }
+    }
 }
 
 impl Binding {
@@ -788,10 +930,24 @@ impl Binding {
                 .map_err(|e| format!("postgres_changes: filter {filter:?}: {e}"))?;
             params.filters.push(parsed);
         }
+        let since = match binding.get("since") {
+            None => None,
+            Some(Value::Null) => Some(None),
+            Some(Value::String(s)) if Position::parse(s).is_some() => Some(Position::parse(s)),
+            Some(Value::Number(n)) if n.as_i64().is_some() => {
+                Some(n.as_i64().map(|seq| Position { seq, exact: None }))
+            }
+            Some(other) => {
+                return Err(format!(
+                    "postgres_changes: since must be null or a position the relay sent, not {other}"
+                ));
+            }
+        };
         Ok(Binding {
             schema,
             table,
             params,
+            since,
         })
     }
 }
@@ -937,6 +1093,39 @@ mod tests {
         }
         assert_eq!(Vsn::from_param(None), Some(Vsn::V1));
         assert_eq!(Vsn::from_param(Some("3.0.0")), None);
+    }
+
+    #[test]
+    fn a_position_is_a_seq_with_an_optional_exact_batch() {
+        let exact = Position {
+            seq: 41,
+            exact: Some((0xabc, 7)),
+        };
+        assert_eq!(exact.text(), "41/abc/7");
+        assert_eq!(Position::parse("41/abc/7"), Some(exact));
+        assert_eq!(
+            Position::parse("41"),
+            Some(Position {
+                seq: 41,
+                exact: None
+            })
+        );
+        for bad in [
+            "",
+            "x",
+            "41/",
+            "41/abc",
+            "41/abc/7/1",
+            "41/zz/7",
+            "41/abc/-1",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad}");
+        }
+        let b = Binding::read(&json!({"schema":"public","table":"t","since":"41/abc/7"}));
+        assert_eq!(b.map(|b| b.since), Ok(Some(Some(exact))));
+        let b = Binding::read(&json!({"schema":"public","table":"t","since":null}));
+        assert_eq!(b.map(|b| b.since), Ok(Some(None)));
+        assert!(Binding::read(&json!({"schema":"public","table":"t","since":true})).is_err());
     }
 
     #[test]

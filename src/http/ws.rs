@@ -672,6 +672,12 @@ impl Subscription {
         }
     }
 
+    /// Whether it has written everything published on its table so far (its cursor is at
+    /// the head and nothing read waits to be written).
+    pub(super) fn caught_up(&self) -> bool {
+        self.batch.is_empty() && self.cursor.caught_up()
+    }
+
     /// Entries taken from the cursor per write: more when they go out as `batch` frames.
     fn write_limit(&self) -> usize {
         if self.params.batch == Some(true) {

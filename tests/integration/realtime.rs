@@ -604,3 +604,173 @@ async fn a_realtime_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     .await;
     drop(stalled);
 }
+
+/// Reads the channel's messages until `done` holds for the collected `(event, payload)`
+/// pairs; returns them all.
+async fn collect_until(
+    ws: &mut Ws,
+    done: impl Fn(&[(String, Value)]) -> bool,
+) -> Vec<(String, Value)> {
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        let message = ws.next_json().await;
+        let event = message[3].as_str().unwrap_or_default().to_owned();
+        seen.push((event, message[4].clone()));
+    }
+    seen
+}
+
+/// `(type, id)` of each `postgres_changes` message, in order.
+fn changes(seen: &[(String, Value)]) -> Vec<(String, i64)> {
+    seen.iter()
+        .filter(|(event, _)| event == "postgres_changes")
+        .map(|(_, p)| {
+            let data = &p["data"];
+            let row = if data["type"] == "DELETE" {
+                &data["old_record"]
+            } else {
+                &data["record"]
+            };
+            (
+                data["type"].as_str().unwrap_or_default().to_owned(),
+                row["id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect()
+}
+
+/// The position of the last `Position` message, if one came after the last change.
+fn last_position(seen: &[(String, Value)]) -> Option<String> {
+    let (event, payload) = seen.last()?;
+    (event == "system" && payload["message"] == "Position")
+        .then(|| payload["position"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+/// The join's `system` "Subscribed to PostgreSQL" message's `resumed`.
+async fn joined(ws: &mut Ws, topic: &str, binding: &Value) -> Value {
+    let reply = join(ws, topic, json!([binding])).await;
+    assert_eq!(reply[4]["status"], "ok", "{reply}");
+    let system = ws.next_json().await;
+    assert_eq!(system[4]["message"], "Subscribed to PostgreSQL", "{system}");
+    system[4]["resumed"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_bindings_carry_since_resumes_from_its_position_after_a_dropped_socket() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let path = "/realtime/v1/websocket?apikey=anon&vsn=2.0.0";
+    let mut binding = json!({"event": "*", "schema": "public", "table": "items", "since": null});
+
+    // Without a position yet: not resumed (the client reads its rows), and positions come
+    // after the events they cover.
+    let mut ws = relay.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
+    db.exec("insert into items values (1, 'a', 1, null)").await;
+    let seen = collect_until(&mut ws, |s| {
+        changes(s) == [("INSERT".into(), 1)] && last_position(s).is_some()
+    })
+    .await;
+    let position = last_position(&seen).expect("a position after the insert");
+    drop(ws);
+
+    // Written while the client is away (it keeps its position in the binding).
+    db.exec("insert into items values (2, 'b', 2, null)").await;
+    db.exec("update items set name = 'a2' where id = 1").await;
+    db.exec("delete from items where id = 2").await;
+    binding["since"] = json!(position);
+    let mut ws = relay.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(true));
+    let seen = collect_until(&mut ws, |s| {
+        changes(s).ends_with(&[("DELETE".into(), 2)]) && last_position(s).is_some()
+    })
+    .await;
+    // On the relay that sent the position: exactly what the client missed, once.
+    assert_eq!(
+        changes(&seen),
+        [
+            ("INSERT".to_owned(), 2),
+            ("UPDATE".into(), 1),
+            ("DELETE".into(), 2)
+        ]
+    );
+    let position = last_position(&seen).expect("a newer position");
+    drop(ws);
+
+    // Its seq alone (what any relay understands) resumes at least once: the transaction
+    // that holds it may come again, nothing before it.
+    db.exec("insert into items values (5, 'e', 5, null)").await;
+    let seq = position.split('/').next().expect("a seq").to_owned();
+    binding["since"] = json!(seq);
+    let mut ws = relay.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(true));
+    let seen = collect_until(&mut ws, |s| changes(s).ends_with(&[("INSERT".into(), 5)])).await;
+    let got = changes(&seen);
+    assert!(
+        got == [("INSERT".into(), 5)] || got == [("DELETE".into(), 2), ("INSERT".into(), 5)],
+        "{got:?}"
+    );
+
+    // The position is numeric text; one the relay cannot vouch for is not resumed, and the
+    // client is given a position to keep from then on.
+    binding["since"] = json!("-1");
+    let mut other = relay.ws(path).await;
+    assert_eq!(
+        joined(&mut other, "realtime:u", &binding).await,
+        json!(false)
+    );
+    let next = other.next_json().await;
+    assert_eq!(next[4]["message"], "Position", "{next}");
+    // A relay started later cannot vouch for what came before it either.
+    let second = Relay::start(&db, &["items"]).await;
+    binding["since"] = json!(position);
+    let mut ws = second.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
+    assert_eq!(ws.next_json().await[4]["message"], "Position");
+
+    binding["since"] = json!("soon");
+    let reply = join(&mut ws, "realtime:v", json!([binding])).await;
+    assert_eq!(reply[4]["status"], "error", "{reply}");
+    let reason = reply[4]["response"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("since"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_across_a_table_change_starts_afresh_instead_of_failing_again() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let path = "/realtime/v1/websocket?apikey=anon&vsn=2.0.0";
+    let mut binding = json!({"event": "*", "schema": "public", "table": "items", "since": null});
+    let mut ws = relay.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
+    db.exec("insert into items values (1, 'a', 1, null)").await;
+    let seen = collect_until(&mut ws, |s| {
+        last_position(s).is_some() && !changes(s).is_empty()
+    })
+    .await;
+    binding["since"] = json!(last_position(&seen));
+    drop(ws);
+
+    // While the client is away the table changes: its stream holds a reset. Resuming into
+    // it would end the channel again (phx_error, re-join, …) forever: it is not resumed.
+    let mut probe = relay.ws("/ws/items").await;
+    db.exec("alter table items add column colour text").await;
+    db.exec("insert into items values (2, 'b', 2, null, 'red')")
+        .await;
+    // Wait until the relay has seen the change (its watcher looks every so often), so that
+    // the resume meets it.
+    loop {
+        let event = probe.next_json().await;
+        if event["type"] == "reset" {
+            break;
+        }
+    }
+    let mut ws = relay.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
+    db.exec("insert into items values (4, 'd', 4, null, 'red')")
+        .await;
+    let seen = collect_until(&mut ws, |s| changes(s).contains(&("INSERT".into(), 4))).await;
+    assert_eq!(changes(&seen), [("INSERT".into(), 4)]);
+    assert!(seen.iter().all(|(e, _)| e != "phx_error"), "{seen:?}");
+}
