@@ -16,6 +16,12 @@
 //!   `status: "error"` and a `reason`, which realtime-js reports as `CHANNEL_ERROR`.
 //! - When a binding's copy goes stale (a `reset`: history lost, table dropped or changed),
 //!   the channel gets `phx_error`: realtime-js reports `CHANNEL_ERROR` and joins again.
+//! - Resume (pgrelay's addition): bindings that carry `since` (realtime-js sends the binding
+//!   objects as they are when it joins again, so an application can keep a position in them)
+//!   are sent `system` `Position` messages once the client has every event up to a newer
+//!   point, and a join whose bindings all hold one resumes from it: exactly once on the relay
+//!   that sent it, at least once elsewhere, or not at all (`resumed: false`: the client reads
+//!   its rows again).
 //! - The token: the join's `access_token` (else the socket's `apikey`/`access_token`
 //!   parameter or header) names the channel's caller; an `access_token` message refreshes it;
 //!   a channel whose token expires (or whose new token grants other access) is told with a

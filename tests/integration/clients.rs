@@ -213,7 +213,8 @@ async fn supabase_js_realtime_applies_tokens_and_policies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn supabase_js_realtime_resumes_after_a_dropped_connection_and_starts_afresh_after_a_relay_restart() {
+async fn supabase_js_realtime_resumes_after_a_dropped_connection_and_starts_afresh_after_a_relay_restart()
+ {
     let (db, relay) = supabase_relay().await;
     let dir = supabase_dir();
     if !dir.join("node_modules/@supabase/supabase-js").exists() {
