@@ -538,6 +538,8 @@ pub struct Hub {
     limits: HubLimits,
     /// Random per hub: names this hub's batches in exact positions.
     epoch: u64,
+    /// The last ended batch, announced to those waiting for a position to move on.
+    ended_tx: watch::Sender<u64>,
 }
 
 impl Hub {
@@ -566,6 +568,7 @@ impl Hub {
                 &std::collections::hash_map::RandomState::new(),
                 std::time::SystemTime::now(),
             ),
+            ended_tx: watch::channel(0).0,
         }
     }
 
@@ -647,6 +650,13 @@ impl Hub {
         let mut log = self.batch_log();
         debug_assert_eq!(log.open, Some(batch));
         log.end(max_seq);
+        self.ended_tx.send_replace(batch);
+    }
+
+    /// Changes whenever a batch ends: a subscriber that wrote events of a batch still open
+    /// (so was not given a position covering them) waits on it to be given one.
+    pub fn batches_ended(&self) -> watch::Receiver<u64> {
+        self.ended_tx.subscribe()
     }
 
     /// Appends an entry that is not a log event (a `reset`, a column change) to `topic`, in
@@ -661,6 +671,7 @@ impl Hub {
                 let batch = log.next_id();
                 topic.push(0, None, batch, kind, frame);
                 log.end(i64::MIN);
+                self.ended_tx.send_replace(batch);
             }
         }
     }
