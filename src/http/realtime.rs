@@ -445,6 +445,9 @@ impl Session {
         // binding holds one (then the channel may resume from them).
         let mut positions = false;
         let mut held = !requested.is_empty();
+        // Tables of a whole-schema binding that are no longer served (dropped, renamed): what
+        // they published after the position is missed by a channel that resumes.
+        let mut gone: Vec<(Arc<crate::hub::Topic>, Position)> = Vec::new();
         for (n, binding) in requested.iter().enumerate() {
             let id = self.next_id;
             self.next_id += 1;
@@ -472,6 +475,17 @@ impl Session {
                         .map(|t| t.resource)
                         .collect();
                     names.sort();
+                    if let Some(Some(since)) = wanted.since {
+                        for name in &self.state.config.tables {
+                            let resource = name.resource();
+                            if name.schema == wanted.schema
+                                && self.state.tables.get(&resource).is_none()
+                                && let Some(topic) = self.state.hub.topic(&resource)
+                            {
+                                gone.push((topic, since));
+                            }
+                        }
+                    }
                     names
                 }
             };
@@ -543,6 +557,15 @@ impl Session {
                 break;
             }
             cursors.push(cursor);
+        }
+        // A table the channel had that is gone: resumed, the client would never hear of what
+        // it missed there (a live channel got its rows, then `phx_error`).
+        for (hub_topic, since) in &gone {
+            if !resumed {
+                break;
+            }
+            let (cursor, reset) = resume_cursor(&self.state, hub_topic, *since).await;
+            resumed = !reset && cursor.caught_up();
         }
         if !resumed {
             cursors.clear();
