@@ -194,6 +194,9 @@ struct Ring {
     published_bytes: u64,
     /// Highest batch of an evicted entry: a resume into that batch or earlier is impossible.
     evicted_batch: Option<u64>,
+    /// Position of the last `reset` or column change (so a resume need not scan the ring
+    /// under its lock to find one).
+    last_control: Option<u64>,
     /// The block small frames are being copied into (see [`Ring::intern`]).
     arena: bytes::BytesMut,
 }
@@ -320,6 +323,9 @@ impl Topic {
             end_offset,
         });
         ring.held_bytes += entry.cost();
+        if matches!(entry.kind, EntryKind::Reset(_) | EntryKind::Columns(_)) {
+            ring.last_control = Some(ring.next());
+        }
         ring.entries.push_back(entry);
         loop {
             let held = ring.held_bytes + self.shaped_bytes.load(Ordering::Relaxed);
@@ -395,13 +401,7 @@ impl Cursor {
     /// already evicted): a subscription resumed from here would end in it again.
     pub fn backlog_ends(&self) -> bool {
         let ring = self.topic.lock();
-        if self.pos < ring.first {
-            return true;
-        }
-        let start = usize::try_from(self.pos - ring.first).unwrap_or(usize::MAX);
-        ring.entries
-            .range(start.min(ring.entries.len())..)
-            .any(|e| matches!(e.kind, EntryKind::Reset(_) | EntryKind::Columns(_)))
+        self.pos < ring.first || ring.last_control.is_some_and(|last| last >= self.pos)
     }
 
     /// Stops counting what is published up to now against the queue limit (see `base`).
@@ -538,6 +538,8 @@ pub struct Hub {
     limits: HubLimits,
     /// Random per hub: names this hub's batches in exact positions.
     epoch: u64,
+    /// The last ended batch, announced to those waiting for a position to move on.
+    ended_tx: watch::Sender<u64>,
 }
 
 impl Hub {
@@ -566,6 +568,7 @@ impl Hub {
                 &std::collections::hash_map::RandomState::new(),
                 std::time::SystemTime::now(),
             ),
+            ended_tx: watch::channel(0).0,
         }
     }
 
@@ -647,6 +650,13 @@ impl Hub {
         let mut log = self.batch_log();
         debug_assert_eq!(log.open, Some(batch));
         log.end(max_seq);
+        self.ended_tx.send_replace(batch);
+    }
+
+    /// Changes whenever a batch ends: a subscriber that wrote events of a batch still open
+    /// (so was not given a position covering them) waits on it to be given one.
+    pub fn batches_ended(&self) -> watch::Receiver<u64> {
+        self.ended_tx.subscribe()
     }
 
     /// Appends an entry that is not a log event (a `reset`, a column change) to `topic`, in
@@ -661,6 +671,7 @@ impl Hub {
                 let batch = log.next_id();
                 topic.push(0, None, batch, kind, frame);
                 log.end(i64::MIN);
+                self.ended_tx.send_replace(batch);
             }
         }
     }
@@ -1079,6 +1090,21 @@ mod tests {
             hub.resume_after(&topic, after_reset + 5),
             Resume::Reset
         ));
+    }
+
+    #[test]
+    fn a_backlog_ends_only_when_a_reset_or_column_change_is_at_or_after_the_cursor() {
+        let hub = hub(1000, 1 << 20, 1 << 20);
+        hub.set_start_seq(0);
+        let topic = hub.topic("a").unwrap();
+        publish(&hub, 1, 1, 1);
+        let before = topic.subscribe();
+        hub.publish_columns_changed("a", ColumnsChanged::default());
+        let at = topic.subscribe();
+        publish(&hub, 1, 2, 1);
+        assert!(before.backlog_ends());
+        assert!(!at.backlog_ends() && !topic.subscribe().backlog_ends());
+        assert!(!hub.topic("b").unwrap().subscribe().backlog_ends());
     }
 
     #[tokio::test]

@@ -218,6 +218,9 @@ struct Channel {
     positions: bool,
     /// The batch of the last position sent.
     last_position: Option<u64>,
+    /// Events were written that no position sent covers yet (their batch was still open, or
+    /// another binding was behind): a position is looked for again when a batch ends.
+    pending: bool,
 }
 
 struct Session {
@@ -242,6 +245,8 @@ struct Session {
     /// Since when the socket holds no channel: one that has none must come with a token that
     /// authenticates, or it is closed after the auth timeout (heartbeats do not keep it).
     alone_since: Option<Instant>,
+    /// Batch ends, waited on while a channel's position is pending.
+    ended_rx: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Session {
@@ -264,6 +269,7 @@ impl Session {
             next_id: 1,
             bucket: Bucket::new(state.config.limits.max_message_rate),
             alone_since: None,
+            ended_rx: state.hub.batches_ended(),
             state,
         }
     }
@@ -294,6 +300,7 @@ impl Session {
         loop {
             let deadline = self.channels.iter().filter_map(|c| c.deadline).min();
             let alone = self.alone_deadline();
+            let pending = self.channels.iter().any(|c| c.pending);
             tokio::select! {
                 // priority 1: shutdown
                 biased;
@@ -327,6 +334,18 @@ impl Session {
                         self.drop_channel(&topic);
                     } else {
                         let topic = Arc::clone(&routes[index].topic);
+                        Box::pin(self.report_position(&topic)).await?;
+                    }
+                }
+                // priority 6: a batch ended that a position may now cover
+                () = batch_ended(&mut self.ended_rx, pending) => {
+                    let topics: Vec<Arc<str>> = self
+                        .channels
+                        .iter()
+                        .filter(|c| c.pending)
+                        .map(|c| Arc::clone(&c.topic))
+                        .collect();
+                    for topic in topics {
                         Box::pin(self.report_position(&topic)).await?;
                     }
                 }
@@ -432,6 +451,9 @@ impl Session {
         // binding holds one (then the channel may resume from them).
         let mut positions = false;
         let mut held = !requested.is_empty();
+        // Tables of a whole-schema binding that are no longer served (dropped, renamed): what
+        // they published after the position is missed by a channel that resumes.
+        let mut gone: Vec<(Arc<crate::hub::Topic>, Position)> = Vec::new();
         for (n, binding) in requested.iter().enumerate() {
             let id = self.next_id;
             self.next_id += 1;
@@ -459,6 +481,17 @@ impl Session {
                         .map(|t| t.resource)
                         .collect();
                     names.sort();
+                    if let Some(Some(since)) = wanted.since {
+                        for name in &self.state.config.tables {
+                            let resource = name.resource();
+                            if name.schema == wanted.schema
+                                && self.state.tables.get(&resource).is_none()
+                                && let Some(topic) = self.state.hub.topic(&resource)
+                            {
+                                gone.push((topic, since));
+                            }
+                        }
+                    }
                     names
                 }
             };
@@ -523,22 +556,22 @@ impl Session {
         let mut resumed = held;
         for (_, _, _, _, hub_topic, since) in armed.iter().filter(|_| held) {
             let Some(since) = since else { break };
-            let hub = &self.state.hub;
-            let (cursor, reset) = match since.exact {
-                Some((epoch, batch)) if epoch == hub.epoch() => {
-                    match hub.resume_after(hub_topic, batch) {
-                        Resume::From(cursor) => (cursor, false),
-                        _ => (hub_topic.subscribe(), true),
-                    }
-                }
-                _ => ws::open_cursor(&self.state, hub_topic, Some(since.seq)).await,
-            };
+            let (cursor, reset) = resume_cursor(&self.state, hub_topic, *since).await;
             if reset || cursor.backlog_ends() {
                 // (A replay that holds a `reset` would end the channel again, and again.)
                 resumed = false;
                 break;
             }
             cursors.push(cursor);
+        }
+        // A table the channel had that is gone: resumed, the client would never hear of what
+        // it missed there (a live channel got its rows, then `phx_error`).
+        for (hub_topic, since) in &gone {
+            if !resumed {
+                break;
+            }
+            let (cursor, reset) = resume_cursor(&self.state, hub_topic, *since).await;
+            resumed = !reset && cursor.caught_up();
         }
         if !resumed {
             cursors.clear();
@@ -567,6 +600,7 @@ impl Session {
             principal,
             positions,
             last_position: None,
+            pending: false,
         });
         let response = json!({"postgres_changes": echoed}).to_string();
         self.reply(&frame, "ok", &response).await?;
@@ -605,9 +639,12 @@ impl Session {
         // Taken before the bindings are looked at: every event up to it was published
         // before they were found at the head.
         let Some(position) = self.state.hub.exact_position() else {
+            self.set_pending(topic, true);
             return Ok(());
         };
         if channel.last_position.is_some_and(|last| last >= position.1) {
+            // What was written may be of a batch still open: its end is waited for.
+            self.set_pending(topic, true);
             return Ok(());
         }
         let at_head = self
@@ -619,7 +656,15 @@ impl Session {
         if at_head {
             self.send_position(topic, position).await?;
         }
+        // (Not at the head: what is left to read is written, and looked at, next.)
+        self.set_pending(topic, !at_head);
         Ok(())
+    }
+
+    fn set_pending(&mut self, topic: &str, pending: bool) {
+        if let Some(channel) = self.channels.iter_mut().find(|c| &*c.topic == topic) {
+            channel.pending = pending;
+        }
     }
 
     /// `system` `{"message":"Position","position":"…"}`: the client has every event of the
@@ -827,6 +872,31 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.reader.abort();
         self.state.metrics.dec(&self.state.metrics.ws_connections);
+    }
+}
+
+/// Where a binding that holds `since` resumes on `topic`: right after its batch on the relay
+/// that sent it, else from its seq (at least once). True when it cannot be resumed.
+async fn resume_cursor(
+    state: &AppState,
+    topic: &Arc<crate::hub::Topic>,
+    since: Position,
+) -> (crate::hub::Cursor, bool) {
+    let hub = &state.hub;
+    match since.exact {
+        Some((epoch, batch)) if epoch == hub.epoch() => match hub.resume_after(topic, batch) {
+            Resume::From(cursor) => (cursor, false),
+            _ => (topic.subscribe(), true),
+        },
+        _ => ws::open_cursor(state, topic, Some(since.seq)).await,
+    }
+}
+
+/// Resolves when a batch ended since the last time it resolved; pends while `wait` is false
+/// (no channel waits for a position) or once the hub is gone.
+async fn batch_ended(rx: &mut tokio::sync::watch::Receiver<u64>, wait: bool) {
+    if !wait || rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -774,3 +774,94 @@ async fn a_resume_across_a_table_change_starts_afresh_instead_of_failing_again()
     assert_eq!(changes(&seen), [("INSERT".into(), 4)]);
     assert!(seen.iter().all(|(e, _)| e != "phx_error"), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_comes_after_the_last_change_even_when_its_batch_ends_after_the_write() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table items(id int primary key, name text, price numeric, tags text[]);
+             create table other(id int primary key);",
+            &["items", "other"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["items", "other"]).await;
+    let path = "/realtime/v1/websocket?apikey=anon&vsn=2.0.0";
+    let mut binding = json!({"event": "*", "schema": "public", "table": "items", "since": null});
+    let mut ws = relay.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
+    db.exec("insert into items values (1, 'a', 1, null)").await;
+    collect_until(&mut ws, |s| {
+        changes(s) == [("INSERT".into(), 1)] && last_position(s).is_some()
+    })
+    .await;
+    // One transaction: the items row first, then many statements on another table. Capture
+    // publishes it window by window (a large transaction), so the client is sent the items
+    // row long before the batch ends; nothing of items follows.
+    db.exec(
+        "begin;
+         insert into items values (2, 'b', 2, null);
+         do $$ begin for i in 1..400 loop insert into other values (i); end loop; end $$;
+         commit;",
+    )
+    .await;
+    // Once the batch ends, the client has everything up to it: it must be told (else it
+    // keeps an older position, and a resume sends it the row again).
+    let seen = collect_until(&mut ws, |s| {
+        changes(s) == [("INSERT".into(), 2)] && last_position(s).is_some()
+    })
+    .await;
+    binding["since"] = json!(last_position(&seen));
+    drop(ws);
+    db.exec("insert into items values (3, 'c', 3, null)").await;
+    let mut ws = relay.ws(path).await;
+    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(true));
+    let seen = collect_until(&mut ws, |s| changes(s).contains(&("INSERT".into(), 3))).await;
+    assert_eq!(changes(&seen), [("INSERT".into(), 3)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_schema_resume_after_one_of_its_tables_was_dropped_is_not_resumed() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create schema shop;
+             create table shop.orders(id int primary key, status text);
+             create table shop.refunds(id int primary key, amount int);",
+            &["shop.orders", "shop.refunds"],
+        )
+        .await;
+    let relay = Relay::start(&db, &["shop.orders", "shop.refunds"]).await;
+    let path = "/realtime/v1/websocket?apikey=anon&vsn=2.0.0";
+    let mut binding = json!({"event": "*", "schema": "shop", "since": null});
+    let mut ws = relay.ws(path).await;
+    assert_eq!(
+        joined(&mut ws, "realtime:shop", &binding).await,
+        json!(false)
+    );
+    db.exec("insert into shop.refunds values (1, 5)").await;
+    let seen = collect_until(&mut ws, |s| {
+        changes(s) == [("INSERT".into(), 1)] && last_position(s).is_some()
+    })
+    .await;
+    binding["since"] = json!(last_position(&seen));
+    drop(ws);
+
+    // While the client is away a refund is written, then its table is dropped: a client that
+    // stayed would have got the row, then phx_error. One that resumes must not be told its
+    // channel resumed (it would keep a copy of a table it never hears of again).
+    let mut probe = relay.ws("/ws/shop.refunds").await;
+    db.exec("insert into shop.refunds values (2, 7)").await;
+    db.exec("drop table shop.refunds").await;
+    loop {
+        let event = probe.next_json().await;
+        if event["type"] == "reset" {
+            break;
+        }
+    }
+    let mut ws = relay.ws(path).await;
+    assert_eq!(
+        joined(&mut ws, "realtime:shop", &binding).await,
+        json!(false)
+    );
+}
