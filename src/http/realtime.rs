@@ -19,9 +19,10 @@
 //! - Resume (pgrelay's addition): bindings that carry `since` (realtime-js sends the binding
 //!   objects as they are when it joins again, so an application can keep a position in them)
 //!   are sent `system` `Position` messages once the client has every event up to a newer
-//!   point, and a join whose bindings all hold one resumes from it: exactly once on the relay
-//!   that sent it, at least once elsewhere, or not at all (`resumed: false`: the client reads
-//!   its rows again).
+//!   point, and a join whose bindings all hold one resumes from it: with every event after
+//!   it once on the relay that sent it (events that reached the client after its last
+//!   position come again), at least once elsewhere, or not at all (`resumed: false`: the
+//!   client reads its rows again).
 //! - The token: the join's `access_token` (else the socket's `apikey`/`access_token`
 //!   parameter or header) names the channel's caller; an `access_token` message refreshes it;
 //!   a channel whose token expires (or whose new token grants other access) is told with a
