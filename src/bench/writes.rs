@@ -228,6 +228,8 @@ struct Measurement {
     secs: f64,
     writers: usize,
     cancelled: Cancelled,
+    /// Where each cancellation struck and the error's context, with how many.
+    contexts: BTreeMap<String, u64>,
 }
 
 /// One workload and variant over every run.
@@ -253,6 +255,8 @@ pub struct Row {
     pub clients: usize,
     /// Writers a lock timeout cancelled, all runs together.
     pub cancelled: Cancelled,
+    /// Their errors' contexts (`step: context`), with how many, all runs together.
+    pub contexts: BTreeMap<String, u64>,
 }
 
 /// What a writes run measured.
@@ -366,7 +370,13 @@ pub async fn run(config: &WritesConfig) -> anyhow::Result<WritesReport> {
             let tps: Vec<f64> = runs.iter().map(tps).collect();
             let median_tps = median(&tps);
             let mut cancelled = Cancelled::default();
-            runs.iter().for_each(|m| cancelled.add(m.cancelled));
+            let mut contexts = BTreeMap::new();
+            for m in runs {
+                cancelled.add(m.cancelled);
+                for (context, n) in &m.contexts {
+                    *contexts.entry(context.clone()).or_default() += n;
+                }
+            }
             Some(Row {
                 workload: key.0,
                 variant: key.1,
@@ -378,6 +388,7 @@ pub async fn run(config: &WritesConfig) -> anyhow::Result<WritesReport> {
                 tps,
                 clients: runs.iter().map(|m| m.writers).sum(),
                 cancelled,
+                contexts,
             })
         })
         .collect();
@@ -556,14 +567,14 @@ async fn measure(
                     Ok(()) => done += 1,
                     Err((step, err)) => {
                         return match where_cancelled(&err, step, explicit) {
-                            Some(cancelled) => Ok((done, cancelled)),
+                            Some((cancelled, context)) => Ok((done, cancelled, Some(context))),
                             None => Err(anyhow::Error::new(err)
                                 .context(format!("a writer's transaction failed ({step:?})"))),
                         };
                     }
                 }
             }
-            Ok::<_, anyhow::Error>((done, Cancelled::default()))
+            Ok::<_, anyhow::Error>((done, Cancelled::default(), None))
         });
     }
     start.wait().await;
@@ -573,9 +584,12 @@ async fn measure(
         ..Measurement::default()
     };
     while let Some(result) = tasks.join_next().await {
-        let (done, cancelled) = result.context("a writer task failed")??;
+        let (done, cancelled, context) = result.context("a writer task failed")??;
         measurement.transactions += done;
         measurement.cancelled.add(cancelled);
+        if let Some(context) = context {
+            *measurement.contexts.entry(context).or_default() += 1;
+        }
     }
     measurement.secs = began.elapsed().as_secs_f64();
 
@@ -636,18 +650,29 @@ async fn transaction(
     Ok(())
 }
 
-/// Where a lock timeout cancelled a writer, if `err` is one and lock timeouts are counted.
-fn where_cancelled(err: &tokio_postgres::Error, step: Step, counted: bool) -> Option<Cancelled> {
+/// Where a lock timeout cancelled a writer, if `err` is one and lock timeouts are counted,
+/// with the step and the error's context as text (for the report).
+fn where_cancelled(
+    err: &tokio_postgres::Error,
+    step: Step,
+    counted: bool,
+) -> Option<(Cancelled, String)> {
     if !counted || err.code() != Some(&SqlState::LOCK_NOT_AVAILABLE) {
         return None;
     }
     // The error's context lists the functions it passed through, e.g. "PL/pgSQL function
     // pgrelay.capture() line 52 at SQL statement".
-    let in_pgrelay = err
-        .as_db_error()
-        .and_then(|e| e.where_())
-        .is_some_and(|context| context.contains("pgrelay."));
-    Some(match step {
+    let context = err.as_db_error().and_then(|e| e.where_());
+    let in_pgrelay = context.is_some_and(|context| context.contains("pgrelay."));
+    let described = format!(
+        "{}: {}",
+        match step {
+            Step::Write => "write",
+            Step::Commit => "COMMIT",
+        },
+        context.map_or("(no context)".to_owned(), |c| c.replace('\n', " / "))
+    );
+    let cancelled = match step {
         Step::Commit => Cancelled {
             commit: 1,
             ..Cancelled::default()
@@ -660,7 +685,8 @@ fn where_cancelled(err: &tokio_postgres::Error, step: Step, counted: bool) -> Op
             write: 1,
             ..Cancelled::default()
         },
-    })
+    };
+    Some((cancelled, described))
 }
 
 /// Issue 11's writer targets this report can judge.
@@ -789,6 +815,16 @@ pub fn render(report: &WritesReport) -> String {
                 row.cancelled.write
             ));
         }
+        out.push_str("\nWhere they struck (the step, and the error's context):\n\n");
+        for row in report.rows.iter().filter(|r| !r.contexts.is_empty()) {
+            for (context, n) in &row.contexts {
+                out.push_str(&format!(
+                    "- {}, {}: {n} × {context}\n",
+                    row.workload.label(row.writers),
+                    row.variant.label()
+                ));
+            }
+        }
     }
     let targets = targets(report);
     if !targets.is_empty() {
@@ -827,6 +863,7 @@ mod tests {
             vs_bare,
             clients: 8,
             cancelled: Cancelled::default(),
+            contexts: BTreeMap::new(),
         }
     }
 
