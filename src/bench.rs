@@ -228,7 +228,7 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
-fn cpu_secs(pid: &str) -> Option<f64> {
+pub(crate) fn cpu_secs(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

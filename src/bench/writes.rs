@@ -230,6 +230,8 @@ struct Measurement {
     cancelled: Cancelled,
     /// Where each cancellation struck and the error's context, with how many.
     contexts: BTreeMap<String, u64>,
+    /// CPU seconds the writers' backends used, all together (a server on this machine only).
+    backend_cpu_secs: Option<f64>,
 }
 
 /// One workload and variant over every run.
@@ -257,6 +259,10 @@ pub struct Row {
     pub cancelled: Cancelled,
     /// Their errors' contexts (`step: context`), with how many, all runs together.
     pub contexts: BTreeMap<String, u64>,
+    /// Median over the runs of the writers' backends' CPU time per transaction, in
+    /// microseconds (a server on this machine only): less swayed by other load than
+    /// throughput.
+    pub backend_cpu_us_per_tx: Option<f64>,
 }
 
 /// What a writes run measured.
@@ -389,6 +395,14 @@ pub async fn run(config: &WritesConfig) -> anyhow::Result<WritesReport> {
                 clients: runs.iter().map(|m| m.writers).sum(),
                 cancelled,
                 contexts,
+                backend_cpu_us_per_tx: runs
+                    .iter()
+                    .map(|m| {
+                        m.backend_cpu_secs
+                            .map(|cpu| cpu * 1e6 / m.transactions.max(1) as f64)
+                    })
+                    .collect::<Option<Vec<f64>>>()
+                    .map(|per_tx| median(&per_tx)),
             })
         })
         .collect();
@@ -496,6 +510,29 @@ async fn in_database<T>(
     Ok(value)
 }
 
+/// What one writer did.
+#[derive(Debug, Default)]
+struct Writer {
+    /// Transactions committed.
+    transactions: u64,
+    /// Where a lock timeout stopped it, if one did.
+    cancelled: Cancelled,
+    /// That error's step and context.
+    context: Option<String>,
+    /// CPU seconds its backend used while it wrote (a server on this machine only).
+    backend_cpu_secs: Option<f64>,
+}
+
+/// CPU seconds of a PostgreSQL backend of this machine (`None` if `pid` is no postgres
+/// process here).
+fn backend_cpu_secs(pid: &str) -> Option<f64> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if !cmdline.starts_with(b"postgres") {
+        return None;
+    }
+    super::cpu_secs(pid)
+}
+
 /// Where a transaction failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -533,6 +570,16 @@ async fn measure(
     let _ = admin.batch_execute("checkpoint").await;
 
     let writers = workload.writers(config.writers);
+    // The writers' backends' CPU time can be read from /proc when the server runs here.
+    let local = server.config.get_hosts().iter().all(|host| match host {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => true,
+    });
     // Every writer connects and prepares, then all start at once.
     let start = Arc::new(tokio::sync::Barrier::new(writers + 1));
     let mut tasks = tokio::task::JoinSet::new();
@@ -549,32 +596,50 @@ async fn measure(
                     .with_context(|| format!("setting {name}"))?;
             }
         }
+        let backend = match local {
+            true => {
+                let pid: i32 = client
+                    .query_one("select pg_backend_pid()", &[])
+                    .await?
+                    .get(0);
+                Some(pid.to_string())
+            }
+            false => None,
+        };
         let start = Arc::clone(&start);
         let explicit = config.lock_timeout.is_some();
         let duration = config.duration;
         tasks.spawn(async move {
             let statement = client.prepare(workload.statement()).await?;
             start.wait().await;
+            let cpu_before = backend.as_deref().and_then(backend_cpu_secs);
             let end = Instant::now() + duration;
-            let mut done = 0u64;
+            let mut writer = Writer::default();
             loop {
                 match workload.count() {
-                    Some(count) if done >= count => break,
+                    Some(count) if writer.transactions >= count => break,
                     None if Instant::now() >= end => break,
                     _ => {}
                 }
                 match transaction(&client, &statement, workload, explicit).await {
-                    Ok(()) => done += 1,
-                    Err((step, err)) => {
-                        return match where_cancelled(&err, step, explicit) {
-                            Some((cancelled, context)) => Ok((done, cancelled, Some(context))),
-                            None => Err(anyhow::Error::new(err)
-                                .context(format!("a writer's transaction failed ({step:?})"))),
-                        };
-                    }
+                    Ok(()) => writer.transactions += 1,
+                    Err((step, err)) => match where_cancelled(&err, step, explicit) {
+                        Some((cancelled, context)) => {
+                            writer.cancelled = cancelled;
+                            writer.context = Some(context);
+                            break;
+                        }
+                        None => {
+                            return Err(anyhow::Error::new(err)
+                                .context(format!("a writer's transaction failed ({step:?})")));
+                        }
+                    },
                 }
             }
-            Ok::<_, anyhow::Error>((done, Cancelled::default(), None))
+            writer.backend_cpu_secs = cpu_before
+                .zip(backend.as_deref().and_then(backend_cpu_secs))
+                .map(|(before, after)| after - before);
+            Ok::<_, anyhow::Error>(writer)
         });
     }
     start.wait().await;
@@ -583,14 +648,19 @@ async fn measure(
         writers,
         ..Measurement::default()
     };
+    let mut backend_cpu_secs = Some(0.0);
     while let Some(result) = tasks.join_next().await {
-        let (done, cancelled, context) = result.context("a writer task failed")??;
-        measurement.transactions += done;
-        measurement.cancelled.add(cancelled);
-        if let Some(context) = context {
+        let writer = result.context("a writer task failed")??;
+        measurement.transactions += writer.transactions;
+        measurement.cancelled.add(writer.cancelled);
+        if let Some(context) = writer.context {
             *measurement.contexts.entry(context).or_default() += 1;
         }
+        backend_cpu_secs = backend_cpu_secs
+            .zip(writer.backend_cpu_secs)
+            .map(|(a, b)| a + b);
     }
+    measurement.backend_cpu_secs = backend_cpu_secs;
     measurement.secs = began.elapsed().as_secs_f64();
 
     // Sanity: capture must have logged exactly one event per row written.
@@ -767,12 +837,13 @@ pub fn render(report: &WritesReport) -> String {
     out.push_str(&format!(
         "`{}`: {} s per timed measurement, median of {} interleaved runs (variants round robin: \
          none, bare, notify, poll, …; a fresh database per measurement, checkpoint before each, \
-         nobody LISTENs); total {:.0} s.\n\n",
+         nobody LISTENs); total {:.0} s. Backend CPU per tx: the writers' PostgreSQL backends' \
+         CPU time (from /proc, a server on this machine only) per transaction, median of the runs.\n\n",
         report.command, report.duration_secs, report.runs, report.elapsed_secs
     ));
     out.push_str(
-        "| workload | variant | median TPS | rows/s | vs no capture | vs bare notify | runs (TPS) |\n\
-         |---|---|---:|---:|---:|---:|---|\n",
+        "| workload | variant | median TPS | rows/s | vs no capture | vs bare notify | runs (TPS) | backend CPU per tx |\n\
+         |---|---|---:|---:|---:|---:|---|---:|\n",
     );
     let number = |t: f64| {
         if t < 10.0 {
@@ -783,7 +854,7 @@ pub fn render(report: &WritesReport) -> String {
     };
     for row in &report.rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2}× | {:.2}× | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.2}× | {:.2}× | {} | {} |\n",
             row.workload.label(row.writers),
             row.variant.label(),
             number(row.median_tps),
@@ -794,7 +865,9 @@ pub fn render(report: &WritesReport) -> String {
                 .iter()
                 .map(|&t| number(t))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            row.backend_cpu_us_per_tx
+                .map_or("".to_owned(), |us| format!("{us:.0} µs"))
         ));
     }
     if let Some(timeout) = &report.lock_timeout {
@@ -864,6 +937,7 @@ mod tests {
             clients: 8,
             cancelled: Cancelled::default(),
             contexts: BTreeMap::new(),
+            backend_cpu_us_per_tx: None,
         }
     }
 
