@@ -6,6 +6,11 @@
 //! relay's CPU time and peak RSS can be read from `/proc`. Subscribers are plain
 //! tokio-tungstenite clients; they do not parse frames as JSON, only find the row id (and,
 //! for latency, the capture time) in the text, so the load generator stays cheap.
+//!
+//! What capture costs the writers themselves (no relay, no subscribers) is [`writes`].
+
+pub mod all;
+pub mod writes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +42,12 @@ pub enum Scenario {
     Fanout,
     /// `subscribers` idle connections; relay memory per connection.
     Idle,
+    /// What capture costs the writers: throughput with and without it, in both capture modes
+    /// (see [`writes`]).
+    Writes,
+    /// Every scenario of issue 11 in both capture modes, each target met or missed (see
+    /// [`all`]).
+    All,
 }
 
 /// Settings of one bench run.
@@ -137,6 +148,34 @@ impl Percentiles {
     }
 }
 
+/// One of issue 11's targets, met or missed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is measured.
+    pub what: String,
+    /// The target.
+    pub target: String,
+    /// What was measured.
+    pub measured: String,
+    /// Whether the target was met.
+    pub met: bool,
+}
+
+/// Targets as a markdown table.
+pub fn render_targets(targets: &[Target]) -> String {
+    let mut out = String::from("| target (issue 11) | wanted | measured | |\n|---|---|---|---|\n");
+    for t in targets {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            t.what,
+            t.target,
+            t.measured,
+            if t.met { "met" } else { "**missed**" }
+        ));
+    }
+    out
+}
+
 /// A relay the bench started; killed on drop.
 struct LocalRelay {
     child: tokio::process::Child,
@@ -189,7 +228,7 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
-fn cpu_secs(pid: &str) -> Option<f64> {
+pub(crate) fn cpu_secs(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -340,6 +379,9 @@ async fn receive(
 
 /// Runs one scenario and returns what it measured.
 pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
+    if matches!(config.scenario, Scenario::Writes | Scenario::All) {
+        bail!("the writes and all scenarios have runners of their own");
+    }
     let (client, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
         .await
         .context("connecting to the database")?;
@@ -423,6 +465,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         Scenario::Steady => steady(config, &payload, &mut commits).await?,
         Scenario::Fanout => fanout(config, &payload).await?,
         Scenario::Idle => unreachable!("handled above"),
+        Scenario::Writes | Scenario::All => unreachable!("refused above"),
     };
     let committed = Instant::now();
     expected_tx.send_replace(rows_written);

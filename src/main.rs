@@ -129,15 +129,17 @@ struct BenchArgs {
     /// Transactions per second for `steady` (0: as fast as one connection goes).
     #[arg(long, default_value_t = 1000)]
     rate: u32,
-    /// Seconds of writing for `steady` and `fanout`.
-    #[arg(long, default_value_t = 20)]
-    duration: u64,
+    /// Seconds of writing for `steady` and `fanout` (default 20), and per measurement for
+    /// `writes` (default 10).
+    #[arg(long)]
+    duration: Option<u64>,
     /// Bytes of text per row.
     #[arg(long, default_value_t = 64)]
     payload: usize,
-    /// Writer connections for `fanout`, and for `steady` (which spreads `rate` over them).
-    #[arg(long, default_value_t = 4)]
-    writers: usize,
+    /// Writer connections for `fanout` and `steady` (which spreads `rate` over them; default
+    /// 4), and for the single-row workloads of `writes` (default 8).
+    #[arg(long)]
+    writers: Option<usize>,
     /// Capture mode the bench installs and its relay runs with (`notify` or `poll`).
     #[arg(long, default_value = "notify")]
     capture: String,
@@ -147,9 +149,22 @@ struct BenchArgs {
     /// Subscribe with `batch=true`: events that arrive together come as one `batch` frame.
     #[arg(long)]
     batch: bool,
-    /// Repeat the scenario this many times (each run is reported, then the median).
+    /// Repeat the scenario this many times (each run is reported, then the median; `writes`
+    /// interleaves its variants across the runs).
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// `writes`: what the writers do (comma-separated): `insert` (single-row INSERTs),
+    /// `update` (single-row UPDATEs), `bulk1000` (1,000-row INSERT … SELECT), `bulk200k`
+    /// (two 200,000-row INSERT … SELECT).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "insert")]
+    workload: Vec<bench::writes::Workload>,
+    /// `writes`: the writers' `lock_timeout` (e.g. `1ms`). Each transaction is then BEGIN;
+    /// write; COMMIT, and writers a lock timeout cancels are counted by where it struck.
+    #[arg(long)]
+    lock_timeout: Option<String>,
+    /// `writes`: the writers' `synchronous_commit` (e.g. `off`, to leave the WAL flush out).
+    #[arg(long)]
+    synchronous_commit: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -307,6 +322,20 @@ fn toml_string(text: &str) -> String {
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    match args.scenario {
+        bench::Scenario::Writes => return run_bench_writes(args).await,
+        bench::Scenario::All => {
+            let config = bench::all::AllConfig {
+                database_url: args.db.database_url,
+                runs: args.runs,
+                duration: Duration::from_secs(args.duration.unwrap_or(10)),
+                writes_duration: Duration::from_secs(args.duration.unwrap_or(10)),
+            };
+            print!("{}", bench::all::run(&config).await?);
+            return Ok(());
+        }
+        _ => {}
+    }
     let config = bench::BenchConfig {
         database_url: args.db.database_url,
         relay_url: args.relay_url,
@@ -314,9 +343,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         subscribers: args.subscribers,
         rows: args.rows,
         rate: args.rate,
-        duration: Duration::from_secs(args.duration),
+        duration: Duration::from_secs(args.duration.unwrap_or(20)),
         payload_bytes: args.payload,
-        writers: args.writers,
+        writers: args.writers.unwrap_or(4),
         statement_rows: args.statement_rows,
         batch: args.batch,
         capture: pgrelay::capture::Mode::parse(&args.capture)
@@ -338,6 +367,26 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             reports.len(),
             bench::render(&bench::median(&reports))
         );
+    }
+    Ok(())
+}
+
+/// `pgrelay bench --scenario writes`: a markdown report (or JSON) on stdout, progress on stderr.
+async fn run_bench_writes(args: BenchArgs) -> anyhow::Result<()> {
+    let config = bench::writes::WritesConfig {
+        database_url: args.db.database_url,
+        workloads: args.workload,
+        writers: args.writers.unwrap_or(8),
+        duration: Duration::from_secs(args.duration.unwrap_or(10)),
+        runs: args.runs,
+        lock_timeout: args.lock_timeout,
+        synchronous_commit: args.synchronous_commit,
+    };
+    let report = bench::writes::run(&config).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", bench::writes::render(&report));
     }
     Ok(())
 }

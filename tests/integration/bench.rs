@@ -1,0 +1,202 @@
+//! `pgrelay bench --scenario writes`, run as the binary: every variant writes, the bench's
+//! databases are dropped, and a lock timeout is counted where it struck.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_postgres::NoTls;
+
+use crate::support::{TestDb, connect, within};
+
+/// How long a short writes bench may take, databases created and dropped (four variants
+/// per workload, on a busy machine).
+const BENCH: Duration = Duration::from_secs(180);
+
+/// Starts `pgrelay bench --scenario writes --json ARGS` with `db` as its admin database.
+fn start_bench(db: &TestDb, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["bench", "--scenario", "writes", "--json", "--runs", "1"])
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start pgrelay bench")
+}
+
+/// The report the bench printed, after checking it succeeded.
+fn report(output: std::process::Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// The bench's own databases (named after its pid) still on the server.
+async fn leftover_databases(db: &TestDb, pid: u32) -> Vec<String> {
+    connect(&db.url)
+        .await
+        .query(
+            "select datname::text from pg_database where starts_with(datname, $1)",
+            &[&format!("pgrelay_bench_{pid}_")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_writes_bench_measures_every_variant_and_drops_its_databases() {
+    let db = TestDb::new().await;
+    let child = start_bench(
+        &db,
+        &[
+            "--writers",
+            "2",
+            "--duration",
+            "1",
+            "--workload",
+            "insert,bulk1000",
+        ],
+    );
+    let pid = child.id().unwrap();
+    let report = report(within(BENCH, child.wait_with_output()).await.unwrap());
+    let rows = report["rows"].as_array().unwrap();
+    let measured: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["workload"].as_str().unwrap(),
+                r["variant"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        measured,
+        [
+            ("insert", "none"),
+            ("insert", "bare"),
+            ("insert", "notify"),
+            ("insert", "poll"),
+            ("bulk1000", "none"),
+            ("bulk1000", "bare"),
+            ("bulk1000", "notify"),
+            ("bulk1000", "poll"),
+        ]
+    );
+    for row in rows {
+        assert!(row["median_tps"].as_f64().unwrap() > 0.0, "{row}");
+        let writers = if row["workload"] == "insert" { 2 } else { 1 };
+        assert_eq!(row["writers"], writers, "{row}");
+    }
+    // Each row's ratio to itself is 1.
+    assert_eq!(rows[0]["vs_none"].as_f64(), Some(1.0));
+    assert_eq!(rows[1]["vs_bare"].as_f64(), Some(1.0));
+    // Capture logged one event per row written, in both modes.
+    assert_eq!(report["warnings"], serde_json::json!([]));
+    assert_eq!(leftover_databases(&db, pid).await, Vec::<String>::new());
+}
+
+/// A session on one of the bench's databases; `locked` once it holds the table's lock.
+struct Holder {
+    client: tokio_postgres::Client,
+    locked: bool,
+}
+
+/// Takes an EXCLUSIVE lock on the bench table of each of the bench's databases, once its
+/// writers are writing (rows are there: setup, which takes the table's locks itself, is
+/// over), and holds it until the bench drops the database. One session per database, so
+/// that the bench's DROP DATABASE is not raced by new connections.
+async fn lock_tables_while_written(db: &TestDb, pid: u32, holders: &mut HashMap<String, Holder>) {
+    for name in leftover_databases(db, pid).await {
+        if !holders.contains_key(&name) {
+            let mut config: tokio_postgres::Config = db.url.parse().unwrap();
+            config.dbname(&name);
+            // The database may be gone already: nothing to lock then.
+            let Ok((client, connection)) = config.connect(NoTls).await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            holders.insert(
+                name.clone(),
+                Holder {
+                    client,
+                    locked: false,
+                },
+            );
+        }
+        let Some(holder) = holders.get_mut(&name).filter(|h| !h.locked) else {
+            continue;
+        };
+        // Fails while the table is not there yet: try again next time.
+        let written = holder
+            .client
+            .query_one("select exists (select from bench_items)", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0));
+        if written {
+            holder.locked = holder
+                .client
+                .batch_execute("begin; lock table bench_items in exclusive mode")
+                .await
+                .is_ok();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_writer_stopped_by_a_lock_on_the_table_is_counted_as_cancelled_in_the_write() {
+    let db = TestDb::new().await;
+    let child = start_bench(
+        &db,
+        &["--writers", "2", "--duration", "5", "--lock-timeout", "1ms"],
+    );
+    let pid = child.id().unwrap();
+    let mut holders = HashMap::new();
+    let output = within(BENCH, async {
+        let wait = child.wait_with_output();
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                output = &mut wait => break output.unwrap(),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                    lock_tables_while_written(&db, pid, &mut holders).await;
+                }
+            }
+        }
+    })
+    .await;
+    let report = report(output);
+    assert_eq!(report["lock_timeout"], "1ms");
+    for row in report["rows"].as_array().unwrap() {
+        let cancelled = &row["cancelled"];
+        let total: u64 = ["write", "trigger", "commit"]
+            .iter()
+            .map(|k| cancelled[k].as_u64().unwrap())
+            .sum();
+        // Every writer was stopped: by the table lock, or (NOTIFY's commit-time lock) at
+        // COMMIT before the lock was taken; none inside pgrelay's functions, which wait.
+        assert_eq!(row["clients"], 2, "{row}");
+        assert_eq!(total, 2, "{row}");
+        assert_eq!(cancelled["trigger"], 0, "{row}");
+        if row["variant"] == "none" || row["variant"] == "poll" {
+            assert_eq!(cancelled["write"], 2, "{row}");
+        }
+    }
+    let locked = holders.values().filter(|h| h.locked).count();
+    assert!(locked >= 2, "the test locked {locked} tables");
+    assert_eq!(leftover_databases(&db, pid).await, Vec::<String>::new());
+}
