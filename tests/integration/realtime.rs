@@ -647,6 +647,18 @@ fn last_position(seen: &[(String, Value)]) -> Option<String> {
         .flatten()
 }
 
+/// The socket path of vsn 2.0.0 with the anon key.
+const V2: &str = "/realtime/v1/websocket?apikey=anon&vsn=2.0.0";
+
+/// A database with `items`, a relay serving it, and a binding of all its changes that keeps
+/// positions (`since: null`).
+async fn keeping_positions() -> (TestDb, Relay, Value) {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let binding = json!({"event": "*", "schema": "public", "table": "items", "since": null});
+    (db, relay, binding)
+}
+
 /// The join's `system` "Subscribed to PostgreSQL" message's `resumed`.
 async fn joined(ws: &mut Ws, topic: &str, binding: &Value) -> Value {
     let reply = join(ws, topic, json!([binding])).await;
@@ -658,10 +670,8 @@ async fn joined(ws: &mut Ws, topic: &str, binding: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_whose_bindings_carry_since_resumes_from_its_position_after_a_dropped_socket() {
-    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
-    let relay = Relay::start(&db, &["items"]).await;
-    let path = "/realtime/v1/websocket?apikey=anon&vsn=2.0.0";
-    let mut binding = json!({"event": "*", "schema": "public", "table": "items", "since": null});
+    let (db, relay, mut binding) = keeping_positions().await;
+    let path = V2;
 
     // Without a position yet: not resumed (the client reads its rows), and positions come
     // after the events they cover.
@@ -738,10 +748,8 @@ async fn a_channel_whose_bindings_carry_since_resumes_from_its_position_after_a_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_across_a_table_change_starts_afresh_instead_of_failing_again() {
-    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
-    let relay = Relay::start(&db, &["items"]).await;
-    let path = "/realtime/v1/websocket?apikey=anon&vsn=2.0.0";
-    let mut binding = json!({"event": "*", "schema": "public", "table": "items", "since": null});
+    let (db, relay, mut binding) = keeping_positions().await;
+    let path = V2;
     let mut ws = relay.ws(path).await;
     assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
     db.exec("insert into items values (1, 'a', 1, null)").await;

@@ -107,6 +107,16 @@ function keepPosition(supabase, category, log, statuses) {
   return binding
 }
 
+/** A supabase-js client of the relay (or proxy) on `port`, closed after the tests. */
+function subscriberAt(port) {
+  const subscriber = createClient(`http://127.0.0.1:${port}`, 'anon-key', {
+    auth: { persistSession: false, autoRefreshToken: false },
+    realtime: { transport: WebSocket },
+  })
+  subscribers.push(subscriber)
+  return subscriber
+}
+
 const proxies = []
 const relays = []
 const subscribers = []
@@ -124,11 +134,7 @@ test('a channel that keeps its position resumes after a dropped connection: what
   relays.push(await startRelay(port))
   const through = await proxy(port)
   const writer = client()
-  const subscriber = createClient(`http://127.0.0.1:${through.port}`, 'anon-key', {
-    auth: { persistSession: false, autoRefreshToken: false },
-    realtime: { transport: WebSocket },
-  })
-  subscribers.push(subscriber)
+  const subscriber = subscriberAt(through.port)
   const category = randomUUID()
   const log = []
   const statuses = []
@@ -158,11 +164,7 @@ test('across a relay restart a channel that keeps its position is told it did no
   const port = await freePort()
   relays.push(await startRelay(port))
   const writer = client()
-  const subscriber = createClient(`http://127.0.0.1:${port}`, 'anon-key', {
-    auth: { persistSession: false, autoRefreshToken: false },
-    realtime: { transport: WebSocket },
-  })
-  subscribers.push(subscriber)
+  const subscriber = subscriberAt(port)
   const category = randomUUID()
   const log = []
   const statuses = []
@@ -189,11 +191,7 @@ test('across a relay restart the channel reports CHANNEL_ERROR, then SUBSCRIBED 
   const port = await freePort()
   relays.push(await startRelay(port))
   const writer = client()
-  const subscriber = createClient(`http://127.0.0.1:${port}`, 'anon-key', {
-    auth: { persistSession: false, autoRefreshToken: false },
-    realtime: { transport: WebSocket },
-  })
-  subscribers.push(subscriber)
+  const subscriber = subscriberAt(port)
   const category = randomUUID()
   const statuses = []
   const received = []
