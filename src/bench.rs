@@ -42,11 +42,9 @@ pub enum Scenario {
     Fanout,
     /// `subscribers` idle connections; relay memory per connection.
     Idle,
-    /// What capture costs the writers: throughput with and without it, in both capture modes
-    /// (see [`writes`]).
+    /// What capture costs the writers: throughput with and without it, in both capture modes.
     Writes,
-    /// Every scenario of issue 11 in both capture modes, each target met or missed (see
-    /// [`all`]).
+    /// Every scenario of issue 11 in both capture modes, each target met or missed.
     All,
 }
 
