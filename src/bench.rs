@@ -8,6 +8,10 @@
 //! for latency, the capture time) in the text, so the load generator stays cheap.
 //!
 //! What capture costs the writers themselves (no relay, no subscribers) is [`writes`].
+//!
+//! Steady runs can write, with `PGRELAY_BENCH_TRACE=<file>` set, one CSV line per row (id,
+//! commit time since the start, commit to the first subscriber's receipt, and to the
+//! baseline's): where in the run the tail sits, e.g. a stall at a period of the relay's.
 
 pub mod all;
 pub mod writes;
@@ -29,6 +33,29 @@ const WARMUP: Duration = Duration::from_secs(1);
 
 /// Name of the bench's own table.
 pub const TABLE: &str = "pgrelay_bench";
+
+/// Table (and NOTIFY channel) of the steady scenario's baseline: no pgrelay capture, a bare
+/// row-level `pg_notify` trigger, read by a plain LISTEN client (see [`BenchConfig::baseline`]).
+pub const BASELINE_TABLE: &str = "pgrelay_bench_baseline";
+
+/// The baseline's table and trigger: the same row as the bench table's, sent whole as the
+/// payload (as `bench --scenario writes` calls its `bare` variant).
+const BASELINE_SETUP: &str = "
+drop table if exists pgrelay_bench_baseline;
+drop function if exists pgrelay_bench_baseline_notify();
+create table pgrelay_bench_baseline(id bigint primary key, payload text not null);
+create function pgrelay_bench_baseline_notify() returns trigger language plpgsql as $$
+begin
+    perform pg_notify('pgrelay_bench_baseline', row_to_json(new)::text);
+    return null;
+end
+$$;
+create trigger pgrelay_bench_baseline_notify after insert on pgrelay_bench_baseline
+    for each row execute function pgrelay_bench_baseline_notify();
+";
+
+const BASELINE_DROP: &str = "drop table if exists pgrelay_bench_baseline;
+drop function if exists pgrelay_bench_baseline_notify()";
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -77,6 +104,11 @@ pub struct BenchConfig {
     pub batch: bool,
     /// Capture mode installed on the bench table and used by the bench's own relay.
     pub capture: pgrelay::capture::Mode,
+    /// Steady: every transaction also inserts its row into [`BASELINE_TABLE`] (one statement,
+    /// so one commit), whose bare `pg_notify` trigger a plain LISTEN client in the bench
+    /// reads. Its commit-to-receive latency, measured like the subscribers', is what
+    /// PostgreSQL and the machine cost a notification without the relay, in the same run.
+    pub baseline: bool,
 }
 
 /// What one run measured.
@@ -103,6 +135,14 @@ pub struct Report {
     pub latency_ms: Option<Percentiles>,
     /// Steady: capture time (the event's `ts`, before the commit) to receipt, milliseconds.
     pub capture_latency_ms: Option<Percentiles>,
+    /// Steady: commit to receipt at the first subscriber that got the row (the relay's path
+    /// to one socket, without the wait behind the other subscribers), milliseconds.
+    pub first_latency_ms: Option<Percentiles>,
+    /// Steady with `baseline`: commit to receipt of the same transaction's bare `pg_notify`
+    /// at a plain LISTEN client, milliseconds.
+    pub baseline_latency_ms: Option<Percentiles>,
+    /// Steady with `baseline`: rows whose notification the LISTEN client never received.
+    pub baseline_lost: Option<u64>,
     /// Subscribers the relay closed (e.g. 4008, slow consumer).
     pub closed_by_relay: u64,
     /// Rows some subscriber never received.
@@ -377,6 +417,77 @@ async fn receive(
     seen
 }
 
+/// The steady baseline's plain LISTEN client (see [`BenchConfig::baseline`]): listens on
+/// [`BASELINE_TABLE`]'s channel, then records when each row's notification arrived until
+/// `expected` rows did (or `stop` fires). The client is returned to be kept until then
+/// (dropping it closes the connection).
+async fn listen_baseline(
+    database_url: &str,
+    mut expected: tokio::sync::watch::Receiver<u64>,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Vec<(usize, Instant)>>,
+)> {
+    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .context("connecting the baseline listener")?;
+    let handle = tokio::spawn(async move {
+        let mut arrivals = Vec::new();
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => break,
+                changed = expected.changed() => {
+                    let want = *expected.borrow_and_update();
+                    if changed.is_err() || (want > 0 && arrivals.len() as u64 >= want) {
+                        break;
+                    }
+                    continue;
+                }
+                message = futures_util::future::poll_fn(|cx| connection.poll_message(cx)) => message,
+            };
+            match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    let at = Instant::now();
+                    if let Some(id) = frame_id(n.payload()) {
+                        arrivals.push((id, at));
+                    }
+                    let want = *expected.borrow();
+                    if want > 0 && arrivals.len() as u64 >= want {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+        arrivals
+    });
+    client
+        .batch_execute(&format!("listen {BASELINE_TABLE}"))
+        .await
+        .context("listening for the baseline")?;
+    Ok((client, handle))
+}
+
+/// Commit-to-receive latencies in milliseconds of `arrivals` (row id, when it arrived), for
+/// rows `warm` admits; `commits[id - 1]` is when row `id`'s commit was acknowledged.
+fn commit_latencies(
+    arrivals: &[(usize, Instant)],
+    commits: &[Instant],
+    warm: impl Fn(usize) -> bool,
+) -> Vec<f64> {
+    arrivals
+        .iter()
+        .filter(|(id, _)| warm(*id))
+        .filter_map(|(id, at)| {
+            let commit = id.checked_sub(1).and_then(|i| commits.get(i))?;
+            // The notification can beat the commit's acknowledgement to the writer: 0.
+            Some(at.saturating_duration_since(*commit).as_secs_f64() * 1000.0)
+        })
+        .collect()
+}
+
 /// Runs one scenario and returns what it measured.
 pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     if matches!(config.scenario, Scenario::Writes | Scenario::All) {
@@ -391,6 +502,10 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             "drop table if exists {TABLE}; create table {TABLE}(id bigint primary key, payload text not null)"
         ))
         .await?;
+    let baseline = config.baseline && config.scenario == Scenario::Steady;
+    if baseline {
+        client.batch_execute(BASELINE_SETUP).await?;
+    }
     let mut setup = pgrelay::sql::connect(&config.database_url).await?;
     pgrelay::sql::install(
         &mut setup,
@@ -445,6 +560,10 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             ))
         })
         .collect();
+    let baseline_listener = match baseline {
+        true => Some(listen_baseline(&config.database_url, expected.clone(), stop.clone()).await?),
+        false => None,
+    };
 
     let relay_cpu_before = relay_pid.as_deref().and_then(cpu_secs);
     let bench_cpu_before = cpu_secs("self").unwrap_or(0.0);
@@ -488,6 +607,19 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             Err(err) => bail!("a subscriber task failed: {err}"),
         }
     }
+    let baseline_arrivals = match baseline_listener {
+        Some((_client, mut handle)) => {
+            let result = match tokio::time::timeout_at(deadline, &mut handle).await {
+                Ok(result) => result,
+                Err(_) => {
+                    stop.cancel();
+                    handle.await
+                }
+            };
+            Some(result.context("the baseline listener failed")?)
+        }
+        None => None,
+    };
     stop.cancel();
     let finished = Instant::now();
     let relay_cpu_secs = match (relay_pid.as_deref().and_then(cpu_secs), relay_cpu_before) {
@@ -511,7 +643,16 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     let mut last = started;
     let mut completion_ms = Vec::new();
     let mut latencies = Vec::new();
-    let mut commit_latencies = Vec::new();
+    let mut all_latencies = Vec::new();
+    // Steady state: rows committed in the first second (the relay may be waking from
+    // idle, e.g. poll mode's backed-off timer) are left out of the percentiles.
+    let warm = |id: usize| {
+        id.checked_sub(1)
+            .and_then(|i| commits.get(i))
+            .is_some_and(|c| c.duration_since(started) >= WARMUP)
+    };
+    // The first arrival of each row at any subscriber (index = id).
+    let mut first: Vec<Option<Instant>> = vec![None; commits.len() + 1];
     for s in &seen {
         report.frames_received += s.frames;
         report.closed_by_relay += u64::from(s.closed);
@@ -527,25 +668,59 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         let done = s.complete_at.unwrap_or(finished);
         last = last.max(done);
         completion_ms.push(done.duration_since(started).as_secs_f64() * 1000.0);
-        // Steady state: rows committed in the first second (the relay may be waking from
-        // idle, e.g. poll mode's backed-off timer) are left out of the percentiles.
-        let warm = |id: usize| {
-            id.checked_sub(1)
-                .and_then(|i| commits.get(i))
-                .is_some_and(|c| c.duration_since(started) >= WARMUP)
-        };
         latencies.extend(
             s.latencies
                 .iter()
                 .filter(|(id, _)| warm(*id))
                 .map(|(_, l)| *l),
         );
-        for (id, at) in s.arrivals.iter().filter(|(id, _)| warm(*id)) {
-            if let Some(commit) = id.checked_sub(1).and_then(|i| commits.get(i)) {
-                // The notification can beat the commit's acknowledgement to the writer: 0.
-                commit_latencies.push(at.saturating_duration_since(*commit).as_secs_f64() * 1000.0);
+        all_latencies.extend(commit_latencies(&s.arrivals, &commits, warm));
+        for (id, at) in &s.arrivals {
+            if let Some(slot) = first.get_mut(*id) {
+                *slot = Some(slot.map_or(*at, |f| f.min(*at)));
             }
         }
+    }
+    let first: Vec<(usize, Instant)> = first
+        .iter()
+        .enumerate()
+        .filter_map(|(id, at)| Some((id, (*at)?)))
+        .collect();
+    report.first_latency_ms = Percentiles::of(commit_latencies(&first, &commits, warm));
+    if let Ok(path) = std::env::var("PGRELAY_BENCH_TRACE") {
+        let mut base = vec![None; commits.len() + 1];
+        for (id, at) in baseline_arrivals.iter().flatten() {
+            if let Some(slot) = base.get_mut(*id) {
+                *slot = Some(*at);
+            }
+        }
+        let mut out = String::from("id,commit_ms,first_ms,baseline_ms\n");
+        for (id, at) in &first {
+            let Some(c) = id.checked_sub(1).and_then(|i| commits.get(i)) else {
+                continue;
+            };
+            let ms = |t: Instant| t.saturating_duration_since(*c).as_secs_f64() * 1000.0;
+            out.push_str(&format!(
+                "{id},{:.3},{:.3},{}\n",
+                c.duration_since(started).as_secs_f64() * 1000.0,
+                ms(*at),
+                base.get(*id)
+                    .copied()
+                    .flatten()
+                    .map_or(String::new(), |b| format!("{:.3}", ms(b)))
+            ));
+        }
+        std::fs::write(path, out)?;
+    }
+    if let Some(arrivals) = &baseline_arrivals {
+        report.baseline_latency_ms = Percentiles::of(commit_latencies(arrivals, &commits, warm));
+        let mut got = vec![false; rows_written as usize + 1];
+        for (id, _) in arrivals {
+            if let Some(slot) = got.get_mut(*id) {
+                *slot = true;
+            }
+        }
+        report.baseline_lost = Some(got.iter().skip(1).filter(|g| !**g).count() as u64);
     }
     report.lost += (config.subscribers - seen.len()) as u64 * rows_written;
     report.elapsed_secs = last.duration_since(started).as_secs_f64();
@@ -554,13 +729,16 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     report.frames_per_sec = report.frames_received as f64 / report.elapsed_secs.max(1e-9);
     report.latency_ms = match config.scenario {
         Scenario::Burst => Percentiles::of(completion_ms),
-        _ => Percentiles::of(commit_latencies),
+        _ => Percentiles::of(all_latencies),
     };
     report.capture_latency_ms = Percentiles::of(latencies);
     drop(local);
     client
         .batch_execute(&format!("drop table if exists {TABLE}"))
         .await?;
+    if baseline {
+        client.batch_execute(BASELINE_DROP).await?;
+    }
     Ok(report)
 }
 
@@ -586,10 +764,17 @@ async fn steady(
         let payload = payload.to_owned();
         let rate = config.rate;
         let next = Arc::clone(&next);
+        // With the baseline, one statement writes both rows: one transaction, one commit
+        // acknowledgement for the relay's event and the baseline's notification.
+        let sql = match config.baseline {
+            true => format!(
+                "with b as (insert into {BASELINE_TABLE}(id, payload) values ($1, $2)) \
+                 insert into {TABLE}(id, payload) values ($1, $2)"
+            ),
+            false => format!("insert into {TABLE}(id, payload) values ($1, $2)"),
+        };
         tasks.push(tokio::spawn(async move {
-            let statement = client
-                .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
-                .await?;
+            let statement = client.prepare(&sql).await?;
             let mut ticker = (rate > 0).then(|| {
                 let per_writer = f64::from(rate) / writers as f64;
                 let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / per_writer));
@@ -726,6 +911,21 @@ pub fn render(report: &Report) -> String {
                 format!("{what} p50/p90/p99/max (ms)"),
                 format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
             ));
+        }
+        if let Some(p) = &report.first_latency_ms {
+            rows.push((
+                "commit-to-receive, first subscriber per row p50/p90/p99/max (ms)".into(),
+                format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
+            ));
+        }
+        if let Some(p) = &report.baseline_latency_ms {
+            rows.push((
+                "baseline: commit-to-NOTIFY at a LISTEN client p50/p90/p99/max (ms)".into(),
+                format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
+            ));
+        }
+        if let Some(lost) = report.baseline_lost {
+            rows.push(("baseline notifications lost".into(), lost.to_string()));
         }
         if let Some(p) = &report.capture_latency_ms {
             rows.push((
