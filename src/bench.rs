@@ -8,9 +8,16 @@
 //! for latency, the capture time) in the text, so the load generator stays cheap.
 //!
 //! What capture costs the writers themselves (no relay, no subscribers) is [`writes`].
+//!
+//! Steady runs can write, with `PGRELAY_BENCH_TRACE=<file>` set, one CSV line per row (id,
+//! commit time since the start, commit to the first subscriber's receipt, and to the
+//! baseline's): where in the run the tail sits, e.g. a stall at a period of the relay's.
 
 pub mod all;
+mod report;
 pub mod writes;
+
+pub use report::{Percentiles, Report, Target, median, render, render_targets};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +36,29 @@ const WARMUP: Duration = Duration::from_secs(1);
 
 /// Name of the bench's own table.
 pub const TABLE: &str = "pgrelay_bench";
+
+/// Table (and NOTIFY channel) of the steady scenario's baseline: no pgrelay capture, a bare
+/// row-level `pg_notify` trigger, read by a plain LISTEN client (see [`BenchConfig::baseline`]).
+pub const BASELINE_TABLE: &str = "pgrelay_bench_baseline";
+
+/// The baseline's table and trigger: the same row as the bench table's, sent whole as the
+/// payload (as `bench --scenario writes` calls its `bare` variant).
+const BASELINE_SETUP: &str = "
+drop table if exists pgrelay_bench_baseline;
+drop function if exists pgrelay_bench_baseline_notify();
+create table pgrelay_bench_baseline(id bigint primary key, payload text not null);
+create function pgrelay_bench_baseline_notify() returns trigger language plpgsql as $$
+begin
+    perform pg_notify('pgrelay_bench_baseline', row_to_json(new)::text);
+    return null;
+end
+$$;
+create trigger pgrelay_bench_baseline_notify after insert on pgrelay_bench_baseline
+    for each row execute function pgrelay_bench_baseline_notify();
+";
+
+const BASELINE_DROP: &str = "drop table if exists pgrelay_bench_baseline;
+drop function if exists pgrelay_bench_baseline_notify()";
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -75,103 +105,11 @@ pub struct BenchConfig {
     pub batch: bool,
     /// Capture mode installed on the bench table and used by the bench's own relay.
     pub capture: pgrelay::capture::Mode,
-}
-
-/// What one run measured.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Report {
-    /// Scenario name.
-    pub scenario: String,
-    /// Subscribers connected.
-    pub subscribers: usize,
-    /// Rows written.
-    pub rows_written: u64,
-    /// Frames received, all subscribers together.
-    pub frames_received: u64,
-    /// Frames received per second, all subscribers together.
-    pub frames_per_sec: f64,
-    /// Seconds from the first write to the last frame at the last subscriber.
-    pub elapsed_secs: f64,
-    /// Seconds the writes took (burst: the statement, commit included).
-    pub write_secs: f64,
-    /// Seconds from the end of the writes (the commit) to the last frame at the last subscriber.
-    pub after_commit_secs: f64,
-    /// Latency percentiles in milliseconds (steady: capture time to receipt; burst: statement
-    /// start to each subscriber's last row).
-    pub latency_ms: Option<Percentiles>,
-    /// Steady: capture time (the event's `ts`, before the commit) to receipt, milliseconds.
-    pub capture_latency_ms: Option<Percentiles>,
-    /// Subscribers the relay closed (e.g. 4008, slow consumer).
-    pub closed_by_relay: u64,
-    /// Rows some subscriber never received.
-    pub lost: u64,
-    /// Rows some subscriber received more than once.
-    pub duplicated: u64,
-    /// Relay CPU seconds during the run (local relay only).
-    pub relay_cpu_secs: Option<f64>,
-    /// Relay peak RSS in MiB (local relay only).
-    pub relay_peak_rss_mib: Option<f64>,
-    /// Relay RSS per idle connection in KiB (idle scenario).
-    pub rss_per_connection_kib: Option<f64>,
-    /// CPU seconds the bench itself used during the run.
-    pub bench_cpu_secs: f64,
-}
-
-/// Latency percentiles, milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// Maximum.
-    pub max: f64,
-}
-
-impl Percentiles {
-    fn of(mut samples: Vec<f64>) -> Option<Self> {
-        if samples.is_empty() {
-            return None;
-        }
-        samples.sort_by(f64::total_cmp);
-        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-        Some(Percentiles {
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-            max: samples[samples.len() - 1],
-        })
-    }
-}
-
-/// One of issue 11's targets, met or missed.
-#[derive(Debug, Clone, Serialize)]
-pub struct Target {
-    /// What is measured.
-    pub what: String,
-    /// The target.
-    pub target: String,
-    /// What was measured.
-    pub measured: String,
-    /// Whether the target was met.
-    pub met: bool,
-}
-
-/// Targets as a markdown table.
-pub fn render_targets(targets: &[Target]) -> String {
-    let mut out = String::from("| target (issue 11) | wanted | measured | |\n|---|---|---|---|\n");
-    for t in targets {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
-            t.what,
-            t.target,
-            t.measured,
-            if t.met { "met" } else { "**missed**" }
-        ));
-    }
-    out
+    /// Steady: every transaction also inserts its row into [`BASELINE_TABLE`] (one statement,
+    /// so one commit), whose bare `pg_notify` trigger a plain LISTEN client in the bench
+    /// reads. Its commit-to-receive latency, measured like the subscribers', is what
+    /// PostgreSQL and the machine cost a notification without the relay, in the same run.
+    pub baseline: bool,
 }
 
 /// A relay the bench started; killed on drop.
@@ -375,6 +313,77 @@ async fn receive(
     seen
 }
 
+/// The steady baseline's plain LISTEN client (see [`BenchConfig::baseline`]): listens on
+/// [`BASELINE_TABLE`]'s channel, then records when each row's notification arrived until
+/// `expected` rows did (or `stop` fires). The client is returned to be kept until then
+/// (dropping it closes the connection).
+async fn listen_baseline(
+    database_url: &str,
+    mut expected: tokio::sync::watch::Receiver<u64>,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Vec<(usize, Instant)>>,
+)> {
+    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
+        .await
+        .context("connecting the baseline listener")?;
+    let handle = tokio::spawn(async move {
+        let mut arrivals = Vec::new();
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => break,
+                changed = expected.changed() => {
+                    let want = *expected.borrow_and_update();
+                    if changed.is_err() || (want > 0 && arrivals.len() as u64 >= want) {
+                        break;
+                    }
+                    continue;
+                }
+                message = futures_util::future::poll_fn(|cx| connection.poll_message(cx)) => message,
+            };
+            match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    let at = Instant::now();
+                    if let Some(id) = frame_id(n.payload()) {
+                        arrivals.push((id, at));
+                    }
+                    let want = *expected.borrow();
+                    if want > 0 && arrivals.len() as u64 >= want {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+        arrivals
+    });
+    client
+        .batch_execute(&format!("listen {BASELINE_TABLE}"))
+        .await
+        .context("listening for the baseline")?;
+    Ok((client, handle))
+}
+
+/// Commit-to-receive latencies in milliseconds of `arrivals` (row id, when it arrived), for
+/// rows `warm` admits; `commits[id - 1]` is when row `id`'s commit was acknowledged.
+fn commit_latencies(
+    arrivals: &[(usize, Instant)],
+    commits: &[Instant],
+    warm: impl Fn(usize) -> bool,
+) -> Vec<f64> {
+    arrivals
+        .iter()
+        .filter(|(id, _)| warm(*id))
+        .filter_map(|(id, at)| {
+            let commit = id.checked_sub(1).and_then(|i| commits.get(i))?;
+            // The notification can beat the commit's acknowledgement to the writer: 0.
+            Some(at.saturating_duration_since(*commit).as_secs_f64() * 1000.0)
+        })
+        .collect()
+}
+
 /// Runs one scenario and returns what it measured.
 pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     if matches!(config.scenario, Scenario::Writes | Scenario::All) {
@@ -389,6 +398,10 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             "drop table if exists {TABLE}; create table {TABLE}(id bigint primary key, payload text not null)"
         ))
         .await?;
+    let baseline = config.baseline && config.scenario == Scenario::Steady;
+    if baseline {
+        client.batch_execute(BASELINE_SETUP).await?;
+    }
     let mut setup = pgrelay::sql::connect(&config.database_url).await?;
     pgrelay::sql::install(
         &mut setup,
@@ -443,6 +456,10 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             ))
         })
         .collect();
+    let baseline_listener = match baseline {
+        true => Some(listen_baseline(&config.database_url, expected.clone(), stop.clone()).await?),
+        false => None,
+    };
 
     let relay_cpu_before = relay_pid.as_deref().and_then(cpu_secs);
     let bench_cpu_before = cpu_secs("self").unwrap_or(0.0);
@@ -486,6 +503,19 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             Err(err) => bail!("a subscriber task failed: {err}"),
         }
     }
+    let baseline_arrivals = match baseline_listener {
+        Some((_client, mut handle)) => {
+            let result = match tokio::time::timeout_at(deadline, &mut handle).await {
+                Ok(result) => result,
+                Err(_) => {
+                    stop.cancel();
+                    handle.await
+                }
+            };
+            Some(result.context("the baseline listener failed")?)
+        }
+        None => None,
+    };
     stop.cancel();
     let finished = Instant::now();
     let relay_cpu_secs = match (relay_pid.as_deref().and_then(cpu_secs), relay_cpu_before) {
@@ -509,7 +539,16 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     let mut last = started;
     let mut completion_ms = Vec::new();
     let mut latencies = Vec::new();
-    let mut commit_latencies = Vec::new();
+    let mut all_latencies = Vec::new();
+    // Steady state: rows committed in the first second (the relay may be waking from
+    // idle, e.g. poll mode's backed-off timer) are left out of the percentiles.
+    let warm = |id: usize| {
+        id.checked_sub(1)
+            .and_then(|i| commits.get(i))
+            .is_some_and(|c| c.duration_since(started) >= WARMUP)
+    };
+    // The first arrival of each row at any subscriber (index = id).
+    let mut first: Vec<Option<Instant>> = vec![None; commits.len() + 1];
     for s in &seen {
         report.frames_received += s.frames;
         report.closed_by_relay += u64::from(s.closed);
@@ -525,25 +564,59 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         let done = s.complete_at.unwrap_or(finished);
         last = last.max(done);
         completion_ms.push(done.duration_since(started).as_secs_f64() * 1000.0);
-        // Steady state: rows committed in the first second (the relay may be waking from
-        // idle, e.g. poll mode's backed-off timer) are left out of the percentiles.
-        let warm = |id: usize| {
-            id.checked_sub(1)
-                .and_then(|i| commits.get(i))
-                .is_some_and(|c| c.duration_since(started) >= WARMUP)
-        };
         latencies.extend(
             s.latencies
                 .iter()
                 .filter(|(id, _)| warm(*id))
                 .map(|(_, l)| *l),
         );
-        for (id, at) in s.arrivals.iter().filter(|(id, _)| warm(*id)) {
-            if let Some(commit) = id.checked_sub(1).and_then(|i| commits.get(i)) {
-                // The notification can beat the commit's acknowledgement to the writer: 0.
-                commit_latencies.push(at.saturating_duration_since(*commit).as_secs_f64() * 1000.0);
+        all_latencies.extend(commit_latencies(&s.arrivals, &commits, warm));
+        for (id, at) in &s.arrivals {
+            if let Some(slot) = first.get_mut(*id) {
+                *slot = Some(slot.map_or(*at, |f| f.min(*at)));
             }
         }
+    }
+    let first: Vec<(usize, Instant)> = first
+        .iter()
+        .enumerate()
+        .filter_map(|(id, at)| Some((id, (*at)?)))
+        .collect();
+    report.first_latency_ms = Percentiles::of(commit_latencies(&first, &commits, warm));
+    if let Ok(path) = std::env::var("PGRELAY_BENCH_TRACE") {
+        let mut base = vec![None; commits.len() + 1];
+        for (id, at) in baseline_arrivals.iter().flatten() {
+            if let Some(slot) = base.get_mut(*id) {
+                *slot = Some(*at);
+            }
+        }
+        let mut out = String::from("id,commit_ms,first_ms,baseline_ms\n");
+        for (id, at) in &first {
+            let Some(c) = id.checked_sub(1).and_then(|i| commits.get(i)) else {
+                continue;
+            };
+            let ms = |t: Instant| t.saturating_duration_since(*c).as_secs_f64() * 1000.0;
+            out.push_str(&format!(
+                "{id},{:.3},{:.3},{}\n",
+                c.duration_since(started).as_secs_f64() * 1000.0,
+                ms(*at),
+                base.get(*id)
+                    .copied()
+                    .flatten()
+                    .map_or(String::new(), |b| format!("{:.3}", ms(b)))
+            ));
+        }
+        std::fs::write(path, out)?;
+    }
+    if let Some(arrivals) = &baseline_arrivals {
+        report.baseline_latency_ms = Percentiles::of(commit_latencies(arrivals, &commits, warm));
+        let mut got = vec![false; rows_written as usize + 1];
+        for (id, _) in arrivals {
+            if let Some(slot) = got.get_mut(*id) {
+                *slot = true;
+            }
+        }
+        report.baseline_lost = Some(got.iter().skip(1).filter(|g| !**g).count() as u64);
     }
     report.lost += (config.subscribers - seen.len()) as u64 * rows_written;
     report.elapsed_secs = last.duration_since(started).as_secs_f64();
@@ -552,13 +625,16 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     report.frames_per_sec = report.frames_received as f64 / report.elapsed_secs.max(1e-9);
     report.latency_ms = match config.scenario {
         Scenario::Burst => Percentiles::of(completion_ms),
-        _ => Percentiles::of(commit_latencies),
+        _ => Percentiles::of(all_latencies),
     };
     report.capture_latency_ms = Percentiles::of(latencies);
     drop(local);
     client
         .batch_execute(&format!("drop table if exists {TABLE}"))
         .await?;
+    if baseline {
+        client.batch_execute(BASELINE_DROP).await?;
+    }
     Ok(report)
 }
 
@@ -584,10 +660,17 @@ async fn steady(
         let payload = payload.to_owned();
         let rate = config.rate;
         let next = Arc::clone(&next);
+        // With the baseline, one statement writes both rows: one transaction, one commit
+        // acknowledgement for the relay's event and the baseline's notification.
+        let sql = match config.baseline {
+            true => format!(
+                "with b as (insert into {BASELINE_TABLE}(id, payload) values ($1, $2)) \
+                 insert into {TABLE}(id, payload) values ($1, $2)"
+            ),
+            false => format!("insert into {TABLE}(id, payload) values ($1, $2)"),
+        };
         tasks.push(tokio::spawn(async move {
-            let statement = client
-                .prepare(&format!("insert into {TABLE}(id, payload) values ($1, $2)"))
-                .await?;
+            let statement = client.prepare(&sql).await?;
             let mut ticker = (rate > 0).then(|| {
                 let per_writer = f64::from(rate) / writers as f64;
                 let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / per_writer));
@@ -692,91 +775,6 @@ async fn idle(config: &BenchConfig, url: &str, relay_pid: Option<&str>) -> anyho
     })
 }
 
-/// The report as a small table for people.
-pub fn render(report: &Report) -> String {
-    let mut rows: Vec<(String, String)> = vec![
-        ("scenario".into(), report.scenario.clone()),
-        ("subscribers".into(), report.subscribers.to_string()),
-    ];
-    if report.scenario != "idle" {
-        rows.push(("rows written".into(), report.rows_written.to_string()));
-        rows.push(("frames received".into(), report.frames_received.to_string()));
-        rows.push((
-            "frames/s (all subscribers)".into(),
-            format!("{:.0}", report.frames_per_sec),
-        ));
-        rows.push(("elapsed (s)".into(), format!("{:.3}", report.elapsed_secs)));
-        rows.push((
-            "writes took (s)".into(),
-            format!("{:.3}", report.write_secs),
-        ));
-        rows.push((
-            "last frame after the writes (s)".into(),
-            format!("{:.3}", report.after_commit_secs),
-        ));
-        if let Some(p) = &report.latency_ms {
-            let what = if report.scenario == "burst" {
-                "time to last row per subscriber"
-            } else {
-                "commit-to-receive latency"
-            };
-            rows.push((
-                format!("{what} p50/p90/p99/max (ms)"),
-                format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
-            ));
-        }
-        if let Some(p) = &report.capture_latency_ms {
-            rows.push((
-                "capture-to-receive latency p50/p90/p99/max (ms)".into(),
-                format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
-            ));
-        }
-        rows.push((
-            "subscribers closed by the relay".into(),
-            report.closed_by_relay.to_string(),
-        ));
-        rows.push((
-            "lost / duplicated".into(),
-            format!("{} / {}", report.lost, report.duplicated),
-        ));
-        if let Some(cpu) = report.relay_cpu_secs {
-            rows.push(("relay CPU (s)".into(), format!("{cpu:.2}")));
-        }
-        rows.push((
-            "bench CPU (s)".into(),
-            format!("{:.2}", report.bench_cpu_secs),
-        ));
-    }
-    if let Some(rss) = report.relay_peak_rss_mib {
-        rows.push(("relay peak RSS (MiB)".into(), format!("{rss:.1}")));
-    }
-    if let Some(per) = report.rss_per_connection_kib {
-        rows.push((
-            "relay RSS per idle connection (KiB)".into(),
-            format!("{per:.1}"),
-        ));
-    }
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    rows.iter()
-        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
-        .collect()
-}
-
-/// The run with the median elapsed time (its other figures stay consistent with it).
-pub fn median(reports: &[Report]) -> Report {
-    let mut sorted: Vec<&Report> = reports.iter().collect();
-    sorted.sort_by(|a, b| {
-        let key = |r: &Report| match r.scenario.as_str() {
-            "idle" => r.rss_per_connection_kib.unwrap_or(0.0),
-            "steady" => r.latency_ms.as_ref().map_or(0.0, |p| p.p99),
-            "fanout" => r.frames_per_sec,
-            _ => r.elapsed_secs,
-        };
-        key(a).total_cmp(&key(b))
-    });
-    sorted[sorted.len() / 2].clone()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -788,12 +786,5 @@ mod tests {
         let ts = frame_ts(frame).unwrap();
         let secs = ts.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
         assert_eq!(secs, 1_795_760_791);
-    }
-
-    #[test]
-    fn percentiles_pick_ranks() {
-        let p = Percentiles::of((1..=100).map(f64::from).collect()).unwrap();
-        assert_eq!((p.p50, p.p99, p.max), (51.0, 99.0, 100.0));
-        assert!(Percentiles::of(vec![]).is_none());
     }
 }

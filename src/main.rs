@@ -149,6 +149,11 @@ struct BenchArgs {
     /// Subscribe with `batch=true`: events that arrive together come as one `batch` frame.
     #[arg(long)]
     batch: bool,
+    /// `steady`: also measure a baseline in the same run: every transaction inserts its row
+    /// into a second table too, whose bare `pg_notify` trigger a plain LISTEN client reads
+    /// (commit-to-receive without the relay).
+    #[arg(long)]
+    baseline: bool,
     /// Repeat the scenario this many times (each run is reported, then the median; `writes`
     /// interleaves its variants across the runs).
     #[arg(long, default_value_t = 1)]
@@ -348,6 +353,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         writers: args.writers.unwrap_or(4),
         statement_rows: args.statement_rows,
         batch: args.batch,
+        baseline: args.baseline,
         capture: pgrelay::capture::Mode::parse(&args.capture)
             .ok_or_else(|| anyhow::anyhow!("--capture must be notify or poll"))?,
     };

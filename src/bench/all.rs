@@ -189,6 +189,7 @@ pub async fn run(config: &AllConfig) -> anyhow::Result<String> {
                 statement_rows: 1,
                 batch: case.batch,
                 capture: mode,
+                baseline: false,
             };
             eprintln!("{}, {} mode", case.name, mode.name());
             let mut reports = Vec::new();

@@ -102,7 +102,15 @@ const MARKER: &str = "
 ///
 /// Timeouts a role or database may set for ordinary sessions do not apply here: a poll of a
 /// large batch is one long read, and capture must not fail on it forever.
+///
+/// No JIT: `enable_seqscan = off` prices a sequential scan at 10^10, so a read of a one-row
+/// table (`pgrelay.pruned`, `pgrelay.changes_seq`) looks costly enough to be compiled, with
+/// inlining and optimisation: 85-130 ms of CPU for a query that runs in 0.02 ms, once a second
+/// in the progress report, during which capture could not poll (it was the whole tail of the
+/// steady bench's commit-to-receive latency, BENCHMARKS.md 0d). Capture's reads are index
+/// lookups; JIT never pays for itself here.
 pub const SESSION_SETTINGS: &str = "set synchronous_commit = off; set enable_seqscan = off;
+    set jit = off;
     set plan_cache_mode = force_custom_plan; set max_parallel_workers_per_gather = 0;
     set statement_timeout = 0; set lock_timeout = 0; set idle_in_transaction_session_timeout = 0";
 

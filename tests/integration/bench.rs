@@ -200,3 +200,35 @@ async fn a_writer_stopped_by_a_lock_on_the_table_is_counted_as_cancelled_in_the_
     assert!(locked >= 2, "the test locked {locked} tables");
     assert_eq!(leftover_databases(&db, pid).await, Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn the_steady_bench_measures_its_baseline_in_the_same_transactions() {
+    let db = TestDb::new().await;
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["bench", "--scenario", "steady", "--baseline", "--json"])
+        .args(["--subscribers", "2", "--rate", "200", "--duration", "2"])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("RUST_LOG")
+        .env_remove("PGRELAY_BENCH_TRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start pgrelay bench");
+    let report = report(within(BENCH, child.wait_with_output()).await.unwrap());
+    assert_eq!(report["rows_written"], 400, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["baseline_lost"], 0, "{report}");
+    for field in ["latency_ms", "first_latency_ms", "baseline_latency_ms"] {
+        assert!(report[field]["p99"].is_number(), "{field}: {report}");
+    }
+    // Its table is dropped with the bench's own.
+    let left: Option<String> = connect(&db.url)
+        .await
+        .query_one("select to_regclass('pgrelay_bench_baseline')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, None);
+}

@@ -505,6 +505,30 @@ async fn truncate_is_an_event_in_stream_order_for_every_subscriber_that_wants_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_reads_of_one_row_tables_are_never_jit_compiled() {
+    // `enable_seqscan = off` prices these scans at 10^10: with JIT on, each was compiled
+    // (85-130 ms, once a second in the progress report; BENCHMARKS.md 0d).
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let client = db.client().await;
+    client
+        .batch_execute(pgrelay::capture::SESSION_SETTINGS)
+        .await
+        .unwrap();
+    for query in [
+        "select xid::text from pgrelay.pruned",
+        "select case when is_called then last_value else 0 end from pgrelay.changes_seq",
+    ] {
+        let plan = client
+            .query_one(&format!("explain (analyze, format json) {query}"), &[])
+            .await
+            .unwrap()
+            .get::<_, serde_json::Value>(0)
+            .to_string();
+        assert!(!plan.contains("JIT"), "{query}: {plan}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poll_reads_only_new_rows_however_long_the_log_is() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     // 20,000 single-row statements: 20,000 log rows.
