@@ -14,13 +14,22 @@ use crate::support::{TestDb, connect, within};
 /// per workload, on a busy machine).
 const BENCH: Duration = Duration::from_secs(180);
 
-/// Starts `pgrelay bench --scenario writes --json ARGS` with `db` as its admin database.
+/// Starts `pgrelay bench --scenario writes --json --runs 1 ARGS` with `db` as its admin
+/// database.
 fn start_bench(db: &TestDb, args: &[&str]) -> tokio::process::Child {
+    let mut all = vec!["--scenario", "writes", "--runs", "1"];
+    all.extend_from_slice(args);
+    start_bench_with(db, &all)
+}
+
+/// Starts `pgrelay bench --json ARGS` with `db` as its database.
+fn start_bench_with(db: &TestDb, args: &[&str]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
-        .args(["bench", "--scenario", "writes", "--json", "--runs", "1"])
+        .args(["bench", "--json"])
         .args(args)
         .env("DATABASE_URL", &db.url)
         .env_remove("RUST_LOG")
+        .env_remove("PGRELAY_BENCH_TRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -204,18 +213,20 @@ async fn a_writer_stopped_by_a_lock_on_the_table_is_counted_as_cancelled_in_the_
 #[tokio::test]
 async fn the_steady_bench_measures_its_baseline_in_the_same_transactions() {
     let db = TestDb::new().await;
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
-        .args(["bench", "--scenario", "steady", "--baseline", "--json"])
-        .args(["--subscribers", "2", "--rate", "200", "--duration", "2"])
-        .env("DATABASE_URL", &db.url)
-        .env_remove("RUST_LOG")
-        .env_remove("PGRELAY_BENCH_TRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start pgrelay bench");
+    let child = start_bench_with(
+        &db,
+        &[
+            "--scenario",
+            "steady",
+            "--baseline",
+            "--subscribers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+        ],
+    );
     let report = report(within(BENCH, child.wait_with_output()).await.unwrap());
     assert_eq!(report["rows_written"], 400, "{report}");
     assert_eq!(report["lost"], 0, "{report}");

@@ -659,6 +659,20 @@ async fn keeping_positions() -> (TestDb, Relay, Value) {
     (db, relay, binding)
 }
 
+/// Joins `realtime:t` with `binding` (no position yet: not resumed), inserts row 1 into
+/// `items`, and returns the socket and the position sent after its INSERT.
+async fn first_position(db: &TestDb, relay: &Relay, binding: &Value) -> (Ws, String) {
+    let mut ws = relay.ws(V2).await;
+    assert_eq!(joined(&mut ws, "realtime:t", binding).await, json!(false));
+    db.exec("insert into items values (1, 'a', 1, null)").await;
+    let seen = collect_until(&mut ws, |s| {
+        changes(s) == [("INSERT".into(), 1)] && last_position(s).is_some()
+    })
+    .await;
+    let position = last_position(&seen).expect("a position after the insert");
+    (ws, position)
+}
+
 /// The join's `system` "Subscribed to PostgreSQL" message's `resumed`.
 async fn joined(ws: &mut Ws, topic: &str, binding: &Value) -> Value {
     let reply = join(ws, topic, json!([binding])).await;
@@ -675,14 +689,7 @@ async fn a_channel_whose_bindings_carry_since_resumes_from_its_position_after_a_
 
     // Without a position yet: not resumed (the client reads its rows), and positions come
     // after the events they cover.
-    let mut ws = relay.ws(path).await;
-    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
-    db.exec("insert into items values (1, 'a', 1, null)").await;
-    let seen = collect_until(&mut ws, |s| {
-        changes(s) == [("INSERT".into(), 1)] && last_position(s).is_some()
-    })
-    .await;
-    let position = last_position(&seen).expect("a position after the insert");
+    let (ws, position) = first_position(&db, &relay, &binding).await;
     drop(ws);
 
     // Written while the client is away (it keeps its position in the binding).
@@ -750,14 +757,8 @@ async fn a_channel_whose_bindings_carry_since_resumes_from_its_position_after_a_
 async fn a_resume_across_a_table_change_starts_afresh_instead_of_failing_again() {
     let (db, relay, mut binding) = keeping_positions().await;
     let path = V2;
-    let mut ws = relay.ws(path).await;
-    assert_eq!(joined(&mut ws, "realtime:t", &binding).await, json!(false));
-    db.exec("insert into items values (1, 'a', 1, null)").await;
-    let seen = collect_until(&mut ws, |s| {
-        last_position(s).is_some() && !changes(s).is_empty()
-    })
-    .await;
-    binding["since"] = json!(last_position(&seen));
+    let (ws, position) = first_position(&db, &relay, &binding).await;
+    binding["since"] = json!(position);
     drop(ws);
 
     // While the client is away the table changes: its stream holds a reset. Resuming into
