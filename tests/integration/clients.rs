@@ -61,15 +61,27 @@ async fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) {
     eprintln!("{stdout}");
 }
 
-/// Runs one Node test file of `dir` against `url` (installing the suite's packages first
+/// Runs Node test files of `dir` against `url` (installing the suite's packages first
 /// when they are missing).
 async fn node_suite(dir: &Path, package: &str, files: &[&str], url: &str) {
+    node_suite_with(dir, package, files, 20_000, &[("PGRELAY_URL", url)]).await;
+}
+
+/// Like [`node_suite`], with a per-test timeout (ms) and the suite's environment.
+async fn node_suite_with(
+    dir: &Path,
+    package: &str,
+    files: &[&str],
+    timeout_ms: u32,
+    env: &[(&str, &str)],
+) {
     if !dir.join("node_modules").join(package).exists() {
         run(dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
     }
-    let mut args = vec!["--test", "--test-concurrency=1", "--test-timeout=20000"];
+    let timeout = format!("--test-timeout={timeout_ms}");
+    let mut args = vec!["--test", "--test-concurrency=1", timeout.as_str()];
     args.extend_from_slice(files);
-    run(dir, "node", &args, &[("PGRELAY_URL", url)]).await;
+    run(dir, "node", &args, env).await;
 }
 
 /// A fresh database with the suite's tables and a relay process serving them.
@@ -195,18 +207,11 @@ async fn supabase_js_realtime_applies_tokens_and_policies() {
     )
     .await;
     let url = format!("http://{}", relay.addr);
-    if !dir.join("node_modules/@supabase/supabase-js").exists() {
-        run(&dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
-    }
-    run(
+    node_suite_with(
         &dir,
-        "node",
-        &[
-            "--test",
-            "--test-concurrency=1",
-            "--test-timeout=20000",
-            "test/tokens.test.mjs",
-        ],
+        "@supabase/supabase-js",
+        &["test/tokens.test.mjs"],
+        20_000,
         &[("PGRELAY_URL", &url), ("PGRELAY_JWT_SECRET", secret)],
     )
     .await;
@@ -216,20 +221,12 @@ async fn supabase_js_realtime_applies_tokens_and_policies() {
 async fn supabase_js_realtime_resumes_after_a_dropped_connection_and_starts_afresh_after_a_relay_restart()
  {
     let (db, relay) = supabase_relay().await;
-    let dir = supabase_dir();
-    if !dir.join("node_modules/@supabase/supabase-js").exists() {
-        run(&dir, "npm", &["ci", "--no-audit", "--no-fund"], &[]).await;
-    }
     let url = format!("http://{}", relay.addr);
-    run(
-        &dir,
-        "node",
-        &[
-            "--test",
-            "--test-concurrency=1",
-            "--test-timeout=40000",
-            "test/restart.test.mjs",
-        ],
+    node_suite_with(
+        &supabase_dir(),
+        "@supabase/supabase-js",
+        &["test/restart.test.mjs"],
+        40_000,
         &[
             ("PGRELAY_URL", &url),
             ("PGRELAY_BIN", env!("CARGO_BIN_EXE_pgrelay")),
