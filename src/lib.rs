@@ -114,7 +114,18 @@ pub async fn run(
         sql::install(&mut client, &config.tables, mode).await?;
         tracing::info!(tables = ?config.tables.iter().map(ToString::to_string).collect::<Vec<_>>(), mode, "capture installed");
     }
+    // The tables as served and the schema watcher's baseline, in one snapshot: a change
+    // made any time after it is seen by the watcher's first check.
+    client
+        .batch_execute("begin isolation level repeatable read read only")
+        .await
+        .map_err(sql::SqlError::from)?;
     let infos = sql::describe(&client, &config.tables).await?;
+    let schema_start = schema::baseline(&client, &infos).await;
+    client
+        .batch_execute("commit")
+        .await
+        .map_err(sql::SqlError::from)?;
     check_policies(&config, &infos)?;
     warn_if_superuser(&client).await;
     drop(client);
@@ -179,6 +190,7 @@ pub async fn run(
         mode,
         interval: config.schema_interval,
         capture: Arc::clone(&capture_state),
+        start: schema_start,
     };
     tracker.spawn(watcher.run(token.clone()));
 

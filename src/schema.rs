@@ -146,6 +146,27 @@ pub struct Watcher {
     /// Capture's progress: a schema change is published only after every event committed
     /// before it (see `Watcher::settle`).
     pub capture: Arc<crate::capture::CaptureState>,
+    /// What the tables were when the relay described them at start ([`baseline`]): the first
+    /// check compares with it, so a change made before the watcher's first look is seen.
+    pub start: Baseline,
+}
+
+/// The exposed tables' catalog signatures, read in the same snapshot as the [`TableInfo`]s
+/// the relay starts serving with.
+#[derive(Debug, Default)]
+pub struct Baseline(HashMap<String, Seen>);
+
+/// Reads the signatures of `infos`' tables (call it in the transaction that described
+/// them). A table whose signature cannot be read is left out: the watcher's first check
+/// reads it as new.
+pub async fn baseline(client: &Client, infos: &[TableInfo]) -> Baseline {
+    let mut seen = HashMap::new();
+    for info in infos {
+        if let Ok(Some(s)) = signature(client, info.relid, true).await {
+            seen.insert(info.resource.clone(), s);
+        }
+    }
+    Baseline(seen)
 }
 
 /// How long the watcher waits for capture to publish what committed before a schema change.
@@ -154,16 +175,10 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 impl Watcher {
     /// Checks every `interval` until `token` is cancelled. Failures are logged and retried:
     /// the watcher is never a reason to stop serving.
-    pub async fn run(self, token: CancellationToken) {
-        let mut seen: HashMap<String, Seen> = HashMap::new();
-        // What the tables were at start.
-        if let Ok(client) = self.pool.get().await {
-            for info in self.tables.all() {
-                if let Ok(Some(s)) = signature(&client, info.relid, true).await {
-                    seen.insert(info.resource.clone(), s);
-                }
-            }
-        }
+    pub async fn run(mut self, token: CancellationToken) {
+        // What the tables were when the relay described them (not when this task first got
+        // to look: a change in between would never be seen).
+        let mut seen = std::mem::take(&mut self.start.0);
         loop {
             tokio::select! {
                 biased;
