@@ -2,8 +2,9 @@
 //! batch log that lets a client resume on any relay.
 //!
 //! Each event is encoded to its wire frame once, when capture publishes it, and every
-//! subscriber of the table reads the same `Arc<Entry>`. What an entry keeps is its frame and a
-//! few numbers; filters and projections read the row back out of the frame when they need it.
+//! subscriber of the table reads the same frame: an [`Entry`] is its frame (shared bytes) and
+//! a few numbers, stored inline in the ring and copied out by readers; filters and
+//! projections read the row back out of the frame when they need it.
 //!
 //! Why a ring and cursors rather than a queue per subscriber: the producer (capture) only
 //! appends under a short lock and bumps a `watch` counter; it never waits on, or even visits,
@@ -32,7 +33,7 @@
 //! A relay cannot vouch for seqs at or below `start_seq` (written before it listened).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use serde_json::value::RawValue;
@@ -42,11 +43,16 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::event::{ChangeParts, Op, change_frame, control};
 use crate::row::{Fields, changed_columns};
 
-/// Bytes an entry costs besides its frame: the `Entry` with its `Arc` counts, the allocator's
-/// header and rounding, and its ring slot. Counted against the history budget so that it
-/// bounds memory, not just frame bytes.
-const ENTRY_OVERHEAD: usize =
-    std::mem::size_of::<Entry>() + 2 * std::mem::size_of::<usize>() + 16 + 8;
+/// Bytes an entry's frame costs besides its text: its share of the block it was copied into
+/// (the block's header and unused tail, see [`Ring::intern`]), or a large frame's allocation
+/// header. The entry itself is a slot of the ring, counted by the ring's capacity
+/// ([`Ring::held`]). Both count against the history budget, so that it bounds memory, not
+/// just frame bytes.
+const FRAME_OVERHEAD: usize = 16;
+
+/// Bytes of one ring slot: an entry is stored inline (an `Arc` and an allocation per entry
+/// cost more than the frame of a typical row).
+const SLOT: usize = std::mem::size_of::<Entry>();
 
 /// Frames up to this size are copied into shared blocks of [`ARENA_BLOCK`] bytes (see
 /// [`Ring::intern`]); larger ones keep an allocation of their own.
@@ -82,8 +88,8 @@ pub enum EntryKind {
     Change(Op),
     /// The table was truncated (`{"type":"truncate",…}`).
     Truncate,
-    /// Every subscriber's copy is stale: the frame is a `reset` with this reason.
-    Reset(&'static str),
+    /// Every subscriber's copy is stale: the frame is a `reset` (its reason is in the frame).
+    Reset,
     /// Columns changed: subscriptions that name a changed column end; the others get the
     /// frame, a `reset` (`table_changed`).
     Columns(Arc<ColumnsChanged>),
@@ -97,8 +103,9 @@ pub struct ColumnsChanged {
     pub columns: Vec<String>,
 }
 
-/// One published event and its encoded frame, shared by every subscriber of the table.
-#[derive(Debug)]
+/// One published event and its encoded frame. The ring holds it inline; a reader takes a
+/// copy, which shares the frame's bytes.
+#[derive(Debug, Clone)]
 pub struct Entry {
     /// Log position (0 for entries that are not log events).
     pub seq: i64,
@@ -111,19 +118,18 @@ pub struct Entry {
     pub kind: EntryKind,
     /// The JSON text frame, encoded once; cloning it shares the bytes.
     pub frame: Utf8Bytes,
-    /// Frames for other shapes (type as sent, projection), encoded on first use (boxed:
-    /// most entries never have one, and every entry's size counts).
-    shaped: Mutex<Option<Box<Shapes>>>,
-    /// Bytes published on this table up to and including this entry.
+    /// Bytes published on this table up to and including this entry (also names the entry
+    /// in its topic's cache of shaped frames).
     end_offset: u64,
 }
 
-/// The shaped frames of one entry.
+/// Frames for other shapes (type as sent, projection) of a topic's entries, encoded by the
+/// first subscriber that needs one and shared by the rest. Kept beside the ring rather than
+/// in each entry: most entries never have one.
 #[derive(Debug, Default)]
 struct Shapes {
-    frames: Vec<(u64, Utf8Bytes)>,
-    /// Bytes they cost, also counted in the topic's `shaped_bytes`.
-    bytes: usize,
+    /// By the entry's `end_offset`, then the shape's key.
+    frames: std::collections::BTreeMap<(u64, u64), Utf8Bytes>,
 }
 
 impl Entry {
@@ -135,37 +141,38 @@ impl Entry {
 
     /// The frame for a shape (`key` identifies type as sent and projection): encoded by the
     /// first subscriber that needs it, shared by the rest, counted against the history.
+    /// `topic` is the entry's own.
     pub fn shaped_frame(
         &self,
         topic: &Topic,
         key: u64,
         encode: impl FnOnce() -> String,
     ) -> Utf8Bytes {
-        // Poisoning leaves the cache consistent (a push either happened or not).
-        let mut shaped = self.shaped.lock().unwrap_or_else(PoisonError::into_inner);
-        let shapes = shaped.get_or_insert_with(Box::default);
-        if let Some((_, frame)) = shapes.frames.iter().find(|(k, _)| *k == key) {
+        if let Some(frame) = topic.shapes().frames.get(&(self.end_offset, key)) {
             return frame.clone();
         }
+        // Encoded outside the lock: readers of other entries need not wait for it (two
+        // readers may both encode a new shape; the first one's is kept).
         let frame = Utf8Bytes::from(encode());
-        if shapes.frames.len() < MAX_SHAPES {
-            shapes.frames.push((key, frame.clone()));
-            // The frame, its allocation's and its `Bytes` header's overhead, and its slot.
-            let size = frame.len() + SHAPED_OVERHEAD;
-            shapes.bytes += size;
-            topic.shaped_bytes.fetch_add(size, Ordering::Relaxed);
+        let mut shapes = topic.shapes();
+        let entry = (self.end_offset, 0)..=(self.end_offset, u64::MAX);
+        if let Some(kept) = shapes.frames.get(&(self.end_offset, key)) {
+            return kept.clone();
+        }
+        // An entry already evicted is not cached (nothing would remove it).
+        if self.end_offset > topic.evicted_offset.load(Ordering::Acquire)
+            && shapes.frames.range(entry).count() < MAX_SHAPES
+        {
+            shapes.frames.insert((self.end_offset, key), frame.clone());
+            topic
+                .shaped_bytes
+                .fetch_add(frame.len() + SHAPED_OVERHEAD, Ordering::Release);
         }
         frame
     }
 
-    /// Bytes its shaped frames cost.
-    fn shaped_bytes(&self) -> usize {
-        let shaped = self.shaped.lock().unwrap_or_else(PoisonError::into_inner);
-        shaped.as_ref().map_or(0, |s| s.bytes)
-    }
-
     fn cost(&self) -> usize {
-        self.frame.len() + ENTRY_OVERHEAD
+        self.frame.len() + FRAME_OVERHEAD
     }
 }
 
@@ -185,10 +192,11 @@ pub enum Overflow {
 
 #[derive(Debug, Default)]
 struct Ring {
-    entries: VecDeque<Arc<Entry>>,
+    entries: VecDeque<Entry>,
     /// Position of `entries[0]`; positions count every event ever published on the table.
     first: u64,
-    /// Sum of the entries' costs (frames and overhead; shaped frames are in the topic).
+    /// Sum of the entries' frame costs (slots are counted by capacity in [`Ring::held`],
+    /// shaped frames in the topic).
     held_bytes: usize,
     /// Bytes ever published on the table.
     published_bytes: u64,
@@ -204,6 +212,12 @@ struct Ring {
 impl Ring {
     fn next(&self) -> u64 {
         self.first + self.entries.len() as u64
+    }
+
+    /// Bytes the ring holds: its frames and their overhead, and every slot it has allocated,
+    /// used or not.
+    fn held(&self) -> usize {
+        self.held_bytes + self.entries.capacity() * SLOT
     }
 
     /// Position, offset and base of a cursor that reads from `entries[index]` on (a replay:
@@ -247,12 +261,17 @@ pub struct Topic {
     /// `resource` as a JSON string literal, for frames.
     resource_json: String,
     ring: Mutex<Ring>,
-    /// Bytes of shaped frames cached on this ring's entries.
+    /// Shaped frames of the ring's entries. Locked after `ring` when both are.
+    shapes: Mutex<Shapes>,
+    /// Bytes of the shaped frames (with their overhead), readable without the lock.
     shaped_bytes: AtomicUsize,
+    /// `end_offset` of the last entry evicted from the ring (shapes of entries at or below
+    /// it are dropped).
+    evicted_offset: AtomicU64,
     /// Bumped after every publish; cursors wait on it. Dropped with the hub.
     head_tx: watch::Sender<u64>,
     /// Entries were appended that `head_tx` has not announced yet.
-    unwoken: std::sync::atomic::AtomicBool,
+    unwoken: AtomicBool,
     limits: HubLimits,
 }
 
@@ -262,9 +281,11 @@ impl Topic {
             resource: resource.into(),
             resource_json: serde_json::Value::from(resource).to_string(),
             ring: Mutex::new(Ring::default()),
+            shapes: Mutex::new(Shapes::default()),
             shaped_bytes: AtomicUsize::new(0),
+            evicted_offset: AtomicU64::new(0),
             head_tx: watch::channel(0).0,
-            unwoken: std::sync::atomic::AtomicBool::new(false),
+            unwoken: AtomicBool::new(false),
             limits,
         }
     }
@@ -273,6 +294,11 @@ impl Topic {
         // A panic while holding this lock leaves the ring consistent (every mutation is a
         // single push/pop with its counters), so a poisoned lock is still safe to use.
         self.ring.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shapes(&self) -> MutexGuard<'_, Shapes> {
+        // Every mutation is one insert or split with its counter: poisoning leaves it usable.
+        self.shapes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The subscriber-facing table name.
@@ -313,22 +339,21 @@ impl Topic {
             .map_or(batch, |last| last.batch.max(batch));
         ring.published_bytes += frame.len() as u64;
         let end_offset = ring.published_bytes;
-        let entry = Arc::new(Entry {
+        let entry = Entry {
             seq,
             xid: xid.unwrap_or(0),
             batch,
             kind,
             frame,
-            shaped: Mutex::new(None),
             end_offset,
-        });
+        };
         ring.held_bytes += entry.cost();
-        if matches!(entry.kind, EntryKind::Reset(_) | EntryKind::Columns(_)) {
+        if matches!(entry.kind, EntryKind::Reset | EntryKind::Columns(_)) {
             ring.last_control = Some(ring.next());
         }
         ring.entries.push_back(entry);
         loop {
-            let held = ring.held_bytes + self.shaped_bytes.load(Ordering::Relaxed);
+            let held = ring.held() + self.shaped_bytes.load(Ordering::Relaxed);
             if ring.entries.len() <= 1
                 || (ring.entries.len() <= self.limits.ring_events && held <= self.limits.ring_bytes)
             {
@@ -338,13 +363,28 @@ impl Topic {
                 break;
             };
             ring.held_bytes -= old.cost();
-            self.shaped_bytes
-                .fetch_sub(old.shaped_bytes(), Ordering::Relaxed);
             ring.first += 1;
             ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
+            // The shapes of what is evicted go too (their bytes count; looked for only when
+            // there are any: most tables have none). A shape a reader caches while its entry
+            // is being evicted stays until the next eviction, which drops everything up to it.
+            self.evicted_offset.store(old.end_offset, Ordering::Release);
+            if self.shaped_bytes.load(Ordering::Acquire) > 0 {
+                self.evict_shapes(old.end_offset);
+            }
         }
         drop(ring);
         self.unwoken.store(true, Ordering::Release);
+    }
+
+    /// Drops the shaped frames of entries up to `end_offset` (called with the ring locked).
+    fn evict_shapes(&self, end_offset: u64) {
+        let mut shapes = self.shapes();
+        let kept = shapes.frames.split_off(&(end_offset + 1, 0));
+        let gone = std::mem::replace(&mut shapes.frames, kept);
+        drop(shapes);
+        let bytes: usize = gone.values().map(|f| f.len() + SHAPED_OVERHEAD).sum();
+        self.shaped_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// A cursor at the head: it reads what is published from now on.
@@ -365,9 +405,10 @@ impl Topic {
         }
     }
 
-    /// Bytes held by this ring (frames, overhead, shaped frames), for tests and metrics.
+    /// Bytes held by this ring (frames, slots, overhead, shaped frames), for tests and
+    /// metrics.
     pub fn held_bytes(&self) -> usize {
-        self.lock().held_bytes + self.shaped_bytes.load(Ordering::Relaxed)
+        self.lock().held() + self.shaped_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -409,14 +450,10 @@ impl Cursor {
         self.base = self.topic.lock().published_bytes;
     }
 
-    /// Waits for published entries and appends up to `max` of them to `out`.
+    /// Waits for published entries and appends copies of up to `max` of them to `out`.
     ///
     /// Cancel safe: nothing is consumed unless it returns.
-    pub async fn next_batch(
-        &mut self,
-        out: &mut Vec<Arc<Entry>>,
-        max: usize,
-    ) -> Result<(), Overflow> {
+    pub async fn next_batch(&mut self, out: &mut Vec<Entry>, max: usize) -> Result<(), Overflow> {
         loop {
             // Mark the counter seen before looking, so a publish after the look wakes us.
             self.head_rx.borrow_and_update();
@@ -812,10 +849,9 @@ impl Hub {
             return false;
         };
         let (kind, frame) = if partition {
-            let reason = "table_changed";
             (
-                EntryKind::Reset(reason),
-                control::reset(&topic.resource, reason),
+                EntryKind::Reset,
+                control::reset(&topic.resource, "table_changed"),
             )
         } else {
             (
@@ -832,7 +868,7 @@ impl Hub {
     pub fn publish_reset(&self, resource: &str, reason: &'static str) {
         if let Some(topic) = self.topic(resource) {
             let frame = control::reset(&topic.resource, reason);
-            self.publish_control(&topic, EntryKind::Reset(reason), frame);
+            self.publish_control(&topic, EntryKind::Reset, frame);
         }
     }
 
@@ -1131,11 +1167,54 @@ mod tests {
         publish(&hub, 1, 1, 10);
         let topic = hub.topic("a").unwrap();
         let before = topic.held_bytes();
-        let entry = Arc::clone(&topic.lock().entries[0]);
+        let entry = topic.lock().entries[0].clone();
         for key in 0..20u64 {
             entry.shaped_frame(&topic, key, || "x".repeat(100));
         }
         let after = topic.held_bytes();
         assert_eq!(after - before, MAX_SHAPES * (100 + SHAPED_OVERHEAD));
+    }
+
+    #[test]
+    fn evicting_an_entry_drops_its_shaped_frames_and_their_bytes() {
+        let hub = hub(2, 1 << 20, 1 << 20);
+        let topic = hub.topic("a").unwrap();
+        publish(&hub, 1, 1, 10);
+        let first = topic.lock().entries[0].clone();
+        first.shaped_frame(&topic, 7, || "x".repeat(100));
+        publish(&hub, 1, 2, 10);
+        let second = topic.lock().entries[1].clone();
+        second.shaped_frame(&topic, 7, || "y".repeat(100));
+        assert_eq!(topic.shapes().frames.len(), 2);
+
+        // The third entry evicts the first (two entries at most): its shape goes with it.
+        publish(&hub, 1, 3, 10);
+        assert_eq!(topic.shapes().frames.len(), 1);
+        assert_eq!(
+            topic.shaped_bytes.load(Ordering::Relaxed),
+            100 + SHAPED_OVERHEAD
+        );
+        // A reader still holding the evicted entry is served, and nothing is cached for it.
+        assert_eq!(first.shaped_frame(&topic, 7, || "z".repeat(3)), "zzz");
+        assert_eq!(topic.shapes().frames.len(), 1);
+        // The kept entry's shape is shared, not encoded again.
+        assert_eq!(second.shaped_frame(&topic, 7, || unreachable!()).len(), 100);
+    }
+
+    #[test]
+    fn the_history_budget_counts_every_slot_the_ring_allocated() {
+        let hub = hub(1000, 1 << 20, 1 << 20);
+        let topic = hub.topic("a").unwrap();
+        for seq in 1..=100 {
+            publish(&hub, 1, seq, 10);
+        }
+        let ring = topic.lock();
+        let frames: usize = ring
+            .entries
+            .iter()
+            .map(|e| e.frame.len() + FRAME_OVERHEAD)
+            .sum();
+        assert!(ring.entries.capacity() >= 100);
+        assert_eq!(ring.held(), frames + ring.entries.capacity() * SLOT);
     }
 }

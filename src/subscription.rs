@@ -6,7 +6,7 @@
 //! applies to the type as sent. A projection (`select`) always keeps the primary key columns,
 //! so every row a client holds can be matched by later events. Frames are shared: an event
 //! that passes a shape unchanged reuses the table-wide frame, and any other (type as sent,
-//! projection) pair is encoded once per event and cached on the event for every subscriber of
+//! projection) pair is encoded once per event and cached beside the ring for every subscriber of
 //! that shape (projections are canonical: the same columns in any order are one shape).
 
 use std::collections::hash_map::DefaultHasher;
@@ -309,7 +309,7 @@ impl Shape {
     /// What this subscriber gets of `entry`.
     pub fn deliver(&self, entry: &Entry, topic: &Topic) -> Delivery {
         match &entry.kind {
-            EntryKind::Reset(_) => Delivery::Send(entry.frame.clone()),
+            EntryKind::Reset => Delivery::Send(entry.frame.clone()),
             EntryKind::Truncate if self.events[3] => Delivery::Send(entry.frame.clone()),
             EntryKind::Truncate => Delivery::Skip,
             EntryKind::Columns(change) => {

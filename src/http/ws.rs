@@ -649,7 +649,7 @@ pub(super) struct Subscription {
     /// Events whose transaction this snapshot contains were in the initial data: drop them.
     seen_in: Option<Snapshot>,
     /// Entries read from the cursor, waiting to be written.
-    batch: Vec<Arc<Entry>>,
+    batch: Vec<Entry>,
 }
 
 impl Subscription {
@@ -668,7 +668,8 @@ impl Subscription {
             params,
             shape,
             seen_in: None,
-            batch: Vec::with_capacity(WRITE_BATCH),
+            // Allocated on first use: an idle subscription holds no slots.
+            batch: Vec::new(),
         }
     }
 
