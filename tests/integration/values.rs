@@ -133,7 +133,43 @@ async fn events_render_in_utc_and_exactly_whatever_the_writers_session_settings(
         )
         .await
         .unwrap();
-    let events = ws.events(3).await;
+    // The capture functions pin those settings only while they run: the writer's session
+    // keeps its own, in and after the transaction (and a SET LOCAL stays local).
+    let settings = "select current_setting('TimeZone'), current_setting('extra_float_digits'),
+                           current_setting('bytea_output'), current_setting('IntervalStyle'),
+                           current_setting('lock_timeout')";
+    let writers =
+        |row: tokio_postgres::Row| -> Vec<String> { (0..5).map(|i| row.get(i)).collect() };
+    let expected = ["Asia/Kolkata", "0", "escape", "sql_standard", "0"];
+    assert_eq!(
+        writers(writer.query_one(settings, &[]).await.unwrap()),
+        expected
+    );
+    writer
+        .batch_execute(
+            "begin; set local lock_timeout = '2s'; set local timezone = 'America/New_York';
+             insert into t values (4, now(), 1, null, null);",
+        )
+        .await
+        .unwrap();
+    let in_transaction = writers(writer.query_one(settings, &[]).await.unwrap());
+    assert_eq!(
+        in_transaction,
+        ["America/New_York", "0", "escape", "sql_standard", "2s"]
+    );
+    writer.batch_execute("commit").await.unwrap();
+    assert_eq!(
+        writers(writer.query_one(settings, &[]).await.unwrap()),
+        expected
+    );
+
+    let events = ws.events(4).await;
+    assert!(
+        events[3]["data"]["at"]
+            .as_str()
+            .unwrap()
+            .ends_with("+00:00")
+    );
     let e = &events[0];
     assert!(e["ts"].as_str().unwrap().ends_with("+00:00"), "{e}");
     assert_eq!(e["data"]["at"], "2026-01-01T00:00:00+00:00");
