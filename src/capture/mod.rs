@@ -94,11 +94,13 @@ const MARKER: &str = "
 /// transaction can make an xid look like it matches every row) must never talk the planner
 /// into a sequential scan of the log, which grows with retention.
 ///
-/// The poll's statements are prepared once, and after five runs PostgreSQL may switch to a
-/// generic plan chosen without the parameters (which xids, how many): on a log whose
-/// statistics are stale that can be a parallel scan hundreds of times slower than the index
-/// lookups the parameters call for. So every run is planned with its parameters, and never
-/// in parallel (the reads are small lookups; workers only add start-up cost).
+/// The poll's statements are prepared once and run with a generic plan, planned once: with
+/// sequential scans priced out and no parallel workers (the reads are small lookups; workers
+/// only add start-up cost), a plan chosen without the parameters (which xids, how many) is
+/// still the index lookups, however stale the log's statistics (a parallel scan hundreds of
+/// times slower was what a generic plan once chose here, before both settings). Planning
+/// every run anew with its parameters was half of what reading a notified transaction cost
+/// (0.17 ms p50 against 0.02 ms to execute; BENCHMARKS.md 0e).
 ///
 /// Timeouts a role or database may set for ordinary sessions do not apply here: a poll of a
 /// large batch is one long read, and capture must not fail on it forever.
@@ -111,7 +113,7 @@ const MARKER: &str = "
 /// lookups; JIT never pays for itself here.
 pub const SESSION_SETTINGS: &str = "set synchronous_commit = off; set enable_seqscan = off;
     set jit = off;
-    set plan_cache_mode = force_custom_plan; set max_parallel_workers_per_gather = 0;
+    set plan_cache_mode = force_generic_plan; set max_parallel_workers_per_gather = 0;
     set statement_timeout = 0; set lock_timeout = 0; set idle_in_transaction_session_timeout = 0";
 
 /// Who holds the horizon back: a session's open transaction, or a prepared one.
