@@ -9,11 +9,15 @@
 //!
 //! What capture costs the writers themselves (no relay, no subscribers) is [`writes`].
 //!
+//! Steady runs can also measure other relays (pg_eventserv, broadcaster, PostGraphile…) in the
+//! same transactions with the same subscriber code: [`peers`].
+//!
 //! Steady runs can write, with `PGRELAY_BENCH_TRACE=<file>` set, one CSV line per row (id,
 //! commit time since the start, commit to the first subscriber's receipt, and to the
 //! baseline's): where in the run the tail sits, e.g. a stall at a period of the relay's.
 
 pub mod all;
+pub mod peers;
 mod report;
 pub mod writes;
 
@@ -22,7 +26,7 @@ pub use report::{Percentiles, Report, Target, median, render, render_targets};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
@@ -33,6 +37,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Steady latency percentiles leave out rows committed in this first stretch of the run.
 const WARMUP: Duration = Duration::from_secs(1);
+
+/// A subscriber's socket.
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Name of the bench's own table.
 pub const TABLE: &str = "pgrelay_bench";
@@ -110,6 +118,16 @@ pub struct BenchConfig {
     /// reads. Its commit-to-receive latency, measured like the subscribers', is what
     /// PostgreSQL and the machine cost a notification without the relay, in the same run.
     pub baseline: bool,
+    /// Steady: other relays measured in the same run, fed by the baseline's notifications
+    /// (so peers imply `baseline`), each with `subscribers` sockets (see [`peers`]).
+    pub peers: Vec<peers::Peer>,
+}
+
+impl BenchConfig {
+    /// Whether the writers also write [`BASELINE_TABLE`] (a steady run with a baseline or peers).
+    fn feeds_baseline(&self) -> bool {
+        self.scenario == Scenario::Steady && (self.baseline || !self.peers.is_empty())
+    }
 }
 
 /// A relay the bench started; killed on drop.
@@ -211,11 +229,29 @@ struct Seen {
     arrivals: Vec<(usize, Instant)>,
 }
 
-async fn subscribe(
-    url: &str,
-) -> anyhow::Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
+/// How a subscriber task reads what it receives.
+#[derive(Clone)]
+struct Reader {
+    /// Who sends, for messages: "the relay", "peer NAME".
+    who: Arc<str>,
+    /// Where the row id is: `None` in the relay's change frames (the first `"id":`, batches
+    /// split); a JSON pointer in a peer's messages.
+    pointer: Option<Arc<str>>,
+    /// Set when a peer's probe row (id ≤ 0) arrived: its subscription is live.
+    live: Arc<AtomicBool>,
+}
+
+impl Reader {
+    fn relay() -> Self {
+        Reader {
+            who: "the relay".into(),
+            pointer: None,
+            live: Arc::default(),
+        }
+    }
+}
+
+async fn subscribe(url: &str) -> anyhow::Result<Socket> {
     let (socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .with_context(|| format!("connecting to {url}"))?;
@@ -224,9 +260,8 @@ async fn subscribe(
 
 /// Reads until `expected` distinct rows arrived (or `stop` fires), recording what came.
 async fn receive(
-    mut socket: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    mut socket: Socket,
+    reader: Reader,
     mut expected: tokio::sync::watch::Receiver<u64>,
     capacity: usize,
     measure_latency: bool,
@@ -258,7 +293,8 @@ async fn receive(
                 seen.closed = true;
                 if let Some(frame) = frame {
                     eprintln!(
-                        "the relay closed a subscriber: {} {}",
+                        "{} closed a subscriber: {} {}",
+                        reader.who,
                         u16::from(frame.code),
                         frame.reason
                     );
@@ -270,7 +306,9 @@ async fn receive(
         let text = text.as_str();
         const CREATE: &str = "{\"type\":\"create\"";
         // A `batch` frame holds the same messages, one after another.
-        let events: Vec<&str> = if text.starts_with("{\"type\":\"batch\"") {
+        let events: Vec<&str> = if reader.pointer.is_some() {
+            vec![text]
+        } else if text.starts_with("{\"type\":\"batch\"") {
             let starts: Vec<usize> = text.match_indices(CREATE).map(|(i, _)| i).collect();
             starts
                 .iter()
@@ -282,16 +320,34 @@ async fn receive(
         } else {
             continue;
         };
-        seen.frames += 1;
+        if reader.pointer.is_none() {
+            seen.frames += 1;
+        }
         for event in events {
+            let id = match &reader.pointer {
+                None => frame_id(event),
+                Some(pointer) => match peers::message_id(event, pointer) {
+                    Some(probe) if probe <= 0 => {
+                        reader.live.store(true, Ordering::Release);
+                        continue;
+                    }
+                    Some(id) => {
+                        seen.frames += 1;
+                        usize::try_from(id).ok()
+                    }
+                    None => None,
+                },
+            };
+            // Only the relay's frames carry a capture time.
             if measure_latency
+                && reader.pointer.is_none()
                 && let Some(ts) = frame_ts(event)
-                && let Some(id) = frame_id(event)
+                && let Some(id) = id
             {
                 let latency = SystemTime::now().duration_since(ts).unwrap_or_default();
                 seen.latencies.push((id, latency.as_secs_f64() * 1000.0));
             }
-            if let Some(id) = frame_id(event) {
+            if let Some(id) = id {
                 if measure_latency {
                     seen.arrivals.push((id, Instant::now()));
                 }
@@ -389,6 +445,9 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     if matches!(config.scenario, Scenario::Writes | Scenario::All) {
         bail!("the writes and all scenarios have runners of their own");
     }
+    if !config.peers.is_empty() && config.scenario != Scenario::Steady {
+        bail!("peers are measured by the steady scenario only");
+    }
     let (client, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
         .await
         .context("connecting to the database")?;
@@ -398,7 +457,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             "drop table if exists {TABLE}; create table {TABLE}(id bigint primary key, payload text not null)"
         ))
         .await?;
-    let baseline = config.baseline && config.scenario == Scenario::Steady;
+    let baseline = config.feeds_baseline();
     if baseline {
         client.batch_execute(BASELINE_SETUP).await?;
     }
@@ -449,6 +508,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         .map(|socket| {
             tokio::spawn(receive(
                 socket,
+                Reader::relay(),
                 expected.clone(),
                 capacity,
                 measure_latency,
@@ -460,6 +520,31 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         true => Some(listen_baseline(&config.database_url, expected.clone(), stop.clone()).await?),
         false => None,
     };
+    // Each peer's subscribers, read like the relay's; live once a probe row reached them.
+    let mut peer_receivers = Vec::with_capacity(config.peers.len());
+    let mut live = Vec::new();
+    for peer in &config.peers {
+        let mut handles = Vec::with_capacity(config.subscribers);
+        for _ in 0..config.subscribers {
+            let reader = Reader {
+                who: format!("peer {}", peer.name).into(),
+                pointer: Some(peer.id_pointer.as_str().into()),
+                live: Arc::default(),
+            };
+            live.push((peer.name.clone(), Arc::clone(&reader.live)));
+            let socket = peers::connect(peer).await?;
+            handles.push(tokio::spawn(receive(
+                socket,
+                reader,
+                expected.clone(),
+                capacity,
+                measure_latency,
+                stop.clone(),
+            )));
+        }
+        peer_receivers.push(handles);
+    }
+    peers::await_live(&client, &live).await?;
 
     let relay_cpu_before = relay_pid.as_deref().and_then(cpu_secs);
     let bench_cpu_before = cpu_secs("self").unwrap_or(0.0);
@@ -487,21 +572,10 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     // Subscribers finish when they have every row; a lost row would keep them waiting, so
     // give them a generous deadline and count what is missing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60) + config.duration;
-    let mut seen = Vec::with_capacity(receivers.len());
-    let mut pending = receivers;
-    for mut handle in pending.drain(..) {
-        let result = match tokio::time::timeout_at(deadline, &mut handle).await {
-            Ok(result) => result,
-            Err(_) => {
-                // Out of time: stop everyone and keep what they have (the rest counts as lost).
-                stop.cancel();
-                handle.await
-            }
-        };
-        match result {
-            Ok(s) => seen.push(s),
-            Err(err) => bail!("a subscriber task failed: {err}"),
-        }
+    let seen = gather(receivers, deadline, &stop).await?;
+    let mut peer_seen = Vec::with_capacity(peer_receivers.len());
+    for handles in peer_receivers {
+        peer_seen.push(gather(handles, deadline, &stop).await?);
     }
     let baseline_arrivals = match baseline_listener {
         Some((_client, mut handle)) => {
@@ -547,8 +621,6 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             .and_then(|i| commits.get(i))
             .is_some_and(|c| c.duration_since(started) >= WARMUP)
     };
-    // The first arrival of each row at any subscriber (index = id).
-    let mut first: Vec<Option<Instant>> = vec![None; commits.len() + 1];
     for s in &seen {
         report.frames_received += s.frames;
         report.closed_by_relay += u64::from(s.closed);
@@ -571,42 +643,26 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
                 .map(|(_, l)| *l),
         );
         all_latencies.extend(commit_latencies(&s.arrivals, &commits, warm));
-        for (id, at) in &s.arrivals {
-            if let Some(slot) = first.get_mut(*id) {
-                *slot = Some(slot.map_or(*at, |f| f.min(*at)));
-            }
-        }
     }
-    let first: Vec<(usize, Instant)> = first
-        .iter()
-        .enumerate()
-        .filter_map(|(id, at)| Some((id, (*at)?)))
-        .collect();
+    let first = first_arrivals(seen.iter().map(|s| s.arrivals.as_slice()), commits.len());
     report.first_latency_ms = Percentiles::of(commit_latencies(&first, &commits, warm));
+    for (peer, seen) in config.peers.iter().zip(&peer_seen) {
+        let summary =
+            peers::summarize(peer, seen, config.subscribers, rows_written, &commits, warm);
+        report.peers.push(summary);
+    }
     if let Ok(path) = std::env::var("PGRELAY_BENCH_TRACE") {
-        let mut base = vec![None; commits.len() + 1];
-        for (id, at) in baseline_arrivals.iter().flatten() {
-            if let Some(slot) = base.get_mut(*id) {
-                *slot = Some(*at);
-            }
-        }
-        let mut out = String::from("id,commit_ms,first_ms,baseline_ms\n");
-        for (id, at) in &first {
-            let Some(c) = id.checked_sub(1).and_then(|i| commits.get(i)) else {
-                continue;
-            };
-            let ms = |t: Instant| t.saturating_duration_since(*c).as_secs_f64() * 1000.0;
-            out.push_str(&format!(
-                "{id},{:.3},{:.3},{}\n",
-                c.duration_since(started).as_secs_f64() * 1000.0,
-                ms(*at),
-                base.get(*id)
-                    .copied()
-                    .flatten()
-                    .map_or(String::new(), |b| format!("{:.3}", ms(b)))
+        let mut columns = vec![("first".to_owned(), first.clone())];
+        let base = baseline_arrivals.as_deref().unwrap_or_default();
+        columns.push(("baseline".to_owned(), first_arrivals([base], commits.len())));
+        for (peer, seen) in config.peers.iter().zip(&peer_seen) {
+            let arrivals = seen.iter().map(|s| s.arrivals.as_slice());
+            columns.push((
+                format!("peer_{}", peer.name),
+                first_arrivals(arrivals, commits.len()),
             ));
         }
-        std::fs::write(path, out)?;
+        std::fs::write(path, trace(started, &commits, &columns))?;
     }
     if let Some(arrivals) = &baseline_arrivals {
         report.baseline_latency_ms = Percentiles::of(commit_latencies(arrivals, &commits, warm));
@@ -638,6 +694,81 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// The first arrival of each row (id, when) among `arrivals`, in id order; rows `1..=rows`.
+fn first_arrivals<'a>(
+    arrivals: impl IntoIterator<Item = &'a [(usize, Instant)]>,
+    rows: usize,
+) -> Vec<(usize, Instant)> {
+    let mut first: Vec<Option<Instant>> = vec![None; rows + 1];
+    for (id, at) in arrivals.into_iter().flatten() {
+        if let Some(slot) = first.get_mut(*id) {
+            *slot = Some(slot.map_or(*at, |f| f.min(*at)));
+        }
+    }
+    first
+        .iter()
+        .enumerate()
+        .filter_map(|(id, at)| Some((id, (*at)?)))
+        .collect()
+}
+
+/// `PGRELAY_BENCH_TRACE`'s CSV: per row, its commit time since `started` and, per column
+/// (name, first arrivals in id order), commit to arrival; all milliseconds, empty where the
+/// row never arrived.
+fn trace(
+    started: Instant,
+    commits: &[Instant],
+    columns: &[(String, Vec<(usize, Instant)>)],
+) -> String {
+    let mut out = String::from("id,commit_ms");
+    for (name, _) in columns {
+        out.push_str(&format!(",{name}_ms"));
+    }
+    out.push('\n');
+    let mut next: Vec<_> = columns.iter().map(|(_, a)| a.iter().peekable()).collect();
+    for (i, commit) in commits.iter().enumerate() {
+        let id = i + 1;
+        out.push_str(&format!(
+            "{id},{:.3}",
+            commit.duration_since(started).as_secs_f64() * 1000.0
+        ));
+        for arrivals in &mut next {
+            out.push(',');
+            if let Some((_, at)) = arrivals.next_if(|(a, _)| *a == id) {
+                let ms = at.saturating_duration_since(*commit).as_secs_f64() * 1000.0;
+                out.push_str(&format!("{ms:.3}"));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// What the subscriber tasks `handles` saw, once each has every row or `deadline` passed
+/// (then `stop` ends them all, and they return what they have).
+async fn gather(
+    handles: Vec<tokio::task::JoinHandle<Seen>>,
+    deadline: tokio::time::Instant,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Vec<Seen>> {
+    let mut seen = Vec::with_capacity(handles.len());
+    for mut handle in handles {
+        let result = match tokio::time::timeout_at(deadline, &mut handle).await {
+            Ok(result) => result,
+            Err(_) => {
+                // Out of time: stop everyone and keep what they have (the rest counts as lost).
+                stop.cancel();
+                handle.await
+            }
+        };
+        match result {
+            Ok(s) => seen.push(s),
+            Err(err) => bail!("a subscriber task failed: {err}"),
+        }
+    }
+    Ok(seen)
+}
+
 /// Single-row transactions at `config.rate` per second for `config.duration` (that is,
 /// `rate × duration` rows; with rate 0, as many as the writers manage in `duration`), spread
 /// over `config.writers` connections each paced at `rate / writers`, so that the rate is not
@@ -662,7 +793,7 @@ async fn steady(
         let next = Arc::clone(&next);
         // With the baseline, one statement writes both rows: one transaction, one commit
         // acknowledgement for the relay's event and the baseline's notification.
-        let sql = match config.baseline {
+        let sql = match config.feeds_baseline() {
             true => format!(
                 "with b as (insert into {BASELINE_TABLE}(id, payload) values ($1, $2)) \
                  insert into {TABLE}(id, payload) values ($1, $2)"
