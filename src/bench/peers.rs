@@ -23,8 +23,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
+use super::BASELINE_TABLE;
+use super::receive::{Seen, Socket, commit_latencies};
 use super::report::{PeerReport, Percentiles};
-use super::{BASELINE_TABLE, Seen, Socket, commit_latencies};
 
 /// How long a peer may take to answer a handshake message, and to deliver a probe row.
 const PEER_WAIT: Duration = Duration::from_secs(30);
