@@ -9,27 +9,35 @@
 //!
 //! What capture costs the writers themselves (no relay, no subscribers) is [`writes`].
 //!
+//! Steady runs can also measure other relays (pg_eventserv, broadcaster, PostGraphile…) in the
+//! same transactions with the same subscriber code: [`peers`].
+//!
 //! Steady runs can write, with `PGRELAY_BENCH_TRACE=<file>` set, one CSV line per row (id,
-//! commit time since the start, commit to the first subscriber's receipt, and to the
-//! baseline's): where in the run the tail sits, e.g. a stall at a period of the relay's.
+//! commit time since the start, commit to the first subscriber's receipt, to the baseline's
+//! and to each peer's): where in the run the tail sits, e.g. a stall at a period of the
+//! relay's. The receiving side (subscribers, the LISTEN client, the trace) is [`receive`].
 
 pub mod all;
+pub mod peers;
+mod receive;
 mod report;
 pub mod writes;
 
 pub use report::{Percentiles, Report, Target, median, render, render_targets};
 
+use receive::{
+    Reader, commit_latencies, first_arrivals, gather, listen_baseline, receive, subscribe, trace,
+};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
 
 /// Steady latency percentiles leave out rows committed in this first stretch of the run.
 const WARMUP: Duration = Duration::from_secs(1);
@@ -110,6 +118,16 @@ pub struct BenchConfig {
     /// reads. Its commit-to-receive latency, measured like the subscribers', is what
     /// PostgreSQL and the machine cost a notification without the relay, in the same run.
     pub baseline: bool,
+    /// Steady: other relays measured in the same run, fed by the baseline's notifications
+    /// (so peers imply `baseline`), each with `subscribers` sockets (see [`peers`]).
+    pub peers: Vec<peers::Peer>,
+}
+
+impl BenchConfig {
+    /// Whether the writers also write [`BASELINE_TABLE`] (a steady run with a baseline or peers).
+    fn feeds_baseline(&self) -> bool {
+        self.scenario == Scenario::Steady && (self.baseline || !self.peers.is_empty())
+    }
 }
 
 /// A relay the bench started; killed on drop.
@@ -179,215 +197,13 @@ fn status_kib(pid: &str, field: &str) -> Option<f64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The row id in a change frame: the first `"id":` number.
-fn frame_id(text: &str) -> Option<usize> {
-    let start = text.find("\"id\":")? + 5;
-    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
-    text[start..start + digits].parse().ok()
-}
-
-/// The capture time in a change frame (`"ts":"…"`), as a system time.
-fn frame_ts(text: &str) -> Option<SystemTime> {
-    let start = text.rfind("\"ts\":\"")? + 6;
-    let end = start + text[start..].find('"')?;
-    let at = chrono::DateTime::parse_from_rfc3339(&text[start..end]).ok()?;
-    let nanos = u64::try_from(at.timestamp_nanos_opt()?).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos))
-}
-
-/// What one subscriber saw.
-#[derive(Default)]
-struct Seen {
-    /// Times each row id arrived (index = id).
-    counts: Vec<u8>,
-    frames: u64,
-    /// When the subscriber had every expected row.
-    complete_at: Option<Instant>,
-    /// (row id, capture-to-receive latency in milliseconds) (steady only).
-    latencies: Vec<(usize, f64)>,
-    /// The relay sent a Close frame.
-    closed: bool,
-    /// (row id, when it arrived) for commit-to-receive latency (steady only).
-    arrivals: Vec<(usize, Instant)>,
-}
-
-async fn subscribe(
-    url: &str,
-) -> anyhow::Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
-    let (socket, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    Ok(socket)
-}
-
-/// Reads until `expected` distinct rows arrived (or `stop` fires), recording what came.
-async fn receive(
-    mut socket: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    mut expected: tokio::sync::watch::Receiver<u64>,
-    capacity: usize,
-    measure_latency: bool,
-    stop: tokio_util::sync::CancellationToken,
-) -> Seen {
-    let mut seen = Seen {
-        counts: vec![0; capacity + 1],
-        ..Seen::default()
-    };
-    let mut distinct = 0u64;
-    loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            // The writes ended: the subscriber may already hold every row.
-            _ = expected.changed() => {
-                let want = *expected.borrow_and_update();
-                if want > 0 && distinct >= want {
-                    seen.complete_at = Some(Instant::now());
-                    break;
-                }
-                continue;
-            }
-            message = socket.next() => message,
-        };
-        let Some(Ok(message)) = message else { break };
-        let text = match message {
-            Message::Text(text) => text,
-            Message::Close(frame) => {
-                seen.closed = true;
-                if let Some(frame) = frame {
-                    eprintln!(
-                        "the relay closed a subscriber: {} {}",
-                        u16::from(frame.code),
-                        frame.reason
-                    );
-                }
-                break;
-            }
-            _ => continue,
-        };
-        let text = text.as_str();
-        const CREATE: &str = "{\"type\":\"create\"";
-        // A `batch` frame holds the same messages, one after another.
-        let events: Vec<&str> = if text.starts_with("{\"type\":\"batch\"") {
-            let starts: Vec<usize> = text.match_indices(CREATE).map(|(i, _)| i).collect();
-            starts
-                .iter()
-                .enumerate()
-                .map(|(n, &i)| &text[i..starts.get(n + 1).copied().unwrap_or(text.len())])
-                .collect()
-        } else if text.starts_with(CREATE) {
-            vec![text]
-        } else {
-            continue;
-        };
-        seen.frames += 1;
-        for event in events {
-            if measure_latency
-                && let Some(ts) = frame_ts(event)
-                && let Some(id) = frame_id(event)
-            {
-                let latency = SystemTime::now().duration_since(ts).unwrap_or_default();
-                seen.latencies.push((id, latency.as_secs_f64() * 1000.0));
-            }
-            if let Some(id) = frame_id(event) {
-                if measure_latency {
-                    seen.arrivals.push((id, Instant::now()));
-                }
-                if id >= seen.counts.len() {
-                    seen.counts.resize(id + 1, 0);
-                }
-                seen.counts[id] = seen.counts[id].saturating_add(1);
-                if seen.counts[id] == 1 {
-                    distinct += 1;
-                }
-            }
-        }
-        let want = *expected.borrow();
-        if want > 0 && distinct >= want {
-            seen.complete_at = Some(Instant::now());
-            break;
-        }
-    }
-    seen
-}
-
-/// The steady baseline's plain LISTEN client (see [`BenchConfig::baseline`]): listens on
-/// [`BASELINE_TABLE`]'s channel, then records when each row's notification arrived until
-/// `expected` rows did (or `stop` fires). The client is returned to be kept until then
-/// (dropping it closes the connection).
-async fn listen_baseline(
-    database_url: &str,
-    mut expected: tokio::sync::watch::Receiver<u64>,
-    stop: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<(
-    tokio_postgres::Client,
-    tokio::task::JoinHandle<Vec<(usize, Instant)>>,
-)> {
-    let (client, mut connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)
-        .await
-        .context("connecting the baseline listener")?;
-    let handle = tokio::spawn(async move {
-        let mut arrivals = Vec::new();
-        loop {
-            let message = tokio::select! {
-                _ = stop.cancelled() => break,
-                changed = expected.changed() => {
-                    let want = *expected.borrow_and_update();
-                    if changed.is_err() || (want > 0 && arrivals.len() as u64 >= want) {
-                        break;
-                    }
-                    continue;
-                }
-                message = futures_util::future::poll_fn(|cx| connection.poll_message(cx)) => message,
-            };
-            match message {
-                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                    let at = Instant::now();
-                    if let Some(id) = frame_id(n.payload()) {
-                        arrivals.push((id, at));
-                    }
-                    let want = *expected.borrow();
-                    if want > 0 && arrivals.len() as u64 >= want {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
-            }
-        }
-        arrivals
-    });
-    client
-        .batch_execute(&format!("listen {BASELINE_TABLE}"))
-        .await
-        .context("listening for the baseline")?;
-    Ok((client, handle))
-}
-
-/// Commit-to-receive latencies in milliseconds of `arrivals` (row id, when it arrived), for
-/// rows `warm` admits; `commits[id - 1]` is when row `id`'s commit was acknowledged.
-fn commit_latencies(
-    arrivals: &[(usize, Instant)],
-    commits: &[Instant],
-    warm: impl Fn(usize) -> bool,
-) -> Vec<f64> {
-    arrivals
-        .iter()
-        .filter(|(id, _)| warm(*id))
-        .filter_map(|(id, at)| {
-            let commit = id.checked_sub(1).and_then(|i| commits.get(i))?;
-            // The notification can beat the commit's acknowledgement to the writer: 0.
-            Some(at.saturating_duration_since(*commit).as_secs_f64() * 1000.0)
-        })
-        .collect()
-}
-
 /// Runs one scenario and returns what it measured.
 pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     if matches!(config.scenario, Scenario::Writes | Scenario::All) {
         bail!("the writes and all scenarios have runners of their own");
+    }
+    if !config.peers.is_empty() && config.scenario != Scenario::Steady {
+        bail!("peers are measured by the steady scenario only");
     }
     let (client, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
         .await
@@ -398,7 +214,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             "drop table if exists {TABLE}; create table {TABLE}(id bigint primary key, payload text not null)"
         ))
         .await?;
-    let baseline = config.baseline && config.scenario == Scenario::Steady;
+    let baseline = config.feeds_baseline();
     if baseline {
         client.batch_execute(BASELINE_SETUP).await?;
     }
@@ -449,6 +265,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         .map(|socket| {
             tokio::spawn(receive(
                 socket,
+                Reader::relay(),
                 expected.clone(),
                 capacity,
                 measure_latency,
@@ -460,6 +277,31 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
         true => Some(listen_baseline(&config.database_url, expected.clone(), stop.clone()).await?),
         false => None,
     };
+    // Each peer's subscribers, read like the relay's; live once a probe row reached them.
+    let mut peer_receivers = Vec::with_capacity(config.peers.len());
+    let mut live = Vec::new();
+    for peer in &config.peers {
+        let mut handles = Vec::with_capacity(config.subscribers);
+        for _ in 0..config.subscribers {
+            let reader = Reader {
+                who: format!("peer {}", peer.name).into(),
+                pointer: Some(peer.id_pointer.as_str().into()),
+                live: Arc::default(),
+            };
+            live.push((peer.name.clone(), Arc::clone(&reader.live)));
+            let socket = peers::connect(peer).await?;
+            handles.push(tokio::spawn(receive(
+                socket,
+                reader,
+                expected.clone(),
+                capacity,
+                measure_latency,
+                stop.clone(),
+            )));
+        }
+        peer_receivers.push(handles);
+    }
+    peers::await_live(&client, &live).await?;
 
     let relay_cpu_before = relay_pid.as_deref().and_then(cpu_secs);
     let bench_cpu_before = cpu_secs("self").unwrap_or(0.0);
@@ -487,21 +329,10 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
     // Subscribers finish when they have every row; a lost row would keep them waiting, so
     // give them a generous deadline and count what is missing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60) + config.duration;
-    let mut seen = Vec::with_capacity(receivers.len());
-    let mut pending = receivers;
-    for mut handle in pending.drain(..) {
-        let result = match tokio::time::timeout_at(deadline, &mut handle).await {
-            Ok(result) => result,
-            Err(_) => {
-                // Out of time: stop everyone and keep what they have (the rest counts as lost).
-                stop.cancel();
-                handle.await
-            }
-        };
-        match result {
-            Ok(s) => seen.push(s),
-            Err(err) => bail!("a subscriber task failed: {err}"),
-        }
+    let seen = gather(receivers, deadline, &stop).await?;
+    let mut peer_seen = Vec::with_capacity(peer_receivers.len());
+    for handles in peer_receivers {
+        peer_seen.push(gather(handles, deadline, &stop).await?);
     }
     let baseline_arrivals = match baseline_listener {
         Some((_client, mut handle)) => {
@@ -547,8 +378,6 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
             .and_then(|i| commits.get(i))
             .is_some_and(|c| c.duration_since(started) >= WARMUP)
     };
-    // The first arrival of each row at any subscriber (index = id).
-    let mut first: Vec<Option<Instant>> = vec![None; commits.len() + 1];
     for s in &seen {
         report.frames_received += s.frames;
         report.closed_by_relay += u64::from(s.closed);
@@ -571,42 +400,26 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
                 .map(|(_, l)| *l),
         );
         all_latencies.extend(commit_latencies(&s.arrivals, &commits, warm));
-        for (id, at) in &s.arrivals {
-            if let Some(slot) = first.get_mut(*id) {
-                *slot = Some(slot.map_or(*at, |f| f.min(*at)));
-            }
-        }
     }
-    let first: Vec<(usize, Instant)> = first
-        .iter()
-        .enumerate()
-        .filter_map(|(id, at)| Some((id, (*at)?)))
-        .collect();
+    let first = first_arrivals(seen.iter().map(|s| s.arrivals.as_slice()), commits.len());
     report.first_latency_ms = Percentiles::of(commit_latencies(&first, &commits, warm));
+    for (peer, seen) in config.peers.iter().zip(&peer_seen) {
+        let summary =
+            peers::summarize(peer, seen, config.subscribers, rows_written, &commits, warm);
+        report.peers.push(summary);
+    }
     if let Ok(path) = std::env::var("PGRELAY_BENCH_TRACE") {
-        let mut base = vec![None; commits.len() + 1];
-        for (id, at) in baseline_arrivals.iter().flatten() {
-            if let Some(slot) = base.get_mut(*id) {
-                *slot = Some(*at);
-            }
-        }
-        let mut out = String::from("id,commit_ms,first_ms,baseline_ms\n");
-        for (id, at) in &first {
-            let Some(c) = id.checked_sub(1).and_then(|i| commits.get(i)) else {
-                continue;
-            };
-            let ms = |t: Instant| t.saturating_duration_since(*c).as_secs_f64() * 1000.0;
-            out.push_str(&format!(
-                "{id},{:.3},{:.3},{}\n",
-                c.duration_since(started).as_secs_f64() * 1000.0,
-                ms(*at),
-                base.get(*id)
-                    .copied()
-                    .flatten()
-                    .map_or(String::new(), |b| format!("{:.3}", ms(b)))
+        let mut columns = vec![("first".to_owned(), first.clone())];
+        let base = baseline_arrivals.as_deref().unwrap_or_default();
+        columns.push(("baseline".to_owned(), first_arrivals([base], commits.len())));
+        for (peer, seen) in config.peers.iter().zip(&peer_seen) {
+            let arrivals = seen.iter().map(|s| s.arrivals.as_slice());
+            columns.push((
+                format!("peer_{}", peer.name),
+                first_arrivals(arrivals, commits.len()),
             ));
         }
-        std::fs::write(path, out)?;
+        std::fs::write(path, trace(started, &commits, &columns))?;
     }
     if let Some(arrivals) = &baseline_arrivals {
         report.baseline_latency_ms = Percentiles::of(commit_latencies(arrivals, &commits, warm));
@@ -662,7 +475,7 @@ async fn steady(
         let next = Arc::clone(&next);
         // With the baseline, one statement writes both rows: one transaction, one commit
         // acknowledgement for the relay's event and the baseline's notification.
-        let sql = match config.baseline {
+        let sql = match config.feeds_baseline() {
             true => format!(
                 "with b as (insert into {BASELINE_TABLE}(id, payload) values ($1, $2)) \
                  insert into {TABLE}(id, payload) values ($1, $2)"
@@ -773,18 +586,4 @@ async fn idle(config: &BenchConfig, url: &str, relay_pid: Option<&str>) -> anyho
         rss_per_connection_kib: Some(per),
         ..Report::default()
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_yield_their_id_and_capture_time() {
-        let frame = r#"{"type":"create","resource":"pgrelay_bench","id":4217,"data":{"id":4217,"payload":"x"},"seq":9,"ts":"2026-11-27T06:26:31.41497+00:00"}"#;
-        assert_eq!(frame_id(frame), Some(4217));
-        let ts = frame_ts(frame).unwrap();
-        let secs = ts.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
-        assert_eq!(secs, 1_795_760_791);
-    }
 }

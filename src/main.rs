@@ -80,7 +80,7 @@ enum Command {
         db: Database,
     },
     /// Measure delivery rate, latency, loss and relay CPU/RSS (see BENCHMARKS.md).
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Print a table's events as JSON lines.
     ///
     /// Reconnects when the connection drops (resuming after the last event printed), starts
@@ -154,6 +154,26 @@ struct BenchArgs {
     /// (commit-to-receive without the relay).
     #[arg(long)]
     baseline: bool,
+    /// `steady`: also measure another relay in the same run, `NAME=ws://…` (repeatable):
+    /// `subscribers` sockets to it, read by the same code as pgrelay's. Peers are fed by the
+    /// baseline's table (so this implies `--baseline`): a bare row-level trigger sends
+    /// `row_to_json(new)` on channel `pgrelay_bench_baseline` in every transaction. See
+    /// `bench/peers/`.
+    #[arg(long = "peer", value_name = "NAME=URL")]
+    peers: Vec<String>,
+    /// `NAME=SUBPROTOCOL`: the `Sec-WebSocket-Protocol` to ask peer NAME for (e.g.
+    /// `graphql-transport-ws`).
+    #[arg(long = "peer-protocol", value_name = "NAME=SUBPROTOCOL")]
+    peer_protocols: Vec<String>,
+    /// `NAME=MESSAGE`: a text message to send peer NAME after connecting (repeatable, sent
+    /// in order, each after the peer's reply to the one before; e.g. graphql-ws's
+    /// `connection_init`, then `subscribe`).
+    #[arg(long = "peer-send", value_name = "NAME=MESSAGE")]
+    peer_sends: Vec<String>,
+    /// `NAME=POINTER`: the JSON pointer to the row id in peer NAME's messages (default
+    /// `/id`, the payload as the trigger sent it).
+    #[arg(long = "peer-id", value_name = "NAME=POINTER")]
+    peer_ids: Vec<String>,
     /// Repeat the scenario this many times (each run is reported, then the median; `writes`
     /// interleaves its variants across the runs).
     #[arg(long, default_value_t = 1)]
@@ -298,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
             token,
             table,
         } => tail(&url, &table, snapshot, since, token.as_deref()).await,
-        Command::Bench(args) => run_bench(args).await,
+        Command::Bench(args) => run_bench(*args).await,
         Command::Demo(args) => cli::demo::run(args).await,
     }
 }
@@ -354,6 +374,12 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         statement_rows: args.statement_rows,
         batch: args.batch,
         baseline: args.baseline,
+        peers: bench::peers::parse(
+            &args.peers,
+            &args.peer_protocols,
+            &args.peer_sends,
+            &args.peer_ids,
+        )?,
         capture: pgrelay::capture::Mode::parse(&args.capture)
             .ok_or_else(|| anyhow::anyhow!("--capture must be notify or poll"))?,
     };

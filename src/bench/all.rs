@@ -190,6 +190,7 @@ pub async fn run(config: &AllConfig) -> anyhow::Result<String> {
                 batch: case.batch,
                 capture: mode,
                 baseline: false,
+                peers: Vec::new(),
             };
             eprintln!("{}, {} mode", case.name, mode.name());
             let mut reports = Vec::new();

@@ -34,6 +34,9 @@ pub struct Report {
     pub baseline_latency_ms: Option<Percentiles>,
     /// Steady with `baseline`: rows whose notification the LISTEN client never received.
     pub baseline_lost: Option<u64>,
+    /// Steady with `--peer`: what each peer's subscribers saw, fed by the baseline's
+    /// notifications of the same transactions.
+    pub peers: Vec<PeerReport>,
     /// Subscribers the relay closed (e.g. 4008, slow consumer).
     pub closed_by_relay: u64,
     /// Rows some subscriber never received.
@@ -48,6 +51,25 @@ pub struct Report {
     pub rss_per_connection_kib: Option<f64>,
     /// CPU seconds the bench itself used during the run.
     pub bench_cpu_secs: f64,
+}
+
+/// What one peer's subscribers saw in a steady run (see `bench::peers`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerReport {
+    /// Name given with `--peer`.
+    pub name: String,
+    /// Its WebSocket URL.
+    pub url: String,
+    /// Commit to receipt of the row at each of its subscribers, milliseconds.
+    pub latency_ms: Option<Percentiles>,
+    /// Messages that carried a row, all its subscribers together.
+    pub frames_received: u64,
+    /// Rows some subscriber of it never received.
+    pub lost: u64,
+    /// Rows some subscriber of it received more than once.
+    pub duplicated: u64,
+    /// Its subscribers that it closed.
+    pub closed: u64,
 }
 
 /// Latency percentiles, milliseconds.
@@ -155,6 +177,18 @@ pub fn render(report: &Report) -> String {
         }
         if let Some(lost) = report.baseline_lost {
             rows.push(("baseline notifications lost".into(), lost.to_string()));
+        }
+        for peer in &report.peers {
+            if let Some(p) = &peer.latency_ms {
+                rows.push((
+                    format!("peer {}: commit-to-receive p50/p90/p99/max (ms)", peer.name),
+                    format!("{:.2} / {:.2} / {:.2} / {:.2}", p.p50, p.p90, p.p99, p.max),
+                ));
+            }
+            rows.push((
+                format!("peer {}: lost / duplicated / closed", peer.name),
+                format!("{} / {} / {}", peer.lost, peer.duplicated, peer.closed),
+            ));
         }
         if let Some(p) = &report.capture_latency_ms {
             rows.push((

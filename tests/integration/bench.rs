@@ -243,3 +243,223 @@ async fn the_steady_bench_measures_its_baseline_in_the_same_transactions() {
         .get(0);
     assert_eq!(left, None);
 }
+
+/// What the mock peer saw of one connection.
+#[derive(Debug, Default, Clone)]
+struct PeerConnection {
+    path: String,
+    /// The `Sec-WebSocket-Protocol` asked for.
+    protocol: Option<String>,
+    /// Text messages received before streaming, and whether each came before the reply to
+    /// the one before it.
+    handshake: Vec<(String, bool)>,
+}
+
+/// A WebSocket server shaped like the bench's peers: each connection LISTENs on
+/// `pgrelay_bench_baseline` and forwards every payload. On `/plain/…` as sent (like
+/// pg_eventserv or broadcaster); on `/graphql` after a graphql-ws-like handshake
+/// (`connection_init` answered with `connection_ack` after a pause, then `subscribe`),
+/// wrapped as `{"type":"next","payload":{"data":{"row":PAYLOAD}}}` (like PostGraphile).
+async fn start_mock_peer(
+    db_url: String,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<PeerConnection>>>,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let connections = std::sync::Arc::clone(&log);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let db_url = db_url.clone();
+            let log = std::sync::Arc::clone(&connections);
+            tokio::spawn(async move {
+                let mut seen = PeerConnection::default();
+                // The error type is tungstenite's callback contract, not ours to shrink.
+                #[allow(clippy::result_large_err)]
+                let accept = |request: &Request, mut response: Response| {
+                    seen.path = request.uri().path().to_owned();
+                    seen.protocol = request
+                        .headers()
+                        .get("sec-websocket-protocol")
+                        .map(|p| p.to_str().unwrap().to_owned());
+                    if let Some(p) = request.headers().get("sec-websocket-protocol") {
+                        response
+                            .headers_mut()
+                            .insert("sec-websocket-protocol", p.clone());
+                    }
+                    Ok::<_, ErrorResponse>(response)
+                };
+                let mut socket = tokio_tungstenite::accept_hdr_async(stream, accept)
+                    .await
+                    .unwrap();
+                let graphql = seen.path == "/graphql";
+                if graphql {
+                    let text = |m: Option<Result<Message, _>>| match m {
+                        Some(Ok(Message::Text(t))) => t.as_str().to_owned(),
+                        other => panic!("mock peer expected a text message, got {other:?}"),
+                    };
+                    let init = text(socket.next().await);
+                    // Anything arriving before the ack came too early.
+                    let early = tokio::time::timeout(Duration::from_millis(300), socket.next())
+                        .await
+                        .ok()
+                        .map(text);
+                    seen.handshake.push((init, false));
+                    socket
+                        .send(Message::text(r#"{"type":"connection_ack"}"#))
+                        .await
+                        .unwrap();
+                    let subscribe = match early {
+                        Some(message) => (message, true),
+                        None => (text(socket.next().await), false),
+                    };
+                    seen.handshake.push(subscribe);
+                }
+                log.lock().unwrap().push(seen);
+                let (client, mut connection) =
+                    tokio_postgres::connect(&db_url, NoTls).await.unwrap();
+                let (payload_tx, mut payload_rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    while let Some(Ok(message)) =
+                        futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = message
+                            && payload_tx.send(n.payload().to_owned()).is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                client
+                    .batch_execute("listen pgrelay_bench_baseline")
+                    .await
+                    .unwrap();
+                loop {
+                    tokio::select! {
+                        payload = payload_rx.recv() => {
+                            let Some(payload) = payload else { break };
+                            let message = match graphql {
+                                true => format!(
+                                    r#"{{"id":"s1","type":"next","payload":{{"data":{{"row":{payload}}}}}}}"#
+                                ),
+                                false => payload,
+                            };
+                            if socket.send(Message::text(message)).await.is_err() {
+                                break;
+                            }
+                        }
+                        incoming = socket.next() => {
+                            if !matches!(incoming, Some(Ok(_))) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+#[tokio::test]
+async fn the_steady_bench_measures_peers_with_the_same_client_in_the_same_run() {
+    let db = TestDb::new().await;
+    let (addr, connections) = start_mock_peer(db.url.clone()).await;
+    let plain = format!("plain=ws://{addr}/plain/pgrelay_bench_baseline");
+    let graphql = format!("gql=ws://{addr}/graphql");
+    let child = start_bench_with(
+        &db,
+        &[
+            "--scenario",
+            "steady",
+            "--subscribers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--peer",
+            &plain,
+            "--peer",
+            &graphql,
+            "--peer-protocol",
+            "gql=graphql-transport-ws",
+            "--peer-send",
+            r#"gql={"type":"connection_init"}"#,
+            "--peer-send",
+            r#"gql={"id":"s1","type":"subscribe"}"#,
+            "--peer-id",
+            "gql=/payload/data/row/id",
+        ],
+    );
+    let report = report(within(BENCH, child.wait_with_output()).await.unwrap());
+    assert_eq!(report["rows_written"], 400, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    // Peers are fed by the baseline's trigger: the LISTEN baseline is measured too.
+    assert_eq!(report["baseline_lost"], 0, "{report}");
+    let peers = report["peers"].as_array().unwrap();
+    let names: Vec<&str> = peers.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["plain", "gql"]);
+    for peer in peers {
+        // Every row once at each of its 2 sockets; the probe rows are not counted.
+        assert_eq!(peer["lost"], 0, "{peer}");
+        assert_eq!(peer["duplicated"], 0, "{peer}");
+        assert_eq!(peer["closed"], 0, "{peer}");
+        assert_eq!(peer["frames_received"], 800, "{peer}");
+        for q in ["p50", "p90", "p99", "max"] {
+            assert!(peer["latency_ms"][q].as_f64().unwrap() >= 0.0, "{peer}");
+        }
+    }
+    let connections = connections.lock().unwrap().clone();
+    let plain: Vec<_> = connections
+        .iter()
+        .filter(|c| c.path != "/graphql")
+        .collect();
+    let graphql: Vec<_> = connections
+        .iter()
+        .filter(|c| c.path == "/graphql")
+        .collect();
+    assert_eq!((plain.len(), graphql.len()), (2, 2), "{connections:?}");
+    assert!(
+        plain
+            .iter()
+            .all(|c| c.protocol.is_none() && c.handshake.is_empty())
+    );
+    for c in graphql {
+        assert_eq!(c.protocol.as_deref(), Some("graphql-transport-ws"));
+        // Sent in order, the second only after the reply to the first.
+        assert_eq!(
+            c.handshake,
+            [
+                (r#"{"type":"connection_init"}"#.to_owned(), false),
+                (r#"{"id":"s1","type":"subscribe"}"#.to_owned(), false),
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_cannot_be_reached_fails_the_steady_bench_naming_it() {
+    let db = TestDb::new().await;
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let peer = format!("gone=ws://127.0.0.1:{port}/ws");
+    let child = start_bench_with(
+        &db,
+        &["--scenario", "steady", "--duration", "1", "--peer", &peer],
+    );
+    let output = within(BENCH, child.wait_with_output()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("connecting to peer gone"), "{stderr}");
+}
