@@ -211,6 +211,31 @@ async fn a_writer_stopped_by_a_lock_on_the_table_is_counted_as_cancelled_in_the_
 }
 
 #[tokio::test]
+async fn the_delivery_benches_run_without_a_baseline_or_peers() {
+    let db = TestDb::new().await;
+    for args in [
+        &["--scenario", "burst", "--rows", "2000"][..],
+        &["--scenario", "steady", "--rate", "200", "--duration", "1"],
+        &[
+            "--scenario",
+            "fanout",
+            "--duration",
+            "1",
+            "--subscribers",
+            "2",
+        ],
+    ] {
+        let child = start_bench_with(&db, args);
+        let report = report(within(BENCH, child.wait_with_output()).await.unwrap());
+        assert_eq!(report["lost"], 0, "{args:?}: {report}");
+        assert!(
+            report["rows_written"].as_u64() > Some(0),
+            "{args:?}: {report}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_steady_bench_measures_its_baseline_in_the_same_transactions() {
     let db = TestDb::new().await;
     let child = start_bench_with(
