@@ -1208,6 +1208,8 @@ mod tests {
         for seq in 1..=100 {
             publish(&hub, 1, seq, 10);
         }
+        // What a retained event costs besides its frame (BENCHMARKS.md): keep it small.
+        assert!(SLOT <= 80, "an entry grew to {SLOT} bytes");
         let ring = topic.lock();
         let frames: usize = ring
             .entries
