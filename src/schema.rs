@@ -6,7 +6,9 @@
 //! - renamed (same oid, new name) or dropped: subscribers get `reset` (`table_renamed`,
 //!   `table_dropped`), the name stops resolving, capture stops routing its rows;
 //! - re-created (the name is back with a new oid, capture installed, or installed now with
-//!   `--install`): picked up again;
+//!   `--install`): picked up again; subscriptions that followed the name through its reset
+//!   and name a column the new table lacks (by name and type) end with an error, the others
+//!   get `reset` (`table_changed`), as for a column dropped in place;
 //! - capture triggers removed or disabled: `reset` (`table_changed`), and with `--install`
 //!   they are put back; without, the table stops resolving until they are;
 //! - primary key changed, or partitions attached or detached: `reset` (`table_changed`);
@@ -89,7 +91,7 @@ impl Tables {
 struct Seen {
     relid: u32,
     /// `(attnum, name, type)` of every column.
-    columns: Vec<(i16, String, String)>,
+    columns: Columns,
     /// Attnums of the primary key, in key order.
     key: Vec<i16>,
     /// Partitions (and sub-partitioned tables) of a partitioned table.
@@ -179,6 +181,9 @@ impl Watcher {
         // What the tables were when the relay described them (not when this task first got
         // to look: a change in between would never be seen).
         let mut seen = std::mem::take(&mut self.start.0);
+        // The columns of tables that went (dropped, renamed away, no longer capturable), for
+        // when the name comes back.
+        let mut gone = HashMap::new();
         loop {
             tokio::select! {
                 biased;
@@ -193,7 +198,7 @@ impl Watcher {
                 }
             };
             for name in &self.names {
-                if let Err(err) = self.check(&mut client, name, &mut seen).await {
+                if let Err(err) = self.check(&mut client, name, &mut seen, &mut gone).await {
                     tracing::warn!(table = %name, error = %crate::error::chain(&err), "schema check failed");
                 }
             }
@@ -228,6 +233,7 @@ impl Watcher {
         name: &TableName,
         relid: u32,
         seen: &mut HashMap<String, Seen>,
+        gone: &mut HashMap<String, Columns>,
         why: &str,
     ) -> Result<(), SqlError> {
         let resource = name.resource();
@@ -238,7 +244,9 @@ impl Watcher {
             self.hub.route(relid, None);
             self.tables.remove(&resource);
             self.hub.publish_reset(&resource, "table_changed");
-            seen.remove(&resource);
+            if let Some(was) = seen.remove(&resource) {
+                gone.insert(resource, was.columns);
+            }
         }
         Ok(())
     }
@@ -248,6 +256,7 @@ impl Watcher {
         client: &mut Client,
         name: &TableName,
         seen: &mut HashMap<String, Seen>,
+        gone: &mut HashMap<String, Columns>,
     ) -> Result<(), SqlError> {
         let resource = name.resource();
         let previous = seen.get(&resource).cloned();
@@ -282,7 +291,9 @@ impl Watcher {
             self.hub.route(relid, None);
             self.tables.remove(&resource);
             self.hub.publish_reset(&resource, reason);
-            seen.remove(&resource);
+            if let Some(was) = seen.remove(&resource) {
+                gone.insert(resource.clone(), was.columns);
+            }
         }
         let Some(described) = now else {
             return Ok(());
@@ -297,7 +308,7 @@ impl Watcher {
         };
         if let Some(why) = refusal {
             return self
-                .stop_serving(client, name, described.relid, seen, &why)
+                .stop_serving(client, name, described.relid, seen, gone, &why)
                 .await;
         }
         let Ok(kind) = described.kind.clone() else {
@@ -331,12 +342,27 @@ impl Watcher {
             // The primary key went between the two reads (the description still saw it).
             let why = format!("Table {name} has no primary key");
             return self
-                .stop_serving(client, name, described.relid, seen, &why)
+                .stop_serving(client, name, described.relid, seen, gone, &why)
                 .await;
         }
         match previous {
             None => {
-                // New to the watcher: re-created (or capture just installed).
+                // New to the watcher: re-created (or capture just installed). Subscriptions
+                // that followed the name through its `reset` and name a column the new table
+                // lacks (or has with another type) end, as if the column had been dropped;
+                // the others start over. Before the table resolves again, so that those who
+                // subscribe to the new table never get it.
+                if let Some(was) = gone.remove(&resource) {
+                    let changed = columns_not_in(&was, &current.columns);
+                    if !changed.is_empty() {
+                        tracing::info!(table = %name, changed = ?changed,
+                            "a re-created exposed table lacks columns it had; subscriptions naming them end");
+                        self.hub.publish_columns_changed(
+                            &resource,
+                            ColumnsChanged { columns: changed },
+                        );
+                    }
+                }
                 let info = sql::describe_table(client, name).await?;
                 self.hub.route(info.relid, Some(&resource));
                 self.tables.set(info);
@@ -447,6 +473,22 @@ async fn signature(client: &Client, relid: u32, installed: bool) -> Result<Optio
 }
 
 /// Names (as they were) of the columns dropped, renamed or retyped between two signatures.
+/// `(attnum, name, type)` of a table's columns.
+type Columns = Vec<(i16, String, String)>;
+
+/// Columns of `before` that `after`, another table under the same name, does not have with
+/// the same type (attnums mean nothing across tables).
+fn columns_not_in(
+    before: &[(i16, String, String)],
+    after: &[(i16, String, String)],
+) -> Vec<String> {
+    before
+        .iter()
+        .filter(|(_, name, ty)| !after.iter().any(|(_, n, t)| n == name && t == ty))
+        .map(|(_, name, _)| name.clone())
+        .collect()
+}
+
 fn changed_columns(
     before: &[(i16, String, String)],
     after: &[(i16, String, String)],
@@ -469,6 +511,22 @@ mod tests {
 
     fn col(attnum: i16, name: &str, ty: &str) -> (i16, String, String) {
         (attnum, name.into(), ty.into())
+    }
+
+    #[test]
+    fn a_recreated_table_is_compared_with_the_one_that_went_by_name_and_type() {
+        let before = [
+            col(1, "id", "integer"),
+            col(2, "name", "text"),
+            col(3, "price", "numeric"),
+        ];
+        let after = [
+            col(1, "id", "integer"),
+            col(2, "price", "integer"),
+            col(4, "name", "text"),
+        ];
+        assert_eq!(columns_not_in(&before, &after), ["price"]);
+        assert!(columns_not_in(&before, &before).is_empty());
     }
 
     #[test]

@@ -142,8 +142,62 @@ async fn a_renamed_table_resets_its_subscribers_and_a_recreated_one_is_picked_up
         fresh.next_json().await["data"],
         json!({"id": 5, "name": "new"})
     );
-    // The old socket follows the resource too, after its reset.
+    // The old socket follows the resource too, after its reset, and another: the new table
+    // lacks `price`, so the copy it held differs from this table's rows.
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "reset", "resource": "items", "reason": "table_changed"})
+    );
     assert_eq!(ws.next_json().await["id"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_recreated_without_a_column_ends_the_subscriptions_that_followed_it_naming_it() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = Relay::start_with(&db, &["items"], |c| {
+        fast_schema_checks(c);
+        c.install = true;
+    })
+    .await;
+    let mut plain = relay.ws("/ws/items").await;
+    let mut filtered = relay.ws("/ws/items?price=gt.0").await;
+    let mut projected = relay.ws("/ws/items?select=id,price").await;
+    db.exec("drop table items").await;
+    for reset in [plain.next_json().await, filtered.next_json().await] {
+        assert_eq!(reset["reason"], "table_dropped", "{reset}");
+    }
+    assert_eq!(projected.next_json().await["reason"], "table_dropped");
+    // Back under the same name, with `price` gone (and `name` retyped to the same type).
+    db.exec("create table items(id int primary key, name text, note text)")
+        .await;
+    crate::support::within(crate::support::STEP, async {
+        while http(relay.addr, "GET", "/api/items", None).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    db.exec("insert into items values (1, 'a', 'n')").await;
+    // Subscriptions that name `price` end, saying why, instead of filtering or projecting
+    // rows that no longer have it.
+    let ended = filtered.next_json().await;
+    assert_eq!(ended["code"], "subscription_ended", "{ended}");
+    assert!(
+        ended["message"].as_str().unwrap().contains("\"price\""),
+        "{ended}"
+    );
+    assert_eq!(filtered.expect_close().await, Some(4400));
+    let ended = projected.next_json().await;
+    assert_eq!(ended["code"], "subscription_ended", "{ended}");
+    assert_eq!(projected.expect_close().await, Some(4400));
+    // The others start over (their copies hold rows of the table that went), then stream.
+    assert_eq!(
+        plain.next_json().await,
+        json!({"type": "reset", "resource": "items", "reason": "table_changed"})
+    );
+    assert_eq!(
+        plain.next_json().await["data"],
+        json!({"id": 1, "name": "a", "note": "n"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
