@@ -167,7 +167,7 @@ async fn a_table_recreated_without_a_column_ends_the_subscriptions_that_followed
         assert_eq!(reset["reason"], "table_dropped", "{reset}");
     }
     assert_eq!(projected.next_json().await["reason"], "table_dropped");
-    // Back under the same name, with `price` gone (and `name` retyped to the same type).
+    // Back under the same name, with `price` gone and a new column.
     db.exec("create table items(id int primary key, name text, note text)")
         .await;
     crate::support::within(crate::support::STEP, async {
