@@ -11,6 +11,26 @@ fn fast_schema_checks(c: &mut pgrelay::Config) {
     c.schema_interval = std::time::Duration::from_millis(100);
 }
 
+/// A relay that checks the schema often and installs capture on tables that come back.
+async fn reinstalling_relay(db: &TestDb, tables: &[&str]) -> Relay {
+    Relay::start_with(db, tables, |c| {
+        fast_schema_checks(c);
+        c.install = true;
+    })
+    .await
+}
+
+/// Waits until the relay serves `path` again (a table re-created under its name is picked
+/// up at the next schema check).
+async fn served_again(relay: &Relay, path: &str) {
+    crate::support::within(crate::support::STEP, async {
+        while http(relay.addr, "GET", path, None).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renaming_the_key_column_fails_no_write_and_ends_only_subscriptions_that_name_it() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
@@ -107,11 +127,7 @@ async fn a_renamed_table_resets_its_subscribers_and_a_recreated_one_is_picked_up
         .await
         .with_tables(ITEMS, &["items", "other"])
         .await;
-    let relay = Relay::start_with(&db, &["items", "other"], |c| {
-        fast_schema_checks(c);
-        c.install = true;
-    })
-    .await;
+    let relay = reinstalling_relay(&db, &["items", "other"]).await;
     let mut ws = relay.ws("/ws/items").await;
     let mut other = relay.ws("/ws/other").await;
     db.exec("alter table items rename to goods").await;
@@ -129,12 +145,7 @@ async fn a_renamed_table_resets_its_subscribers_and_a_recreated_one_is_picked_up
     // Re-created under the old name: picked up (capture installed, since --install).
     db.exec("create table items(id int primary key, name text)")
         .await;
-    crate::support::within(crate::support::STEP, async {
-        while http(relay.addr, "GET", "/api/items", None).await.status != 200 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    served_again(&relay, "/api/items").await;
     let mut fresh = relay.ws("/ws/items?snapshot=true").await;
     assert!(fresh.initial_rows().await.is_empty());
     db.exec("insert into items values (5, 'new')").await;
@@ -154,11 +165,7 @@ async fn a_renamed_table_resets_its_subscribers_and_a_recreated_one_is_picked_up
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_recreated_without_a_column_ends_the_subscriptions_that_followed_it_naming_it() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
-    let relay = Relay::start_with(&db, &["items"], |c| {
-        fast_schema_checks(c);
-        c.install = true;
-    })
-    .await;
+    let relay = reinstalling_relay(&db, &["items"]).await;
     let mut plain = relay.ws("/ws/items").await;
     let mut filtered = relay.ws("/ws/items?price=gt.0").await;
     let mut projected = relay.ws("/ws/items?select=id,price").await;
@@ -170,12 +177,7 @@ async fn a_table_recreated_without_a_column_ends_the_subscriptions_that_followed
     // Back under the same name, with `price` gone and a new column.
     db.exec("create table items(id int primary key, name text, note text)")
         .await;
-    crate::support::within(crate::support::STEP, async {
-        while http(relay.addr, "GET", "/api/items", None).await.status != 200 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    served_again(&relay, "/api/items").await;
     db.exec("insert into items values (1, 'a', 'n')").await;
     // Subscriptions that name `price` end, saying why, instead of filtering or projecting
     // rows that no longer have it.
@@ -228,11 +230,7 @@ async fn a_dropped_table_resets_its_subscribers_and_capture_goes_on_for_the_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_or_disabled_capture_triggers_reset_subscribers_and_install_puts_them_back() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
-    let relay = Relay::start_with(&db, &["items"], |c| {
-        fast_schema_checks(c);
-        c.install = true;
-    })
-    .await;
+    let relay = reinstalling_relay(&db, &["items"]).await;
     let mut ws = relay.ws("/ws/items").await;
     db.exec("drop trigger pgrelay_capture_insert on items")
         .await;
