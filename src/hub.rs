@@ -1256,6 +1256,28 @@ mod tests {
     }
 
     #[test]
+    fn frames_smaller_than_a_slot_do_not_shrink_the_history_to_one_event() {
+        // Frames smaller than the slot an entry takes (short control frames, say): a budget
+        // for 1,024 of them with their slots; when the deque doubles, its empty slots alone
+        // exceed the budget. The ring must not fall to one entry for good.
+        let frame = "{\"type\":\"truncate\"}";
+        let budget = 1024 * (frame.len() + FRAME_OVERHEAD + SLOT) + 10;
+        let hub = hub(1_000_000, budget, 1 << 30);
+        let topic = hub.topic("a").unwrap();
+        for seq in 1..=3000 {
+            topic.push(seq, None, seq as u64, EntryKind::Truncate, frame.to_owned());
+        }
+        let ring = topic.lock();
+        assert!(
+            ring.entries.len() >= 1000,
+            "{} retained (capacity {}, held {}, budget {budget})",
+            ring.entries.len(),
+            ring.entries.capacity(),
+            ring.held()
+        );
+    }
+
+    #[test]
     fn after_a_burst_of_small_events_the_budget_still_holds_larger_ones() {
         // A burst of small events grows the deque; larger events later must still get most of
         // the budget (at least half of what a ring that never saw the burst retains).
