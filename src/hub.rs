@@ -1325,7 +1325,7 @@ mod tests {
                         let entries: Vec<Entry> = topic.lock().entries.iter().cloned().collect();
                         // The oldest entry (the next evicted), and now and then all of them: the
                         // cache is empty most of the time, so capture often skips looking.
-                        let all = cached % 64 == 0;
+                        let all = cached.is_multiple_of(64);
                         for entry in entries.iter().take(if all { 4 } else { 1 }) {
                             entry.shaped_frame(&topic, r, || "s".repeat(50));
                             cached += 1;
@@ -1347,7 +1347,11 @@ mod tests {
         // Another eviction drops whatever raced in.
         publish(&hub, 1, 20_001, 10);
         let shapes = topic.shapes();
-        let counted: usize = shapes.frames.values().map(|f| f.len() + SHAPED_OVERHEAD).sum();
+        let counted: usize = shapes
+            .frames
+            .values()
+            .map(|f| f.len() + SHAPED_OVERHEAD)
+            .sum();
         let evicted = topic.evicted_offset.load(Ordering::Relaxed);
         assert!(shapes.frames.keys().all(|(offset, _)| *offset > evicted));
         assert_eq!(topic.shaped_bytes.load(Ordering::Relaxed), counted);

@@ -283,7 +283,11 @@ async fn a_connection_idle_again_after_a_burst_holds_little_more_than_before_it(
         let reads = sockets.iter_mut().map(|ws| async move {
             assert_eq!(ws.events(300).await.len(), 300);
         });
-        within(Duration::from_secs(120), futures_util::future::join_all(reads)).await;
+        within(
+            Duration::from_secs(120),
+            futures_util::future::join_all(reads),
+        )
+        .await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss(&relay);
@@ -294,5 +298,8 @@ async fn a_connection_idle_again_after_a_burst_holds_little_more_than_before_it(
         idle >> 10,
         after >> 10,
     );
-    assert!(per <= 56_000, "{per} bytes more per connection after the bursts");
+    assert!(
+        per <= 56_000,
+        "{per} bytes more per connection after the bursts"
+    );
 }
