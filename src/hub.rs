@@ -351,30 +351,55 @@ impl Topic {
         if matches!(entry.kind, EntryKind::Reset | EntryKind::Columns(_)) {
             ring.last_control = Some(ring.next());
         }
+        // A full deque doubles its slots to take one more entry, and evicting never gives
+        // slots back: when the doubled deque would not fit the budget (or the ring holds its
+        // most events already), the oldest entry goes first and the new one takes its slot.
+        // Growing anyway would evict a share of the history to pay for empty slots (all but
+        // one entry when frames are smaller than a slot), and keep it that small.
+        let (len, capacity) = (ring.entries.len(), ring.entries.capacity());
+        if len > 1
+            && len == capacity
+            && (len >= self.limits.ring_events
+                || ring.held() + capacity * SLOT + self.shaped_bytes.load(Ordering::Relaxed)
+                    > self.limits.ring_bytes)
+        {
+            self.evict_front(&mut ring);
+        }
         ring.entries.push_back(entry);
         loop {
+            // Slots a burst of small entries grew stay empty once larger ones fill the budget:
+            // give most of them back, for frames (amortized: at most once per halving).
+            let (len, capacity) = (ring.entries.len(), ring.entries.capacity());
+            if capacity > 64 && len * 4 < capacity {
+                ring.entries.shrink_to(len * 2);
+            }
             let held = ring.held() + self.shaped_bytes.load(Ordering::Relaxed);
             if ring.entries.len() <= 1
                 || (ring.entries.len() <= self.limits.ring_events && held <= self.limits.ring_bytes)
             {
                 break;
             }
-            let Some(old) = ring.entries.pop_front() else {
-                break;
-            };
-            ring.held_bytes -= old.cost();
-            ring.first += 1;
-            ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
-            // The shapes of what is evicted go too (their bytes count; looked for only when
-            // there are any: most tables have none). A shape a reader caches while its entry
-            // is being evicted stays until the next eviction, which drops everything up to it.
-            self.evicted_offset.store(old.end_offset, Ordering::Release);
-            if self.shaped_bytes.load(Ordering::Acquire) > 0 {
-                self.evict_shapes(old.end_offset);
-            }
+            self.evict_front(&mut ring);
         }
         drop(ring);
         self.unwoken.store(true, Ordering::Release);
+    }
+
+    /// Evicts the oldest entry (and its shaped frames).
+    fn evict_front(&self, ring: &mut Ring) {
+        let Some(old) = ring.entries.pop_front() else {
+            return;
+        };
+        ring.held_bytes -= old.cost();
+        ring.first += 1;
+        ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
+        // The shapes of what is evicted go too (their bytes count; looked for only when
+        // there are any: most tables have none). A shape a reader caches while its entry
+        // is being evicted stays until the next eviction, which drops everything up to it.
+        self.evicted_offset.store(old.end_offset, Ordering::Release);
+        if self.shaped_bytes.load(Ordering::Acquire) > 0 {
+            self.evict_shapes(old.end_offset);
+        }
     }
 
     /// Drops the shaped frames of entries up to `end_offset` (called with the ring locked).
