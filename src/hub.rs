@@ -355,30 +355,55 @@ impl Topic {
         if matches!(entry.kind, EntryKind::Reset | EntryKind::Columns(_)) {
             ring.last_control = Some(ring.next());
         }
+        // A full deque doubles its slots to take one more entry, and evicting never gives
+        // slots back: when the doubled deque would not fit the budget (or the ring holds its
+        // most events already), the oldest entry goes first and the new one takes its slot.
+        // Growing anyway would evict a share of the history to pay for empty slots (all but
+        // one entry when frames are smaller than a slot), and keep it that small.
+        let (len, capacity) = (ring.entries.len(), ring.entries.capacity());
+        if len > 1
+            && len == capacity
+            && (len >= self.limits.ring_events
+                || ring.held() + capacity * SLOT + self.shaped_bytes.load(Ordering::Relaxed)
+                    > self.limits.ring_bytes)
+        {
+            self.evict_front(&mut ring);
+        }
         ring.entries.push_back(entry);
         loop {
+            // Slots a burst of small entries grew stay empty once larger ones fill the budget:
+            // give most of them back, for frames (amortized: at most once per halving).
+            let (len, capacity) = (ring.entries.len(), ring.entries.capacity());
+            if capacity > 64 && len * 4 < capacity {
+                ring.entries.shrink_to(len * 2);
+            }
             let held = ring.held() + self.shaped_bytes.load(Ordering::Relaxed);
             if ring.entries.len() <= 1
                 || (ring.entries.len() <= self.limits.ring_events && held <= self.limits.ring_bytes)
             {
                 break;
             }
-            let Some(old) = ring.entries.pop_front() else {
-                break;
-            };
-            ring.held_bytes -= old.cost();
-            ring.first += 1;
-            ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
-            // The shapes of what is evicted go too (their bytes count; looked for only when
-            // there are any: most tables have none). A shape a reader caches while its entry
-            // is being evicted stays until the next eviction, which drops everything up to it.
-            self.evicted_offset.store(old.end_offset, Ordering::Release);
-            if self.shaped_bytes.load(Ordering::Acquire) > 0 {
-                self.evict_shapes(old.end_offset);
-            }
+            self.evict_front(&mut ring);
         }
         drop(ring);
         self.unwoken.store(true, Ordering::Release);
+    }
+
+    /// Evicts the oldest entry (and its shaped frames).
+    fn evict_front(&self, ring: &mut Ring) {
+        let Some(old) = ring.entries.pop_front() else {
+            return;
+        };
+        ring.held_bytes -= old.cost();
+        ring.first += 1;
+        ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
+        // The shapes of what is evicted go too (their bytes count; looked for only when
+        // there are any: most tables have none). A shape a reader caches while its entry
+        // is being evicted stays until the next eviction, which drops everything up to it.
+        self.evicted_offset.store(old.end_offset, Ordering::Release);
+        if self.shaped_bytes.load(Ordering::Acquire) > 0 {
+            self.evict_shapes(old.end_offset);
+        }
     }
 
     /// Drops the shaped frames of entries up to `end_offset` (called with the ring locked).
@@ -1220,5 +1245,145 @@ mod tests {
             .sum();
         assert!(ring.entries.capacity() >= 100);
         assert_eq!(ring.held(), frames + ring.entries.capacity() * SLOT);
+    }
+
+    /// The cost of one more entry of the size `publish(.., pad)` makes.
+    fn entry_cost(pad: usize) -> usize {
+        let hub = hub(10, 1 << 20, 1 << 20);
+        publish(&hub, 1, 10_000, pad);
+        let topic = hub.topic("a").unwrap();
+        let ring = topic.lock();
+        ring.entries[0].frame.len() + FRAME_OVERHEAD
+    }
+
+    #[test]
+    fn one_more_event_of_the_same_size_evicts_at_most_one() {
+        // Events of one size, a budget that holds 1,024 of them with their slots (a power of
+        // two: the deque is full when the 1,025th comes). Publishing one more must evict one
+        // (or none), not most of the history because the deque doubled its capacity.
+        let pad = 100;
+        let cost = entry_cost(pad);
+        let budget = 1024 * (cost + SLOT) + cost / 2;
+        let hub = hub(1_000_000, budget, 1 << 30);
+        let topic = hub.topic("a").unwrap();
+        let mut most = 0;
+        // Seqs of five digits: every frame is the same size.
+        for seq in 10_000..=13_000 {
+            publish(&hub, 1, seq, pad);
+            let ring = topic.lock();
+            let len = ring.entries.len();
+            assert!(
+                len + 1 >= most,
+                "after event {seq}: {len} retained, {most} before (capacity {}, budget {budget}, \
+                 held {})",
+                ring.entries.capacity(),
+                ring.held()
+            );
+            most = most.max(len);
+            assert!(ring.held() <= budget);
+        }
+    }
+
+    #[test]
+    fn frames_smaller_than_a_slot_do_not_shrink_the_history_to_one_event() {
+        // Frames smaller than the slot an entry takes (short control frames, say): a budget
+        // for 1,024 of them with their slots; when the deque doubles, its empty slots alone
+        // exceed the budget. The ring must not fall to one entry for good.
+        let frame = "{\"type\":\"truncate\"}";
+        let budget = 1024 * (frame.len() + FRAME_OVERHEAD + SLOT) + 10;
+        let hub = hub(1_000_000, budget, 1 << 30);
+        let topic = hub.topic("a").unwrap();
+        for seq in 1..=3000 {
+            topic.push(seq, None, seq as u64, EntryKind::Truncate, frame.to_owned());
+        }
+        let ring = topic.lock();
+        assert!(
+            ring.entries.len() >= 1000,
+            "{} retained (capacity {}, held {}, budget {budget})",
+            ring.entries.len(),
+            ring.entries.capacity(),
+            ring.held()
+        );
+    }
+
+    #[test]
+    fn after_a_burst_of_small_events_the_budget_still_holds_larger_ones() {
+        // A burst of small events grows the deque; larger events later must still get most of
+        // the budget (at least half of what a ring that never saw the burst retains).
+        let budget = 1 << 20;
+        let fresh = {
+            let hub = hub(1_000_000, budget, 1 << 30);
+            for seq in 1..=5000 {
+                publish(&hub, 1, seq, 900);
+            }
+            hub.topic("a").unwrap().lock().entries.len()
+        };
+        let hub = hub(1_000_000, budget, 1 << 30);
+        let topic = hub.topic("a").unwrap();
+        for seq in 1..=20_000 {
+            publish(&hub, 1, seq, 0);
+        }
+        for seq in 20_001..=25_000 {
+            publish(&hub, 1, seq, 900);
+        }
+        let ring = topic.lock();
+        assert!(
+            ring.entries.len() * 2 >= fresh,
+            "{} retained after the burst, {fresh} without it (capacity {})",
+            ring.entries.len(),
+            ring.entries.capacity()
+        );
+    }
+
+    #[test]
+    fn shapes_cached_while_entries_are_evicted_stay_bounded_and_counted() {
+        // Readers cache shapes of entries while capture evicts them (a ring of 4 entries):
+        // the cache never holds more than the ring's entries' shapes plus the few raced in,
+        // and `shaped_bytes` is exactly what the cache holds once capture evicts again.
+        use std::sync::atomic::AtomicBool;
+        let hub = Arc::new(hub(4, 1 << 20, 1 << 30));
+        let topic = hub.topic("a").unwrap();
+        publish(&hub, 1, 1, 10);
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|r| {
+                let (topic, stop) = (Arc::clone(&topic), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    let mut cached = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let entries: Vec<Entry> = topic.lock().entries.iter().cloned().collect();
+                        // The oldest entry (the next evicted), and now and then all of them: the
+                        // cache is empty most of the time, so capture often skips looking.
+                        let all = cached.is_multiple_of(64);
+                        for entry in entries.iter().take(if all { 4 } else { 1 }) {
+                            entry.shaped_frame(&topic, r, || "s".repeat(50));
+                            cached += 1;
+                        }
+                    }
+                    cached
+                })
+            })
+            .collect();
+        let mut most = 0;
+        for seq in 2..=20_000 {
+            publish(&hub, 1, seq, 10);
+            most = most.max(topic.shapes().frames.len());
+        }
+        stop.store(true, Ordering::Relaxed);
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        // Another eviction drops whatever raced in.
+        publish(&hub, 1, 20_001, 10);
+        let shapes = topic.shapes();
+        let counted: usize = shapes
+            .frames
+            .values()
+            .map(|f| f.len() + SHAPED_OVERHEAD)
+            .sum();
+        let evicted = topic.evicted_offset.load(Ordering::Relaxed);
+        assert!(shapes.frames.keys().all(|(offset, _)| *offset > evicted));
+        assert_eq!(topic.shaped_bytes.load(Ordering::Relaxed), counted);
+        assert!(most <= 8 * 3, "{most} shapes cached at once");
     }
 }

@@ -48,6 +48,11 @@ const READ_BUFFER: usize = 1024;
 /// Most frames fed to the socket before one flush.
 const WRITE_BATCH: usize = 256;
 
+/// Most entries a subscription's batch keeps room for once written: a burst's room (an
+/// entry is about 80 bytes, so 20 KiB for [`WRITE_BATCH`], 80 KiB for [`BATCH_EVENTS`])
+/// would otherwise stay with every subscription that saw one, idle or not.
+const KEPT_BATCH: usize = 16;
+
 /// How long a subscriber more than its queue limit behind may go without its socket taking a
 /// frame before it is closed as a slow consumer.
 /// (Long enough that a client merely starved of CPU for a moment is not dropped: at 1 s,
@@ -1591,6 +1596,9 @@ where
         }
     };
     batch.clear();
+    if batch.capacity() > KEPT_BATCH {
+        *batch = Vec::new();
+    }
     result.map(|()| ended)
 }
 

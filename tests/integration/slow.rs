@@ -235,3 +235,71 @@ async fn the_relays_memory_follows_its_history_budget() {
     );
     assert!(peak <= bound, "peak RSS {} MiB", peak >> 20);
 }
+
+/// Resident memory of a process now, in bytes (Linux `VmRSS`).
+fn rss(relay: &RelayProcess) -> u64 {
+    let pid = relay.child.id().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_again_after_a_burst_holds_little_more_than_before_it() {
+    // 1,000 subscribers each read bursts of 300 events, then go idle: what the relay holds
+    // for them afterwards is not much more than before the bursts. The socket's write
+    // buffer keeps about 47 kB (tungstenite's, sized by the largest flush); the 256 entries
+    // a subscription read (20 KiB of slots) must not stay on top of it.
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table notes(id serial primary key, body text)",
+            &["notes"],
+        )
+        .await;
+    let relay = RelayProcess::start(&db.url, "notes", &[]).await;
+    let url = format!("ws://{}/ws/notes?snapshot=true", relay.addr);
+    let n = 1000;
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
+        let mut ws = Ws { socket };
+        ws.initial_rows().await;
+        sockets.push(ws);
+    }
+    let writer = db.client().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss(&relay);
+    for _ in 0..3 {
+        writer
+            .batch_execute(
+                "insert into notes(body) select repeat('n', 40) from generate_series(1, 300)",
+            )
+            .await
+            .unwrap();
+        let reads = sockets.iter_mut().map(|ws| async move {
+            assert_eq!(ws.events(300).await.len(), 300);
+        });
+        within(
+            Duration::from_secs(120),
+            futures_util::future::join_all(reads),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss(&relay);
+    let per = after.saturating_sub(idle) / n as u64;
+    eprintln!(
+        "relay RSS with {n} idle connections {} KiB, after 3 bursts of 300 events {} KiB: \
+         {per} bytes more per connection",
+        idle >> 10,
+        after >> 10,
+    );
+    assert!(
+        per <= 56_000,
+        "{per} bytes more per connection after the bursts"
+    );
+}
