@@ -43,12 +43,15 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::event::{ChangeParts, Op, change_frame, control};
 use crate::row::{Fields, changed_columns};
 
-/// Bytes an entry's frame costs besides its text: its share of the block it was copied into
-/// (the block's header and unused tail, see [`Ring::intern`]), or a large frame's allocation
-/// header. The entry itself is a slot of the ring, counted by the ring's capacity
-/// ([`Ring::held`]). Both count against the history budget, so that it bounds memory, not
-/// just frame bytes.
-const FRAME_OVERHEAD: usize = 16;
+/// What a retained frame of `len` bytes costs (an entry's, or a shaped frame's): its text
+/// and what it takes besides. A small frame: its share of the block it was copied into (the
+/// block's allocation and shared header, see [`Arena::intern`]; the room a block had left is
+/// counted apart, [`Arena::wasted`]). A large one: its allocation's header and rounding, and
+/// the shared header `Bytes` allocates. Counted against the history budget, so that it
+/// bounds memory, not just frame bytes (`hub::tests::what_the_history_counts_*` measure it).
+fn frame_cost(len: usize) -> usize {
+    len + if len > ARENA_FRAME_MAX { 64 } else { 32 }
+}
 
 /// Bytes of one ring slot: an entry is stored inline (an `Arc` and an allocation per entry
 /// cost more than the frame of a typical row).
@@ -59,7 +62,7 @@ const SLOT: usize = std::mem::size_of::<Entry>();
 const _: () = assert!(SLOT <= 80, "an entry grew past 80 bytes");
 
 /// Frames up to this size are copied into shared blocks of [`ARENA_BLOCK`] bytes (see
-/// [`Ring::intern`]); larger ones keep an allocation of their own.
+/// [`Arena::intern`]); larger ones keep an allocation of their own.
 const ARENA_FRAME_MAX: usize = 1024;
 
 /// Size of a block that small frames share. Small: a frame keeps its whole block alive, and
@@ -67,9 +70,14 @@ const ARENA_FRAME_MAX: usize = 1024;
 /// different block) may hold its frames after the ring let them go.
 const ARENA_BLOCK: usize = 4096;
 
-/// Bytes a cached shaped frame costs besides its text: its allocation's header and spare
-/// capacity, its shared `Bytes` header, its slot.
-const SHAPED_OVERHEAD: usize = 96;
+/// What a cached shaped frame costs besides [`frame_cost`]: its key and value in the cache's
+/// B-tree, whose nodes are about two-thirds full.
+const SHAPE_SLOT: usize = 88;
+
+/// What a cached shaped frame costs.
+fn shape_cost(len: usize) -> usize {
+    frame_cost(len) + SHAPE_SLOT
+}
 
 /// Most projected frames cached per entry; more distinct shapes are encoded for each reader.
 const MAX_SHAPES: usize = 8;
@@ -134,6 +142,8 @@ pub struct Entry {
 struct Shapes {
     /// By the entry's `end_offset`, then the shape's key.
     frames: std::collections::BTreeMap<(u64, u64), Utf8Bytes>,
+    /// Where small shaped frames are copied to.
+    arena: Arena,
 }
 
 impl Entry {
@@ -157,26 +167,30 @@ impl Entry {
         }
         // Encoded outside the lock: readers of other entries need not wait for it (two
         // readers may both encode a new shape; the first one's is kept).
-        let frame = Utf8Bytes::from(encode());
+        let text = encode();
         let mut shapes = topic.shapes();
         let entry = (self.end_offset, 0)..=(self.end_offset, u64::MAX);
         if let Some(kept) = shapes.frames.get(&(self.end_offset, key)) {
             return kept.clone();
         }
         // An entry already evicted is not cached (nothing would remove it).
-        if self.end_offset > topic.evicted_offset.load(Ordering::Acquire)
-            && shapes.frames.range(entry).count() < MAX_SHAPES
+        if self.end_offset <= topic.evicted_offset.load(Ordering::Acquire)
+            || shapes.frames.range(entry).count() >= MAX_SHAPES
         {
-            shapes.frames.insert((self.end_offset, key), frame.clone());
-            topic
-                .shaped_bytes
-                .fetch_add(frame.len() + SHAPED_OVERHEAD, Ordering::Release);
+            return Utf8Bytes::from(text);
         }
+        let wasted = shapes.arena.wasted;
+        let frame = shapes.arena.intern(text, self.end_offset);
+        let wasted = shapes.arena.wasted - wasted;
+        shapes.frames.insert((self.end_offset, key), frame.clone());
+        topic
+            .shaped_bytes
+            .fetch_add(shape_cost(frame.len()) + wasted, Ordering::Release);
         frame
     }
 
     fn cost(&self) -> usize {
-        self.frame.len() + FRAME_OVERHEAD
+        frame_cost(self.frame.len())
     }
 }
 
@@ -209,8 +223,8 @@ struct Ring {
     /// Position of the last `reset` or column change (so a resume need not scan the ring
     /// under its lock to find one).
     last_control: Option<u64>,
-    /// The block small frames are being copied into (see [`Ring::intern`]).
-    arena: bytes::BytesMut,
+    /// Where small frames are copied to.
+    arena: Arena,
 }
 
 impl Ring {
@@ -221,7 +235,7 @@ impl Ring {
     /// Bytes the ring holds: its frames and their overhead, and every slot it has allocated,
     /// used or not.
     fn held(&self) -> usize {
-        self.held_bytes + self.entries.capacity() * SLOT
+        self.held_bytes + self.entries.capacity() * SLOT + self.arena.wasted
     }
 
     /// Position, offset and base of a cursor that reads from `entries[index]` on (a replay:
@@ -236,25 +250,67 @@ impl Ring {
         };
         (pos, offset, self.published_bytes)
     }
+}
 
-    /// The frame as shared bytes. A small frame is copied into the current block, which it
-    /// then shares with its neighbours: a retained frame costs its bytes and no allocation
-    /// of its own (which, with its header, rounding and spare capacity, cost more than the
-    /// frame of a typical row). Entries leave the ring in order, so a block is freed when
-    /// the last of its frames is evicted (and no socket still holds it).
-    fn intern(&mut self, text: String) -> Utf8Bytes {
+/// Where small frames are copied to: a block of [`ARENA_BLOCK`] bytes that they share.
+#[derive(Debug, Default)]
+struct Arena {
+    block: bytes::BytesMut,
+    /// Highest offset (the `end_offset` of the entry a frame belongs to) of the frames in
+    /// `block`.
+    last: u64,
+    /// Blocks started anew with room left in them: the highest offset of their frames, and
+    /// the room, which stays allocated until the last of those frames goes.
+    tails: VecDeque<(u64, usize)>,
+    /// Sum of the room in `tails`: held, so counted against the history.
+    wasted: usize,
+}
+
+impl Arena {
+    /// The frame (of the entry at `offset`) as shared bytes. A small frame is copied into
+    /// the current block, which it then shares with its neighbours: a retained frame costs
+    /// its bytes and no allocation of its own (which, with its header, rounding and spare
+    /// capacity, cost more than the frame of a typical row). Frames leave in about the order
+    /// they came (entries leave the ring in order, their shapes with them), so a block is
+    /// freed when the last of its frames goes (and no socket still holds it); the room a
+    /// block had left when the next one was started is [`Arena::wasted`] until then. A large
+    /// frame keeps its own allocation, without spare capacity.
+    fn intern(&mut self, mut text: String, offset: u64) -> Utf8Bytes {
         if text.len() > ARENA_FRAME_MAX {
+            text.shrink_to_fit();
             return Utf8Bytes::from(text);
         }
-        if self.arena.capacity() < text.len() {
-            self.arena = bytes::BytesMut::with_capacity(ARENA_BLOCK);
+        if self.block.capacity() < text.len() {
+            if self.last > 0 {
+                let room = self.block.capacity();
+                self.tails.push_back((self.last, room));
+                self.wasted += room;
+            }
+            self.block = bytes::BytesMut::with_capacity(ARENA_BLOCK);
+            self.last = 0;
         }
-        self.arena.extend_from_slice(text.as_bytes());
-        match Utf8Bytes::try_from(self.arena.split().freeze()) {
+        self.last = self.last.max(offset);
+        self.block.extend_from_slice(text.as_bytes());
+        match Utf8Bytes::try_from(self.block.split().freeze()) {
             Ok(frame) => frame,
             // Cannot happen (the bytes are a copy of a `str`); the frame is still right.
             Err(_) => Utf8Bytes::from(text),
         }
+    }
+
+    /// The frames up to `offset` are gone: the room of the blocks they filled is counted no
+    /// more. Returns the bytes no longer counted.
+    fn release(&mut self, offset: u64) -> usize {
+        let mut released = 0;
+        while let Some(&(last, room)) = self.tails.front() {
+            if last > offset {
+                break;
+            }
+            self.tails.pop_front();
+            released += room;
+        }
+        self.wasted -= released;
+        released
     }
 }
 
@@ -334,15 +390,15 @@ impl Topic {
     /// CPU in a bulk load, the readers it woke included).
     fn append(&self, seq: i64, xid: Option<u64>, batch: u64, kind: EntryKind, frame: String) {
         let mut ring = self.lock();
-        let frame = ring.intern(frame);
+        ring.published_bytes += frame.len() as u64;
+        let end_offset = ring.published_bytes;
+        let frame = ring.arena.intern(frame, end_offset);
         // Batches never go back along a ring (resume bisects on them): an entry published
         // by another task (a reset) after capture opened a newer batch takes that batch.
         let batch = ring
             .entries
             .back()
             .map_or(batch, |last| last.batch.max(batch));
-        ring.published_bytes += frame.len() as u64;
-        let end_offset = ring.published_bytes;
         let entry = Entry {
             seq,
             xid: xid.unwrap_or(0),
@@ -395,6 +451,7 @@ impl Topic {
             return;
         };
         ring.held_bytes -= old.cost();
+        ring.arena.release(old.end_offset);
         ring.first += 1;
         ring.evicted_batch = Some(ring.evicted_batch.map_or(old.batch, |b| b.max(old.batch)));
         // The shapes of what is evicted go too (their bytes count; looked for only when
@@ -411,9 +468,11 @@ impl Topic {
         let mut shapes = self.shapes();
         let kept = shapes.frames.split_off(&(end_offset + 1, 0));
         let gone = std::mem::replace(&mut shapes.frames, kept);
+        let released = shapes.arena.release(end_offset);
         drop(shapes);
-        let bytes: usize = gone.values().map(|f| f.len() + SHAPED_OVERHEAD).sum();
-        self.shaped_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let bytes: usize = gone.values().map(|f| shape_cost(f.len())).sum();
+        self.shaped_bytes
+            .fetch_sub(bytes + released, Ordering::Relaxed);
     }
 
     /// A cursor at the head: it reads what is published from now on.
@@ -1201,7 +1260,7 @@ mod tests {
             entry.shaped_frame(&topic, key, || "x".repeat(100));
         }
         let after = topic.held_bytes();
-        assert_eq!(after - before, MAX_SHAPES * (100 + SHAPED_OVERHEAD));
+        assert_eq!(after - before, MAX_SHAPES * shape_cost(100));
     }
 
     #[test]
@@ -1219,10 +1278,7 @@ mod tests {
         // The third entry evicts the first (two entries at most): its shape goes with it.
         publish(&hub, 1, 3, 10);
         assert_eq!(topic.shapes().frames.len(), 1);
-        assert_eq!(
-            topic.shaped_bytes.load(Ordering::Relaxed),
-            100 + SHAPED_OVERHEAD
-        );
+        assert_eq!(topic.shaped_bytes.load(Ordering::Relaxed), shape_cost(100));
         // A reader still holding the evicted entry is served, and nothing is cached for it.
         assert_eq!(first.shaped_frame(&topic, 7, || "z".repeat(3)), "zzz");
         assert_eq!(topic.shapes().frames.len(), 1);
@@ -1238,13 +1294,79 @@ mod tests {
             publish(&hub, 1, seq, 10);
         }
         let ring = topic.lock();
-        let frames: usize = ring
-            .entries
-            .iter()
-            .map(|e| e.frame.len() + FRAME_OVERHEAD)
-            .sum();
+        let frames: usize = ring.entries.iter().map(|e| frame_cost(e.frame.len())).sum();
         assert!(ring.entries.capacity() >= 100);
-        assert_eq!(ring.held(), frames + ring.entries.capacity() * SLOT);
+        assert!(ring.arena.wasted > 0, "100 frames fill more than one block");
+        assert_eq!(
+            ring.held(),
+            frames + ring.entries.capacity() * SLOT + ring.arena.wasted
+        );
+    }
+
+    /// Heap bytes `f` allocated on this thread and did not free, as glibc's malloc holds them
+    /// (a block's header and rounding: 16 bytes each on average).
+    fn heap(f: impl FnOnce()) -> f64 {
+        let info = allocation_counter::measure(f);
+        (info.bytes_current + 16 * info.count_current) as f64
+    }
+
+    /// A frame as the encoders build one: grown piece by piece, so with spare capacity.
+    fn grown(len: usize) -> String {
+        let mut text = String::new();
+        for _ in 0..len {
+            text.push('s');
+        }
+        text
+    }
+
+    #[test]
+    fn what_the_history_counts_is_what_its_entries_allocate() {
+        // Frames of a typical row, frames that leave most room in a block, large frames.
+        for pad in [150, 780, 1500] {
+            let hub = hub(100_000, 1 << 30, 1 << 30);
+            let topic = hub.topic("a").unwrap();
+            // Settle the ring's first allocations, then measure 4,000 more entries.
+            for seq in 1..=8 {
+                publish(&hub, 1, seq, pad);
+            }
+            let before = topic.held_bytes();
+            let allocated = heap(|| {
+                for seq in 9..=4008 {
+                    publish(&hub, 1, seq, pad);
+                }
+            });
+            let counted = (topic.held_bytes() - before) as f64;
+            assert!(
+                counted >= allocated && counted <= 1.25 * allocated,
+                "frames of {pad}: counted {counted}, allocated {allocated}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_the_history_counts_of_shaped_frames_is_what_they_allocate() {
+        // Readers cache shapes as they read: entry by entry, each of their shapes.
+        for (len, shapes) in [(60, 1), (150, 1), (150, 3), (780, 1), (1500, 1), (1500, 2)] {
+            let hub = hub(100_000, 1 << 30, 1 << 30);
+            let topic = hub.topic("a").unwrap();
+            for seq in 1..=4000 {
+                publish(&hub, 1, seq, 10);
+            }
+            let entries: Vec<Entry> = topic.lock().entries.iter().cloned().collect();
+            let before = topic.held_bytes();
+            let allocated = heap(|| {
+                for entry in &entries {
+                    for key in 0..shapes {
+                        entry.shaped_frame(&topic, key, || grown(len));
+                    }
+                }
+            });
+            let counted = (topic.held_bytes() - before) as f64;
+            assert!(
+                counted >= allocated && counted <= 1.25 * allocated,
+                "{shapes} shapes of {len} bytes: counted {counted}, allocated {allocated}"
+            );
+        }
     }
 
     /// The cost of one more entry of the size `publish(.., pad)` makes.
@@ -1253,7 +1375,7 @@ mod tests {
         publish(&hub, 1, 10_000, pad);
         let topic = hub.topic("a").unwrap();
         let ring = topic.lock();
-        ring.entries[0].frame.len() + FRAME_OVERHEAD
+        frame_cost(ring.entries[0].frame.len())
     }
 
     #[test]
@@ -1290,7 +1412,7 @@ mod tests {
         // for 1,024 of them with their slots; when the deque doubles, its empty slots alone
         // exceed the budget. The ring must not fall to one entry for good.
         let frame = "{\"type\":\"truncate\"}";
-        let budget = 1024 * (frame.len() + FRAME_OVERHEAD + SLOT) + 10;
+        let budget = 1024 * (frame_cost(frame.len()) + SLOT) + 10;
         let hub = hub(1_000_000, budget, 1 << 30);
         let topic = hub.topic("a").unwrap();
         for seq in 1..=3000 {
@@ -1376,11 +1498,7 @@ mod tests {
         // Another eviction drops whatever raced in.
         publish(&hub, 1, 20_001, 10);
         let shapes = topic.shapes();
-        let counted: usize = shapes
-            .frames
-            .values()
-            .map(|f| f.len() + SHAPED_OVERHEAD)
-            .sum();
+        let counted: usize = shapes.frames.values().map(|f| shape_cost(f.len())).sum();
         let evicted = topic.evicted_offset.load(Ordering::Relaxed);
         assert!(shapes.frames.keys().all(|(offset, _)| *offset > evicted));
         assert_eq!(topic.shaped_bytes.load(Ordering::Relaxed), counted);
