@@ -45,6 +45,12 @@ pub(super) type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
 /// with 4 KiB, 15 KiB with this. Client messages are small; a large one takes more reads.
 const READ_BUFFER: usize = 1024;
 
+/// Bytes of frames tungstenite gathers before it writes them to the socket (every flush
+/// writes what it holds anyway). Its buffer keeps the largest size it reached for as long as
+/// the connection lives: the default (128 KiB) left an idle connection holding about 47 kB
+/// more after one burst of events than before it.
+const WRITE_BUFFER: usize = 8 * 1024;
+
 /// Most frames fed to the socket before one flush.
 const WRITE_BATCH: usize = 256;
 
@@ -619,6 +625,7 @@ where
     let limit = state.config.max_client_frame;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));
     let Handshake { accept, on_upgrade } = handshake;
