@@ -241,7 +241,7 @@ impl Watcher {
             tracing::warn!(table = %name, reason = %why,
                 "an exposed table can no longer be captured; its subscribers are reset and it is no longer served");
             self.settle(client).await?;
-            self.hub.route(relid, None);
+            self.hub.unroute(relid, &resource);
             self.tables.remove(&resource);
             self.hub.publish_reset(&resource, "table_changed");
             if let Some(was) = seen.remove(&resource) {
@@ -288,7 +288,7 @@ impl Watcher {
             self.settle(client).await?;
             // No longer served before anyone hears of it: a client that re-subscribes on the
             // reset must not find the table still there.
-            self.hub.route(relid, None);
+            self.hub.unroute(relid, &resource);
             self.tables.remove(&resource);
             self.hub.publish_reset(&resource, reason);
             if let Some(was) = seen.remove(&resource) {
@@ -364,7 +364,7 @@ impl Watcher {
                     }
                 }
                 let info = sql::describe_table(client, name).await?;
-                self.hub.route(info.relid, Some(&resource));
+                self.hub.route(info.relid, &resource);
                 self.tables.set(info);
                 tracing::info!(table = %name, "exposed table picked up");
             }
@@ -436,7 +436,7 @@ impl Watcher {
                     self.tables.set(info);
                 } else if self.tables.get(&resource).is_none() {
                     let info = sql::describe_table(client, name).await?;
-                    self.hub.route(info.relid, Some(&resource));
+                    self.hub.route(info.relid, &resource);
                     self.tables.set(info);
                 }
             }

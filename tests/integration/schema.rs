@@ -373,3 +373,35 @@ async fn columns_added_dropped_and_retyped_while_streaming() {
     );
     wait_for_metrics(relay.addr, &["pgrelay_capture_listening 1"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_exposed_tables_that_swap_names_both_stream_under_their_new_names() {
+    let db = TestDb::new()
+        .await
+        .with_tables(ITEMS, &["items", "other"])
+        .await;
+    let relay = Relay::start_with(&db, &["items", "other"], fast_schema_checks).await;
+    let mut items = relay.ws("/ws/items").await;
+    let mut other = relay.ws("/ws/other").await;
+    db.exec(
+        "begin;
+         alter table items rename to swapping;
+         alter table other rename to items;
+         alter table swapping rename to other;
+         commit",
+    )
+    .await;
+    assert_eq!(items.next_json().await["reason"], "table_renamed");
+    assert_eq!(other.next_json().await["reason"], "table_renamed");
+    // Both names resolve again, each to the table that now has it (`other` is checked last).
+    served_again(&relay, "/api/other").await;
+    let mut items = relay.ws("/ws/items").await;
+    let mut other = relay.ws("/ws/other").await;
+    db.exec("insert into items values (7); insert into other values (8, 'b', 2)")
+        .await;
+    assert_eq!(items.next_json().await["data"], json!({"id": 7}));
+    assert_eq!(
+        other.next_json().await["data"],
+        json!({"id": 8, "name": "b", "price": 2})
+    );
+}
