@@ -478,7 +478,6 @@ async fn signature(client: &Client, relid: u32, installed: bool) -> Result<Optio
     }))
 }
 
-/// Names (as they were) of the columns dropped, renamed or retyped between two signatures.
 /// `(attnum, name, type)` of a table's columns.
 type Columns = Vec<(i16, String, String)>;
 
@@ -504,6 +503,7 @@ fn columns_not_in(
         .collect()
 }
 
+/// Names (as they were) of the columns dropped, renamed or retyped between two signatures.
 fn changed_columns(
     before: &[(i16, String, String)],
     after: &[(i16, String, String)],
