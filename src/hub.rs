@@ -740,20 +740,30 @@ impl Hub {
         by_relid.keys().copied().collect()
     }
 
-    /// Routes a table oid to a resource (a table re-created under the same name), or stops
-    /// routing it (`resource: None`, the table is gone).
-    pub fn route(&self, relid: u32, resource: Option<&str>) {
+    /// Routes a table oid to a resource (a table re-created or renamed under that name).
+    pub fn route(&self, relid: u32, resource: &str) {
         let mut by_relid = self
             .by_relid
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        match resource.and_then(|r| self.topic(r)) {
-            Some(topic) => {
-                by_relid.insert(relid, topic);
-            }
-            None => {
-                by_relid.remove(&relid);
-            }
+        if let Some(topic) = self.topic(resource) {
+            by_relid.insert(relid, topic);
+        }
+    }
+
+    /// Stops routing a table oid to `resource` (the table went from that name). Only there:
+    /// the table may already have been routed to the name it was renamed to (two exposed
+    /// tables that swapped names), and must stay routed there.
+    pub fn unroute(&self, relid: u32, resource: &str) {
+        let mut by_relid = self
+            .by_relid
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if by_relid
+            .get(&relid)
+            .is_some_and(|topic| topic.resource() == resource)
+        {
+            by_relid.remove(&relid);
         }
     }
 

@@ -6,9 +6,10 @@
 //! - renamed (same oid, new name) or dropped: subscribers get `reset` (`table_renamed`,
 //!   `table_dropped`), the name stops resolving, capture stops routing its rows;
 //! - re-created (the name is back with a new oid, capture installed, or installed now with
-//!   `--install`): picked up again; subscriptions that followed the name through its reset
-//!   and name a column the new table lacks (by name and type) end with an error, the others
-//!   get `reset` (`table_changed`), as for a column dropped in place;
+//!   `--install`): picked up again; if the new table lacks a column the old one had (by name
+//!   and type), subscriptions that followed the name through its reset and name it end with
+//!   an error and the others get `reset` (`table_changed`), as for a column dropped in place;
+//!   if only its primary key differs, they all get that `reset`, as for a key changed in place;
 //! - capture triggers removed or disabled: `reset` (`table_changed`), and with `--install`
 //!   they are put back; without, the table stops resolving until they are;
 //! - primary key changed, or partitions attached or detached: `reset` (`table_changed`);
@@ -181,8 +182,8 @@ impl Watcher {
         // What the tables were when the relay described them (not when this task first got
         // to look: a change in between would never be seen).
         let mut seen = std::mem::take(&mut self.start.0);
-        // The columns of tables that went (dropped, renamed away, no longer capturable), for
-        // when the name comes back.
+        // What tables that went (dropped, renamed away, no longer capturable) were, for when
+        // the name comes back.
         let mut gone = HashMap::new();
         loop {
             tokio::select! {
@@ -233,7 +234,7 @@ impl Watcher {
         name: &TableName,
         relid: u32,
         seen: &mut HashMap<String, Seen>,
-        gone: &mut HashMap<String, Columns>,
+        gone: &mut HashMap<String, Seen>,
         why: &str,
     ) -> Result<(), SqlError> {
         let resource = name.resource();
@@ -241,11 +242,11 @@ impl Watcher {
             tracing::warn!(table = %name, reason = %why,
                 "an exposed table can no longer be captured; its subscribers are reset and it is no longer served");
             self.settle(client).await?;
-            self.hub.route(relid, None);
+            self.hub.unroute(relid, &resource);
             self.tables.remove(&resource);
             self.hub.publish_reset(&resource, "table_changed");
             if let Some(was) = seen.remove(&resource) {
-                gone.insert(resource, was.columns);
+                gone.insert(resource, was);
             }
         }
         Ok(())
@@ -256,7 +257,7 @@ impl Watcher {
         client: &mut Client,
         name: &TableName,
         seen: &mut HashMap<String, Seen>,
-        gone: &mut HashMap<String, Columns>,
+        gone: &mut HashMap<String, Seen>,
     ) -> Result<(), SqlError> {
         let resource = name.resource();
         let previous = seen.get(&resource).cloned();
@@ -288,11 +289,11 @@ impl Watcher {
             self.settle(client).await?;
             // No longer served before anyone hears of it: a client that re-subscribes on the
             // reset must not find the table still there.
-            self.hub.route(relid, None);
+            self.hub.unroute(relid, &resource);
             self.tables.remove(&resource);
             self.hub.publish_reset(&resource, reason);
             if let Some(was) = seen.remove(&resource) {
-                gone.insert(resource.clone(), was.columns);
+                gone.insert(resource.clone(), was);
             }
         }
         let Some(described) = now else {
@@ -350,10 +351,11 @@ impl Watcher {
                 // New to the watcher: re-created (or capture just installed). Subscriptions
                 // that followed the name through its `reset` and name a column the new table
                 // lacks (or has with another type) end, as if the column had been dropped;
-                // the others start over. Before the table resolves again, so that those who
+                // the others start over, and so do all when only the key differs (as for a key
+                // changed in place). Before the table resolves again, so that those who
                 // subscribe to the new table never get it.
                 if let Some(was) = gone.remove(&resource) {
-                    let changed = columns_not_in(&was, &current.columns);
+                    let changed = columns_not_in(&was.columns, &current.columns);
                     if !changed.is_empty() {
                         tracing::info!(table = %name, changed = ?changed,
                             "a re-created exposed table lacks columns it had; subscriptions naming them end");
@@ -361,10 +363,14 @@ impl Watcher {
                             &resource,
                             ColumnsChanged { columns: changed },
                         );
+                    } else if key_names(&was) != key_names(&current) {
+                        tracing::info!(table = %name,
+                            "a re-created exposed table has another primary key; its subscribers start over");
+                        self.hub.publish_reset(&resource, "table_changed");
                     }
                 }
                 let info = sql::describe_table(client, name).await?;
-                self.hub.route(info.relid, Some(&resource));
+                self.hub.route(info.relid, &resource);
                 self.tables.set(info);
                 tracing::info!(table = %name, "exposed table picked up");
             }
@@ -436,7 +442,7 @@ impl Watcher {
                     self.tables.set(info);
                 } else if self.tables.get(&resource).is_none() {
                     let info = sql::describe_table(client, name).await?;
-                    self.hub.route(info.relid, Some(&resource));
+                    self.hub.route(info.relid, &resource);
                     self.tables.set(info);
                 }
             }
@@ -472,9 +478,17 @@ async fn signature(client: &Client, relid: u32, installed: bool) -> Result<Optio
     }))
 }
 
-/// Names (as they were) of the columns dropped, renamed or retyped between two signatures.
 /// `(attnum, name, type)` of a table's columns.
 type Columns = Vec<(i16, String, String)>;
+
+/// The names of a table's key columns, in key order (attnums mean nothing across tables).
+fn key_names(seen: &Seen) -> Vec<&str> {
+    seen.key
+        .iter()
+        .filter_map(|k| seen.columns.iter().find(|(a, _, _)| a == k))
+        .map(|(_, name, _)| name.as_str())
+        .collect()
+}
 
 /// Columns of `before` that `after`, another table under the same name, does not have with
 /// the same type (attnums mean nothing across tables).
@@ -489,6 +503,7 @@ fn columns_not_in(
         .collect()
 }
 
+/// Names (as they were) of the columns dropped, renamed or retyped between two signatures.
 fn changed_columns(
     before: &[(i16, String, String)],
     after: &[(i16, String, String)],

@@ -373,3 +373,64 @@ async fn columns_added_dropped_and_retyped_while_streaming() {
     );
     wait_for_metrics(relay.addr, &["pgrelay_capture_listening 1"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_exposed_tables_that_swap_names_both_stream_under_their_new_names() {
+    let db = TestDb::new()
+        .await
+        .with_tables(ITEMS, &["items", "other"])
+        .await;
+    let relay = Relay::start_with(&db, &["items", "other"], fast_schema_checks).await;
+    let mut items = relay.ws("/ws/items").await;
+    let mut other = relay.ws("/ws/other").await;
+    db.exec(
+        "begin;
+         alter table items rename to swapping;
+         alter table other rename to items;
+         alter table swapping rename to other;
+         commit",
+    )
+    .await;
+    assert_eq!(items.next_json().await["reason"], "table_renamed");
+    assert_eq!(other.next_json().await["reason"], "table_renamed");
+    // Both names resolve again, each to the table that now has it (`other` is checked last).
+    served_again(&relay, "/api/other").await;
+    let mut items = relay.ws("/ws/items").await;
+    let mut other = relay.ws("/ws/other").await;
+    db.exec("insert into items values (7); insert into other values (8, 'b', 2)")
+        .await;
+    assert_eq!(items.next_json().await["data"], json!({"id": 7}));
+    assert_eq!(
+        other.next_json().await["data"],
+        json!({"id": 8, "name": "b", "price": 2})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_recreated_with_another_primary_key_resets_the_subscriptions_that_followed_it() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let relay = reinstalling_relay(&db, &["items"]).await;
+    let mut plain = relay.ws("/ws/items").await;
+    let mut on_ws = relay.ws("/ws").await;
+    on_ws
+        .send_json(json!({"type": "subscribe", "resource": "items", "select": "price"}))
+        .await;
+    assert_eq!(on_ws.next_json().await["key"], json!(["id"]));
+    db.exec("drop table items").await;
+    assert_eq!(plain.next_json().await["reason"], "table_dropped");
+    assert_eq!(on_ws.next_json().await["reason"], "table_dropped");
+    // The same columns, keyed by another: events' `id` is another value, and the projection
+    // kept for `select` holds the old key's column, not the new one.
+    db.exec("create table items(id int, name text primary key, price numeric)")
+        .await;
+    served_again(&relay, "/api/items").await;
+    db.exec("insert into items values (1, 'a', 2)").await;
+    // As for a key changed in place: the copies start over before the new table's events.
+    for ws in [&mut plain, &mut on_ws] {
+        assert_eq!(
+            ws.next_json().await,
+            json!({"type": "reset", "resource": "items", "reason": "table_changed"})
+        );
+        assert_eq!(ws.next_json().await["id"], "a");
+    }
+}
