@@ -385,6 +385,13 @@ impl Watcher {
                 if changed {
                     self.settle(client).await?;
                 }
+                // The table as it is now is served before its subscribers are told: those
+                // that start over at once (a subscribe, an SSE stream's fresh rows) get its
+                // key and columns, not the ones the reset is about.
+                if prev.columns != current.columns || prev.key != current.key {
+                    let info = sql::describe_table(client, name).await?;
+                    self.tables.set(info);
+                }
                 // (Partitions attached or detached change the triggers too: one reset, below.)
                 if !reinstalled
                     && prev.installed
@@ -437,10 +444,7 @@ impl Watcher {
                     self.hub
                         .publish_columns_changed(&resource, ColumnsChanged { columns: changed });
                 }
-                if prev.columns != current.columns || prev.key != current.key {
-                    let info = sql::describe_table(client, name).await?;
-                    self.tables.set(info);
-                } else if self.tables.get(&resource).is_none() {
+                if self.tables.get(&resource).is_none() {
                     let info = sql::describe_table(client, name).await?;
                     self.hub.route(info.relid, &resource);
                     self.tables.set(info);

@@ -271,6 +271,16 @@ impl Stream {
                 Upkeep::Nothing
             }
         };
+        if let Err(refusal) = ws::reshape(&state, &mut self.sub, table.clone()).await {
+            let resource = self.sub.table.resource.clone();
+            self.send(control::resource_error(
+                &resource,
+                refusal.code,
+                &refusal.message,
+            ))
+            .await?;
+            return Err(End::Close(refusal.close, refusal.reason));
+        }
         ws::send_initial(&state, &mut self.sub, &table, &mut self.out, &mut upkeep).await
     }
 

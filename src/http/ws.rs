@@ -207,10 +207,10 @@ pub(super) fn decode(resource: &str) -> String {
 #[derive(Debug)]
 pub(super) struct Refusal {
     status: warp::http::StatusCode,
-    code: &'static str,
+    pub(super) code: &'static str,
     pub(super) message: String,
-    close: u16,
-    reason: &'static str,
+    pub(super) close: u16,
+    pub(super) reason: &'static str,
 }
 
 impl Refusal {
@@ -289,6 +289,21 @@ pub(super) async fn prepare(
         access,
         shape,
     })
+}
+
+/// Checks `sub` again against its table as it is now and rebuilds its shape: a reset may
+/// have changed the table (a projection keeps the key columns, and the key may be others now).
+pub(super) async fn reshape(
+    state: &AppState,
+    sub: &mut Subscription,
+    table: TableInfo,
+) -> Result<(), Refusal> {
+    let shape = compile_shape(state, &table, &sub.params, &sub.access)
+        .await
+        .map_err(|e| Refusal::from_setup(e, &table.resource))?;
+    sub.shape = shape;
+    sub.table = table;
+    Ok(())
 }
 
 /// The query keys that carry a token (`access_token`, and Supabase's `apikey`), taken out of
@@ -1238,6 +1253,7 @@ impl Session {
                     let sub = &mut self.subs[index];
                     sub.shape = shape;
                     sub.params = params.clone();
+                    sub.table = table;
                     sub.access = access;
                     (index, false)
                 }

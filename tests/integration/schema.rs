@@ -434,3 +434,24 @@ async fn a_table_recreated_with_another_primary_key_resets_the_subscriptions_tha
         assert_eq!(ws.next_json().await["id"], "a");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_again_right_after_a_primary_key_change_gets_the_new_key() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    db.exec("insert into items values (1, 'a', 2)").await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut ws = relay.ws("/ws").await;
+    let subscribe =
+        json!({"type": "subscribe", "resource": "items", "select": "price", "snapshot": true});
+    ws.send_json(subscribe.clone()).await;
+    assert_eq!(ws.next_json().await["key"], json!(["id"]));
+    assert_eq!(ws.initial_rows().await, [json!({"id": 1, "price": 2})]);
+
+    db.exec("alter table items drop constraint items_pkey, add primary key (name)")
+        .await;
+    assert_eq!(ws.next_json().await["reason"], "table_changed");
+    // At once: the relay serves the table as it is before it says it changed.
+    ws.send_json(subscribe).await;
+    assert_eq!(ws.next_json().await["key"], json!(["name"]));
+    assert_eq!(ws.initial_rows().await, [json!({"name": "a", "price": 2})]);
+}

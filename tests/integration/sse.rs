@@ -509,6 +509,39 @@ async fn a_reset_during_a_snapshot_stream_is_followed_by_fresh_rows_on_the_same_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_rows_after_a_primary_key_change_carry_the_new_key_beside_the_selected_columns() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    insert_named(&db, 0..2).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut sse = Sse::open(relay.addr, "/sse/items?select=price&snapshot=true", &[]).await;
+    let (rows, _) = sse.initial_rows().await;
+    assert_eq!(
+        rows[0].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["id", "price"]
+    );
+
+    db.exec("alter table items drop constraint items_pkey, add primary key (name)")
+        .await;
+    let reset = sse.event().await;
+    assert_eq!(reset.json["reason"], "table_changed", "{reset:?}");
+    // A projection keeps the key, so that later events (keyed by name now) match the rows.
+    let (rows, _) = sse.initial_rows().await;
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter()
+            .all(|r| r.as_object().unwrap().keys().eq(["name", "price"])),
+        "{rows:?}"
+    );
+    insert_named(&db, 2..3).await;
+    let live = sse.event().await;
+    assert_eq!(live.json["id"], "2", "{live:?}");
+    assert_eq!(
+        live.json["data"],
+        serde_json::json!({"name": "2", "price": null})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_http_statuses_with_a_json_error_body() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     let relay = Relay::start(&db, &["items"]).await;
