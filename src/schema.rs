@@ -392,8 +392,22 @@ impl Watcher {
                     let info = sql::describe_table(client, name).await?;
                     self.tables.set(info);
                 }
+                // Columns first: subscriptions that name a changed column end on it, before
+                // anything tells them to start over (their fresh rows would be checked against
+                // a table without that column: a refusal, not `subscription_ended`). To the
+                // others it is a `reset` already, so the key and trigger resets below are not
+                // sent again.
+                let columns_changed = prev.columns != current.columns;
+                if columns_changed {
+                    let changed = changed_columns(&prev.columns, &current.columns);
+                    tracing::info!(table = %name, changed = ?changed,
+                        "columns of an exposed table changed; its subscribers start over");
+                    self.hub
+                        .publish_columns_changed(&resource, ColumnsChanged { columns: changed });
+                }
                 // (Partitions attached or detached change the triggers too: one reset, below.)
                 if !reinstalled
+                    && !columns_changed
                     && prev.installed
                     && !prev.triggers.is_empty()
                     && prev.triggers != current.triggers
@@ -402,7 +416,7 @@ impl Watcher {
                     tracing::warn!(table = %name, "capture triggers of an exposed table changed; its subscribers are reset");
                     self.hub.publish_reset(&resource, "table_changed");
                 }
-                if prev.key != current.key {
+                if prev.key != current.key && !columns_changed {
                     tracing::warn!(table = %name, "the primary key of an exposed table changed; its subscribers are reset");
                     self.hub.publish_reset(&resource, "table_changed");
                 }
@@ -436,13 +450,6 @@ impl Watcher {
                     }
                     tracing::info!(table = %name, "partitions of an exposed table changed; its subscribers are reset");
                     self.hub.publish_reset(&resource, "table_changed");
-                }
-                if prev.columns != current.columns {
-                    let changed = changed_columns(&prev.columns, &current.columns);
-                    tracing::info!(table = %name, changed = ?changed,
-                        "columns of an exposed table changed; its subscribers start over");
-                    self.hub
-                        .publish_columns_changed(&resource, ColumnsChanged { columns: changed });
                 }
                 if self.tables.get(&resource).is_none() {
                     let info = sql::describe_table(client, name).await?;

@@ -542,6 +542,29 @@ async fn fresh_rows_after_a_primary_key_change_carry_the_new_key_beside_the_sele
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_column_dropped_with_a_key_change_ends_the_stream_as_subscription_ended() {
+    // One migration drops the column the filter names and changes the key: the stream ends
+    // because of the column (it cannot start over), and is not told to start over first
+    // (its fresh rows would be checked against a table without the column, a `bad_request`
+    // whose reconnect replays the change).
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    insert_named(&db, 0..2).await;
+    let relay = Relay::start(&db, &["items"]).await;
+    let mut sse = Sse::open(relay.addr, "/sse/items?price=is.null&snapshot=true", &[]).await;
+    let (rows, _) = sse.initial_rows().await;
+    assert_eq!(rows.len(), 2);
+
+    db.exec(
+        "alter table items drop constraint items_pkey, drop column price, add primary key (name)",
+    )
+    .await;
+    let ended = sse.event().await;
+    assert_eq!(ended.json["type"], "error", "{ended:?}");
+    assert_eq!(ended.json["code"], "subscription_ended", "{ended:?}");
+    assert_eq!(ended.id.as_deref(), Some(""), "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_http_statuses_with_a_json_error_body() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     let relay = Relay::start(&db, &["items"]).await;
