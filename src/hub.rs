@@ -70,13 +70,27 @@ const ARENA_FRAME_MAX: usize = 1024;
 /// different block) may hold its frames after the ring let them go.
 const ARENA_BLOCK: usize = 4096;
 
-/// What a cached shaped frame costs besides [`frame_cost`]: its key and value in the cache's
-/// B-tree, whose nodes are about two-thirds full.
-const SHAPE_SLOT: usize = 88;
+/// What a block that small shaped frames share costs while it lives: its bytes, its
+/// allocation's header, the shared header `bytes` allocates when it is first split, and its
+/// place in [`Arena::tails`].
+const BLOCK_COST: usize = ARENA_BLOCK + 96;
 
-/// What a cached shaped frame costs.
+/// What a cached shaped frame costs besides its text: its key and value in the cache's
+/// B-tree, whose nodes are about two-thirds full, and their share of its inner nodes
+/// (`hub::tests::what_the_history_counts_of_shaped_frames_is_what_they_allocate`).
+const SHAPE_SLOT: usize = 104;
+
+/// What a cached shaped frame costs. A small one's text is counted with its block
+/// ([`Arena::whole_blocks`]): shapes are cached out of offset order (readers at different
+/// places of the history), and a block outlives the frames of older entries it holds for as
+/// long as the newest of its frames is kept.
 fn shape_cost(len: usize) -> usize {
-    frame_cost(len) + SHAPE_SLOT
+    SHAPE_SLOT
+        + if len > ARENA_FRAME_MAX {
+            frame_cost(len)
+        } else {
+            0
+        }
 }
 
 /// Most projected frames cached per entry; more distinct shapes are encoded for each reader.
@@ -138,7 +152,7 @@ pub struct Entry {
 /// Frames for other shapes (type as sent, projection) of a topic's entries, encoded by the
 /// first subscriber that needs one and shared by the rest. Kept beside the ring rather than
 /// in each entry: most entries never have one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shapes {
     /// By the entry's `end_offset`, then the shape's key.
     frames: std::collections::BTreeMap<(u64, u64), Utf8Bytes>,
@@ -259,35 +273,63 @@ struct Arena {
     /// Highest offset (the `end_offset` of the entry a frame belongs to) of the frames in
     /// `block`.
     last: u64,
-    /// Blocks started anew with room left in them: the highest offset of their frames, and
-    /// the room, which stays allocated until the last of those frames goes.
+    /// Blocks no longer written to: the highest offset of their frames, and what they hold
+    /// beyond their frames' own costs, allocated until the last of those frames goes. (In
+    /// the order they were started: a shapes' block whose newest frame is older than an
+    /// earlier block's is counted a little longer than it lives, never shorter.)
     tails: VecDeque<(u64, usize)>,
-    /// Sum of the room in `tails`: held, so counted against the history.
+    /// What `tails` and `block` hold beyond their frames' own costs: counted against the
+    /// history.
     wasted: usize,
+    /// Whether a block is counted whole, from when it is started until its frames go (see
+    /// [`Arena::whole_blocks`]), rather than its frames each and the room it had left.
+    whole: bool,
+    /// What `block` is counted for in `wasted`.
+    block_cost: usize,
 }
 
 impl Arena {
+    /// An arena whose blocks are counted whole ([`BLOCK_COST`]), their frames not at all:
+    /// for frames that come out of offset order (shapes), which a block keeps for as long as
+    /// the newest of them is kept. (Entries' frames come in order: a block holds at most one
+    /// block's worth of frames already gone, so they count each, and the room left.)
+    fn whole_blocks() -> Arena {
+        Arena {
+            whole: true,
+            ..Arena::default()
+        }
+    }
+
     /// The frame (of the entry at `offset`) as shared bytes. A small frame is copied into
     /// the current block, which it then shares with its neighbours: a retained frame costs
     /// its bytes and no allocation of its own (which, with its header, rounding and spare
-    /// capacity, cost more than the frame of a typical row). Frames leave in about the order
-    /// they came (entries leave the ring in order, their shapes with them), so a block is
-    /// freed when the last of its frames goes (and no socket still holds it); the room a
-    /// block had left when the next one was started is [`Arena::wasted`] until then. A large
-    /// frame keeps its own allocation, without spare capacity.
+    /// capacity, cost more than the frame of a typical row). A block is freed when the last
+    /// of its frames goes (and no socket still holds it); until then, what its frames' costs
+    /// leave out (the room it had left when the next one was started, or the whole block) is
+    /// [`Arena::wasted`]. A large frame keeps its own allocation, without spare capacity.
     fn intern(&mut self, mut text: String, offset: u64) -> Utf8Bytes {
         if text.len() > ARENA_FRAME_MAX {
             text.shrink_to_fit();
             return Utf8Bytes::from(text);
         }
         if self.block.capacity() < text.len() {
+            // Counted from now until its last frame goes: the whole block, or its room.
+            let held = if self.whole {
+                self.block_cost
+            } else {
+                self.block.capacity()
+            };
             if self.last > 0 {
-                let room = self.block.capacity();
-                self.tails.push_back((self.last, room));
-                self.wasted += room;
+                self.tails.push_back((self.last, held));
+                self.wasted += held - self.block_cost;
+            } else {
+                // A block no frame was copied into (the first one): nothing keeps it.
+                self.wasted -= self.block_cost;
             }
             self.block = bytes::BytesMut::with_capacity(ARENA_BLOCK);
             self.last = 0;
+            self.block_cost = if self.whole { BLOCK_COST } else { 0 };
+            self.wasted += self.block_cost;
         }
         self.last = self.last.max(offset);
         self.block.extend_from_slice(text.as_bytes());
@@ -298,16 +340,16 @@ impl Arena {
         }
     }
 
-    /// The frames up to `offset` are gone: the room of the blocks they filled is counted no
-    /// more. Returns the bytes no longer counted.
+    /// The frames up to `offset` are gone: the blocks they filled are counted no more.
+    /// Returns the bytes no longer counted.
     fn release(&mut self, offset: u64) -> usize {
         let mut released = 0;
-        while let Some(&(last, room)) = self.tails.front() {
+        while let Some(&(last, held)) = self.tails.front() {
             if last > offset {
                 break;
             }
             self.tails.pop_front();
-            released += room;
+            released += held;
         }
         self.wasted -= released;
         released
@@ -341,7 +383,10 @@ impl Topic {
             resource: resource.into(),
             resource_json: serde_json::Value::from(resource).to_string(),
             ring: Mutex::new(Ring::default()),
-            shapes: Mutex::new(Shapes::default()),
+            shapes: Mutex::new(Shapes {
+                frames: std::collections::BTreeMap::new(),
+                arena: Arena::whole_blocks(),
+            }),
             shaped_bytes: AtomicUsize::new(0),
             evicted_offset: AtomicU64::new(0),
             head_tx: watch::channel(0).0,
@@ -1270,7 +1315,8 @@ mod tests {
             entry.shaped_frame(&topic, key, || "x".repeat(100));
         }
         let after = topic.held_bytes();
-        assert_eq!(after - before, MAX_SHAPES * shape_cost(100));
+        // (Their text is in one block, counted whole.)
+        assert_eq!(after - before, MAX_SHAPES * shape_cost(100) + BLOCK_COST);
     }
 
     #[test]
@@ -1288,7 +1334,11 @@ mod tests {
         // The third entry evicts the first (two entries at most): its shape goes with it.
         publish(&hub, 1, 3, 10);
         assert_eq!(topic.shapes().frames.len(), 1);
-        assert_eq!(topic.shaped_bytes.load(Ordering::Relaxed), shape_cost(100));
+        // (The block their text shares is kept by the second's.)
+        assert_eq!(
+            topic.shaped_bytes.load(Ordering::Relaxed),
+            shape_cost(100) + BLOCK_COST
+        );
         // A reader still holding the evicted entry is served, and nothing is cached for it.
         assert_eq!(first.shaped_frame(&topic, 7, || "z".repeat(3)), "zzz");
         assert_eq!(topic.shapes().frames.len(), 1);
@@ -1376,6 +1426,42 @@ mod tests {
             assert!(
                 counted >= allocated && counted <= 1.25 * allocated,
                 "{shapes} shapes of {len} bytes: counted {counted}, allocated {allocated}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_the_history_counts_of_shapes_cached_out_of_order_is_what_they_allocate() {
+        // A reader at the head and one a history behind it (a replay, a steady but late
+        // reader), each with its own projection: their shapes share blocks, and a block
+        // lives as long as the newest of its frames.
+        for (len, behind) in [(150, 1999), (150, 1000), (600, 1999)] {
+            let hub = hub(2000, 1 << 30, 1 << 30);
+            let topic = hub.topic("a").unwrap();
+            for seq in 1..=2000 {
+                publish(&hub, 1, seq, 10);
+            }
+            let before = topic.held_bytes();
+            let allocated = heap(|| {
+                for seq in 2001..=6000 {
+                    publish(&hub, 1, seq, 10);
+                    let ring = topic.lock();
+                    let (head, late) = (
+                        ring.entries[1999].clone(),
+                        ring.entries[1999 - behind].clone(),
+                    );
+                    drop(ring);
+                    head.shaped_frame(&topic, 1, || grown(len));
+                    late.shaped_frame(&topic, 2, || grown(len));
+                }
+            });
+            let counted = (topic.held_bytes() - before) as f64;
+            // (Less a block or two: the ring's oldest block, partly gone, counts only the
+            // frames it still has.)
+            let slack = 2.0 * BLOCK_COST as f64;
+            assert!(
+                counted + slack >= allocated && counted <= 1.25 * allocated,
+                "shapes of {len} bytes {behind} behind: counted {counted}, allocated {allocated}"
             );
         }
     }
@@ -1512,7 +1598,23 @@ mod tests {
         let counted: usize = shapes.frames.values().map(|f| shape_cost(f.len())).sum();
         let evicted = topic.evicted_offset.load(Ordering::Relaxed);
         assert!(shapes.frames.keys().all(|(offset, _)| *offset > evicted));
-        assert_eq!(topic.shaped_bytes.load(Ordering::Relaxed), counted);
+        // Blocks are counted until their frames go, and no longer.
+        assert!(
+            shapes
+                .arena
+                .tails
+                .front()
+                .is_none_or(|(last, _)| *last > evicted)
+        );
+        let blocks: usize = shapes
+            .arena
+            .tails
+            .iter()
+            .map(|(_, held)| held)
+            .sum::<usize>();
+        let blocks = blocks + BLOCK_COST;
+        assert_eq!(shapes.arena.wasted, blocks);
+        assert_eq!(topic.shaped_bytes.load(Ordering::Relaxed), counted + blocks);
         assert!(most <= 8 * 3, "{most} shapes cached at once");
     }
 }
