@@ -41,7 +41,7 @@ use warp::{Filter, Rejection, Reply};
 
 use super::ws::{self, End, Refusal, Subscription, close};
 use super::{ApiError, AppState, token_header, with_state};
-use crate::access::AuthError;
+use crate::access::{AuthError, Principal};
 use crate::event::control;
 use crate::row::Fields;
 use crate::snapshot::Upkeep;
@@ -144,7 +144,7 @@ async fn open(
         },
         deadline: principal.expires_in().map(|d| Instant::now() + d),
         next_ping: Instant::now() + state.config.ping_interval,
-        role: principal.role,
+        principal,
         sub,
         state: Arc::clone(&state),
     };
@@ -176,8 +176,9 @@ struct Stream {
     deadline: Option<Instant>,
     /// When the next `: ping` comment is due.
     next_ping: Instant,
-    /// Who the stream is for, for the log.
-    role: String,
+    /// Who the stream is for (for the log, and for what it may see of a table that changed
+    /// under it).
+    principal: Principal,
 }
 
 impl Stream {
@@ -188,7 +189,7 @@ impl Stream {
         let end = match self.serve(reset).await {
             Ok(end) | Err(end) => end,
         };
-        let (role, secs) = (&self.role, opened.elapsed().as_secs_f64());
+        let (role, secs) = (&self.principal.role, opened.elapsed().as_secs_f64());
         match end {
             End::Close(code, reason) => {
                 tracing::info!(code, reason, role, secs, "stream closed");
@@ -271,7 +272,9 @@ impl Stream {
                 Upkeep::Nothing
             }
         };
-        if let Err(refusal) = ws::reshape(&state, &mut self.sub, table.clone()).await {
+        if let Err(refusal) =
+            ws::reshape(&state, &mut self.sub, table.clone(), &self.principal).await
+        {
             let resource = self.sub.table.resource.clone();
             self.send(control::resource_error(
                 &resource,

@@ -297,10 +297,14 @@ pub(super) async fn reshape(
     state: &AppState,
     sub: &mut Subscription,
     table: TableInfo,
+    principal: &Principal,
 ) -> Result<(), Refusal> {
-    let shape = compile_shape(state, &table, &sub.params, &sub.access)
+    // Access too: the key columns are always among the columns a policy lets one see.
+    let access = state.gate.access(&table, principal);
+    let shape = compile_shape(state, &table, &sub.params, &access)
         .await
         .map_err(|e| Refusal::from_setup(e, &table.resource))?;
+    sub.access = access;
     sub.shape = shape;
     sub.table = table;
     Ok(())

@@ -664,6 +664,45 @@ async fn a_stream_needs_a_token_takes_it_from_access_token_applies_its_policy_an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_limited_stream_sees_the_new_key_in_its_fresh_rows_after_a_key_change() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs (id int primary key, tenant_id int not null, code text not null)",
+            &["docs"],
+        )
+        .await;
+    db.exec("insert into docs values (1, 1, 'a'), (2, 2, 'b')")
+        .await;
+    let relay = Relay::start_with(&db, &["docs"], |c| {
+        crate::support::with_policies(
+            c,
+            r#"
+            [[policy]]
+            tables = ["docs"]
+            roles = ["member"]
+            read = true
+            filter = "tenant_id=eq.{claims.tenant_id}"
+            columns = ["tenant_id"]
+            "#,
+            SECRET,
+        );
+    })
+    .await;
+    let path = format!("/sse/docs?snapshot=true&access_token={}", token(1, 600));
+    let mut sse = Sse::open(relay.addr, &path, &[]).await;
+    let (rows, _) = sse.initial_rows().await;
+    assert_eq!(rows, [json!({"id": 1, "tenant_id": 1})]);
+
+    db.exec("alter table docs drop constraint docs_pkey, add primary key (code)")
+        .await;
+    assert_eq!(sse.event().await.json["reason"], "table_changed");
+    // The policy lets its readers see the key, whichever columns it is: now `code`.
+    let (rows, _) = sse.initial_rows().await;
+    assert_eq!(rows, [json!({"tenant_id": 1, "code": "a"})]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stream_gets_a_ping_comment_every_ping_interval() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
     let relay = Relay::start_with(&db, &["items"], |c| {
