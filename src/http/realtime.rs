@@ -325,7 +325,8 @@ impl Session {
                     result.map_err(ws::overflow_end)?;
                     let Session { sink, subs, routes, state, vsn, .. } = self;
                     let mut out = Translate { sink, vsn: *vsn, route: &mut routes[index] };
-                    let ended = ws::write_events(&mut out, &mut subs[index], state).await?;
+                    // (A reset makes the channel stale: it is dropped, not reshaped.)
+                    let ended = ws::write_events(&mut out, &mut subs[index], state, None).await?;
                     if ended.is_some() && !routes[index].stale {
                         // A column the binding names changed: its client joins again.
                         let topic = Arc::clone(&routes[index].topic);

@@ -237,7 +237,7 @@ impl Stream {
                 // priority 4: events
                 (_, result) = ws::next_batch(std::slice::from_mut(&mut self.sub), 0) => {
                     result.map_err(ws::overflow_end)?;
-                    if let Some(reason) = ws::write_events(&mut self.out, &mut self.sub, &self.state).await? {
+                    if let Some(reason) = ws::write_events(&mut self.out, &mut self.sub, &self.state, Some(&self.principal)).await? {
                         let resource = self.sub.table.resource.clone();
                         self.send(control::resource_error(&resource, "subscription_ended", &reason)).await?;
                         return Err(End::Close(close::BAD_REQUEST, "subscription ended"));
@@ -272,18 +272,6 @@ impl Stream {
                 Upkeep::Nothing
             }
         };
-        if let Err(refusal) =
-            ws::reshape(&state, &mut self.sub, table.clone(), &self.principal).await
-        {
-            let resource = self.sub.table.resource.clone();
-            self.send(control::resource_error(
-                &resource,
-                refusal.code,
-                &refusal.message,
-            ))
-            .await?;
-            return Err(End::Close(refusal.close, refusal.reason));
-        }
         ws::send_initial(&state, &mut self.sub, &table, &mut self.out, &mut upkeep).await
     }
 

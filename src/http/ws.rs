@@ -207,10 +207,10 @@ pub(super) fn decode(resource: &str) -> String {
 #[derive(Debug)]
 pub(super) struct Refusal {
     status: warp::http::StatusCode,
-    pub(super) code: &'static str,
+    code: &'static str,
     pub(super) message: String,
-    pub(super) close: u16,
-    pub(super) reason: &'static str,
+    close: u16,
+    reason: &'static str,
 }
 
 impl Refusal {
@@ -291,22 +291,26 @@ pub(super) async fn prepare(
     })
 }
 
-/// Checks `sub` again against its table as it is now and rebuilds its shape: a reset may
-/// have changed the table (a projection keeps the key columns, and the key may be others now).
-pub(super) async fn reshape(
+/// Checks a subscription again against its table as it is now and rebuilds its shape and
+/// access: after a reset the table may have another key (a projection, and a policy's
+/// visible columns, always hold the key columns; a column that was the key may be hidden
+/// now). A table no longer served leaves it as it is (nothing more comes for it).
+async fn reshape(
     state: &AppState,
-    sub: &mut Subscription,
-    table: TableInfo,
     principal: &Principal,
+    params: &Params,
+    fields: (&mut TableInfo, &mut Access, &mut Shape),
 ) -> Result<(), Refusal> {
-    // Access too: the key columns are always among the columns a policy lets one see.
-    let access = state.gate.access(&table, principal);
-    let shape = compile_shape(state, &table, &sub.params, &access)
+    let (table, access, shape) = fields;
+    let Some(current) = state.table(&table.resource) else {
+        return Ok(());
+    };
+    let fresh = state.gate.access(&current, principal);
+    *shape = compile_shape(state, &current, params, &fresh)
         .await
-        .map_err(|e| Refusal::from_setup(e, &table.resource))?;
-    sub.access = access;
-    sub.shape = shape;
-    sub.table = table;
+        .map_err(|e| Refusal::from_setup(e, &current.resource))?;
+    *access = fresh;
+    *table = current;
     Ok(())
 }
 
@@ -963,7 +967,7 @@ impl Session {
                 (index, result) = next_batch(&mut self.subs, self.next_first) => {
                     self.next_first = index + 1;
                     result.map_err(overflow_end)?;
-                    if let Some(reason) = write_events(&mut self.sink, &mut self.subs[index], &self.state).await? {
+                    if let Some(reason) = write_events(&mut self.sink, &mut self.subs[index], &self.state, self.principal.as_ref()).await? {
                         Box::pin(self.end_subscription(index, &reason)).await?;
                     }
                 }
@@ -1528,18 +1532,20 @@ pub(super) async fn write_events<S>(
     sink: &mut S,
     sub: &mut Subscription,
     state: &AppState,
+    principal: Option<&Principal>,
 ) -> Result<Option<String>, End>
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     let Subscription {
+        table,
+        access,
         topic,
         cursor,
         shape,
         seen_in,
         batch,
         params,
-        ..
     } = sub;
     let metrics = &state.metrics;
     let mut ended = None;
@@ -1576,6 +1582,15 @@ where
                     }
                     feed(sink, Message::Text(frame), &progress).await?;
                     sent += 1;
+                    // What follows a reset is shaped for the table as it is now.
+                    if let Some(principal) = principal
+                        && !event
+                        && let Err(refusal) =
+                            reshape(state, principal, params, (table, access, shape)).await
+                    {
+                        ended = Some(refusal.message);
+                        break;
+                    }
                 }
                 Delivery::Skip => {}
                 Delivery::End(reason) => {

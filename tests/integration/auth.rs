@@ -965,3 +965,28 @@ async fn the_api_index_lists_only_what_the_caller_may_use() {
     assert_eq!(root["name"], "pgrelay");
     assert!(!root.to_string().contains("docs"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_key_change_a_policy_limited_socket_sees_the_new_key_and_not_the_old_one() {
+    // A member sees tenant_id, title and the key. Once `title` is the key, `id` is a hidden
+    // column: a socket that goes on without subscribing again must not see it.
+    let db = TestDb::new()
+        .await
+        .with_tables(DOCS, &["docs", "other"])
+        .await;
+    let relay = docs_relay(&db).await;
+    let mut ws = relay.ws_as("/ws/docs", &token("member", 1, 600)).await;
+    db.exec("insert into docs values (1, 1, 'a', 's')").await;
+    assert_eq!(
+        ws.next_json().await["data"],
+        json!({"id": 1, "tenant_id": 1, "title": "a"})
+    );
+
+    db.exec("alter table docs drop constraint docs_pkey, add primary key (title)")
+        .await;
+    assert_eq!(ws.next_json().await["reason"], "table_changed");
+    db.exec("insert into docs values (2, 1, 'b', 's')").await;
+    let event = ws.next_json().await;
+    assert_eq!(event["id"], "b", "{event}");
+    assert_eq!(event["data"], json!({"tenant_id": 1, "title": "b"}));
+}
