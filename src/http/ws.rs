@@ -292,9 +292,11 @@ pub(super) async fn prepare(
 }
 
 /// Checks a subscription again against its table as it is now and rebuilds its shape and
-/// access: after a reset the table may have another key (a projection, and a policy's
-/// visible columns, always hold the key columns; a column that was the key may be hidden
-/// now). A table no longer served leaves it as it is (nothing more comes for it).
+/// access when the table has another key since (a projection, and a policy's visible
+/// columns, always hold the key columns; a column that was the key may be hidden now). A
+/// table no longer served, or with the same key, leaves them as they are: its other
+/// changes end the subscriptions they concern before this is asked (a column a filter or
+/// `select` names dropped, renamed or retyped), and most resets are not changes at all.
 async fn reshape(
     state: &AppState,
     principal: &Principal,
@@ -302,7 +304,10 @@ async fn reshape(
     fields: (&mut TableInfo, &mut Access, &mut Shape),
 ) -> Result<(), Refusal> {
     let (table, access, shape) = fields;
-    let Some(current) = state.table(&table.resource) else {
+    let Some(current) = state
+        .table(&table.resource)
+        .filter(|t| t.key_columns != table.key_columns)
+    else {
         return Ok(());
     };
     let fresh = state.gate.access(&current, principal);
