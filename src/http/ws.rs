@@ -1587,11 +1587,14 @@ where
                     }
                     feed(sink, Message::Text(frame), &progress).await?;
                     sent += 1;
-                    // What follows a reset is shaped for the table as it is now.
+                    // What follows a reset is shaped for the table as it is now. (Boxed:
+                    // checking a filter is a large future, and every socket's task would
+                    // hold its room all the time: 2 KiB per idle connection.)
                     if let Some(principal) = principal
                         && !event
                         && let Err(refusal) =
-                            reshape(state, principal, params, (table, access, shape)).await
+                            Box::pin(reshape(state, principal, params, (table, access, shape)))
+                                .await
                     {
                         ended = Some(refusal.message);
                         break;
