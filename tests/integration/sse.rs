@@ -607,16 +607,9 @@ fn token(tenant: i64, ttl: u64) -> String {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_needs_a_token_takes_it_from_access_token_applies_its_policy_and_ends_at_exp() {
-    let db = TestDb::new()
-        .await
-        .with_tables(
-            "create table docs (id int primary key, tenant_id int not null, secret text)",
-            &["docs"],
-        )
-        .await;
-    let relay = Relay::start_with(&db, &["docs"], |c| {
+/// A relay serving `docs` to members: their tenant's rows, only `tenant_id` (and the key).
+async fn members_relay(db: &TestDb) -> Relay {
+    Relay::start_with(db, &["docs"], |c| {
         crate::support::with_policies(
             c,
             r#"
@@ -630,7 +623,19 @@ async fn a_stream_needs_a_token_takes_it_from_access_token_applies_its_policy_an
             SECRET,
         );
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_needs_a_token_takes_it_from_access_token_applies_its_policy_and_ends_at_exp() {
+    let db = TestDb::new()
+        .await
+        .with_tables(
+            "create table docs (id int primary key, tenant_id int not null, secret text)",
+            &["docs"],
+        )
+        .await;
+    let relay = members_relay(&db).await;
 
     let refused = http_with(relay.addr, "GET", "/sse/docs", &[], None).await;
     assert_eq!(refused.status, 401);
@@ -674,21 +679,7 @@ async fn a_policy_limited_stream_sees_the_new_key_in_its_fresh_rows_after_a_key_
         .await;
     db.exec("insert into docs values (1, 1, 'a'), (2, 2, 'b')")
         .await;
-    let relay = Relay::start_with(&db, &["docs"], |c| {
-        crate::support::with_policies(
-            c,
-            r#"
-            [[policy]]
-            tables = ["docs"]
-            roles = ["member"]
-            read = true
-            filter = "tenant_id=eq.{claims.tenant_id}"
-            columns = ["tenant_id"]
-            "#,
-            SECRET,
-        );
-    })
-    .await;
+    let relay = members_relay(&db).await;
     let path = format!("/sse/docs?snapshot=true&access_token={}", token(1, 600));
     let mut sse = Sse::open(relay.addr, &path, &[]).await;
     let (rows, _) = sse.initial_rows().await;
