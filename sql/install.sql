@@ -34,6 +34,19 @@
 -- which order, comes from the log alone, so a forged or lost notification changes nothing.
 -- In 'poll' mode the triggers never NOTIFY (no commit-time lock) and relays poll.
 --
+-- Waking relays (notify mode): a trigger notifies only when a relay sleeps. A relay that
+-- waits for notifications holds the advisory lock 8099568234784717057 ('pgrelay' 01) in
+-- exclusive mode for its session (and 8099568234784717058, 'pgrelay' 02, in share mode,
+-- which tells other relays that it does); while writes keep coming it lets go and polls.
+-- The trigger tries the first lock in share mode for its transaction: it gets it when no
+-- relay sleeps, and then holds it until it commits or aborts, so no relay can fall asleep
+-- before this transaction's rows are visible to the poll that follows its falling asleep;
+-- it fails while a relay sleeps, and the transaction notifies. Either way the transaction
+-- is read soon after it commits, and under load writers skip NOTIFY's commit-time lock.
+-- The lock functions are PostgreSQL's own: a role that plays with these keys can make
+-- writers notify when they need not, or relays poll when they could sleep (at most
+-- poll_max apart), never lose or reorder an event.
+--
 -- Locks: a capture function waits for the log's own locks (extending pgrelay.changes or its
 -- index while other writers do) however short the writer's lock_timeout is: its functions run
 -- with lock_timeout = 0, so a writer is never cancelled inside pgrelay's trigger. (NOTIFY's
@@ -219,7 +232,9 @@ begin
         select s, s, coalesce(stmt, s), tg_relid, keys, 1, json_build_array(json_build_array(s, 't', null, null, null))
           from (select nextval('pgrelay.changes_seq') as s) as x;
         if tg_argv[0] = 'notify' then
-            perform pg_notify('pgrelay', '');
+            if not pg_try_advisory_xact_lock_shared(8099568234784717057) then
+                perform pg_notify('pgrelay', '');
+            end if;
         end if;
         return null;
     end if;
@@ -310,7 +325,9 @@ begin
     end if;
     get diagnostics logged = row_count;
     if logged > 0 and tg_argv[0] = 'notify' then
-        perform pg_notify('pgrelay', '');
+        if not pg_try_advisory_xact_lock_shared(8099568234784717057) then
+            perform pg_notify('pgrelay', '');
+        end if;
     end if;
     return null;
 end
@@ -359,7 +376,9 @@ begin
                 json_build_array(json_build_array(s1, 'd', null, null, r_old)));
     end if;
     if tg_argv[0] = 'notify' then
-        perform pg_notify('pgrelay', '');
+        if not pg_try_advisory_xact_lock_shared(8099568234784717057) then
+            perform pg_notify('pgrelay', '');
+        end if;
     end if;
     return null;
 end
@@ -382,7 +401,9 @@ begin
            json_build_array(json_build_array(s, 'p', null, null, null))
       from (select nextval('pgrelay.changes_seq') as s) as x;
     if tg_argv[0] = 'notify' then
-        perform pg_notify('pgrelay', '');
+        if not pg_try_advisory_xact_lock_shared(8099568234784717057) then
+            perform pg_notify('pgrelay', '');
+        end if;
     end if;
     return null;
 end

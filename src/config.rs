@@ -83,6 +83,9 @@ pub struct Config {
     pub poll_min: Duration,
     /// Longest wait between polls: poll mode when idle, and notify mode's safety net.
     pub poll_max: Duration,
+    /// Notify mode: notifications per second past which a sleeping relay lets writers skip
+    /// NOTIFY and polls until the writes pause (0: never).
+    pub notify_busy_rate: u64,
     /// How often the schema watcher reads the catalog.
     pub schema_interval: Duration,
     /// Longest wait between reconnect attempts.
@@ -201,6 +204,7 @@ impl Config {
             report_interval: Duration::from_secs(1),
             poll_min: Duration::from_millis(1),
             poll_max: Duration::from_millis(500),
+            notify_busy_rate: 1500,
             schema_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),

@@ -161,6 +161,7 @@ pub async fn run(
         report_interval: config.report_interval,
         poll_min: config.poll_min,
         poll_max: config.poll_max,
+        notify_busy_rate: config.notify_busy_rate,
         max_backoff: config.max_backoff,
     };
     tracker.spawn(capture.run(token.clone()));

@@ -28,6 +28,11 @@ pub struct Metrics {
     pub wakes: AtomicU64,
     /// Polls of the log.
     pub polls: AtomicU64,
+    /// Notify mode: times capture fell asleep holding the sleep lock (writers notify).
+    pub capture_sleeps: AtomicU64,
+    /// Notify mode: times notifications came so fast that capture let go of the sleep lock
+    /// and polled (writers stop notifying).
+    pub capture_busy: AtomicU64,
     /// Seconds the capture horizon has not moved (gauge).
     pub horizon_stuck_seconds: AtomicU64,
     /// Pid of the backend whose transaction holds the horizon back, 0 if none (gauge).
@@ -59,7 +64,7 @@ impl Metrics {
     pub fn render(&self, listening: bool) -> String {
         let mut out = String::new();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 16] = [
+        let rows: [(&str, &str, &str, u64); 18] = [
             (
                 "pgrelay_snapshots_running",
                 "gauge",
@@ -113,6 +118,18 @@ impl Metrics {
                 "counter",
                 "Polls of the change log.",
                 load(&self.polls),
+            ),
+            (
+                "pgrelay_capture_sleeps_total",
+                "counter",
+                "Notify mode: times capture fell asleep waiting for writers' notifications.",
+                load(&self.capture_sleeps),
+            ),
+            (
+                "pgrelay_capture_busy_total",
+                "counter",
+                "Notify mode: times notifications came faster than --notify-busy-rate, so that capture polled and writers stopped notifying.",
+                load(&self.capture_busy),
             ),
             (
                 "pgrelay_horizon_stuck_seconds",

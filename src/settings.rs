@@ -59,6 +59,12 @@ pub struct Settings {
     #[arg(long, env = "PGRELAY_POLL_MAX_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_max_ms: Option<u64>,
+    /// Notify mode: notifications per second past which a sleeping relay stops asking writers
+    /// to NOTIFY (their commits then skip NOTIFY's cluster-wide lock) and polls until the
+    /// writes pause; 0 never [default: 1500].
+    #[arg(long, env = "PGRELAY_NOTIFY_BUSY_RATE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify_busy_rate: Option<u64>,
     /// Milliseconds between checks of the exposed tables' catalog entries [default: 1000].
     #[arg(long, env = "PGRELAY_SCHEMA_INTERVAL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -320,6 +326,7 @@ impl Settings {
     /// These settings over `under`: what `self` leaves unset, `under` fills.
     pub fn over(mut self, mut under: Settings) -> Settings {
         layer!(self, under; database_url, listen, tables, install, capture, poll_max_ms,
+            notify_busy_rate,
             schema_interval_ms, ping_interval, ping_timeout, max_frame, queue_bytes,
             history_events, history_bytes, pool_size, pool_wait_timeout, pool_connect_timeout,
             max_body, retention_secs, retention_rows, allow_anonymous, rest_set_role, rest_allow_unfiltered_writes, tls_cert,
@@ -368,6 +375,7 @@ impl Settings {
             install: Some(d.install),
             capture: Some(d.capture_mode.name().to_owned()),
             poll_max_ms: Some(d.poll_max.as_millis() as u64),
+            notify_busy_rate: Some(d.notify_busy_rate),
             schema_interval_ms: Some(d.schema_interval.as_millis() as u64),
             ping_interval: secs(d.ping_interval),
             ping_timeout: secs(d.ping_timeout),
@@ -452,6 +460,7 @@ impl Settings {
                 .ok_or_else(|| ConfigError::Option("capture", "must be notify or poll".into()))?;
         }
         set(&mut config.poll_max, self.poll_max_ms.map(ms));
+        set(&mut config.notify_busy_rate, self.notify_busy_rate);
         set(&mut config.schema_interval, self.schema_interval_ms.map(ms));
         set(&mut config.ping_interval, self.ping_interval.map(secs));
         set(&mut config.ping_timeout, self.ping_timeout.map(secs));

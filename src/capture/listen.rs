@@ -3,12 +3,16 @@
 //! client half runs capture's own queries.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::future::poll_fn;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{AsyncMessage, Client};
 
 use crate::metrics::Metrics;
+
+/// The payload of the notification a relay sends when it stops sleeping.
+pub const AWAKE: &str = "awake";
 
 /// A connected capture connection. Dropping it stops the driver and closes the connection.
 pub struct Listener {
@@ -19,6 +23,9 @@ pub struct Listener {
     pub wake_rx: mpsc::Receiver<()>,
     /// Why the connection ended (an error, or `None` when it simply closed).
     pub ended_rx: oneshot::Receiver<Option<tokio_postgres::Error>>,
+    /// Set when a relay announced that it stopped sleeping (payload [`AWAKE`]): writers no
+    /// longer notify for it, so relays that slept on its behalf must poll (see `Sleep`).
+    pub released: Arc<AtomicBool>,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -32,6 +39,8 @@ impl Listener {
         let (client, mut connection) = target.config.connect(target.tls.clone()).await?;
         let (wake_tx, wake_rx) = mpsc::channel(1);
         let (ended_tx, ended_rx) = oneshot::channel();
+        let released = Arc::new(AtomicBool::new(false));
+        let released_tx = Arc::clone(&released);
         // The driver keeps reading the socket whatever capture is doing, so PostgreSQL's
         // notification queue never fills up behind a busy relay.
         let driver = tokio::spawn(async move {
@@ -42,7 +51,9 @@ impl Listener {
                             continue;
                         }
                         metrics.inc(&metrics.wakes);
-                        if !n.payload().is_empty() {
+                        if n.payload() == AWAKE {
+                            released_tx.store(true, Ordering::Relaxed);
+                        } else if !n.payload().is_empty() {
                             // Not from a capture trigger: a wake-up all the same (it is
                             // harmless: polls read the log, never the payload).
                             metrics.inc(&metrics.bad_payloads);
@@ -67,6 +78,7 @@ impl Listener {
             client,
             wake_rx,
             ended_rx,
+            released,
             driver,
         })
     }

@@ -4,9 +4,12 @@
 //! coalesced wake-ups); on every wake-up, and on a timer, [`poll::poll`] reads the log rows of
 //! the transactions that committed since the last poll and publishes them to the hub.
 //!
-//! - **Notify mode** (default): capture triggers send an empty `pg_notify` per transaction;
-//!   each one wakes a poll at once (lowest latency). A timer polls too (`poll_max`), so a
-//!   notification that never comes (a trigger installed in poll mode) costs latency, not data.
+//! - **Notify mode** (default): capture triggers send an empty `pg_notify` per transaction
+//!   while a relay sleeps; each one wakes a poll at once (lowest latency). A timer polls too
+//!   (`poll_max`), so a notification that never comes (a trigger installed in poll mode)
+//!   costs latency, not data. Under load (more than `notify_busy_rate` notifications a
+//!   second) the relay stops sleeping and polls as poll mode does, and writers skip NOTIFY
+//!   and its commit-time lock until the writes pause: see [`Sleep`].
 //! - **Poll mode**: triggers never NOTIFY (no commit-time lock); capture polls adaptively:
 //!   again right away while polls find rows, backing off to `poll_max` when idle.
 //!
@@ -64,6 +67,53 @@ impl Mode {
         }
     }
 }
+
+/// Held in exclusive mode, for its session, by a notify-mode relay that sleeps until notified;
+/// capture triggers try it in share mode for their transaction and notify only when they
+/// cannot have it (sql/install.sql, "Waking relays"). 'pgrelay' 01.
+pub const SLEEP_LOCK: i64 = 8_099_568_234_784_717_057;
+
+/// Held in share mode by the relay that holds [`SLEEP_LOCK`], so that other relays can tell it
+/// from writers (who hold `SLEEP_LOCK` in share mode) and sleep too. 'pgrelay' 02.
+pub const SLEEPER_LOCK: i64 = 8_099_568_234_784_717_058;
+
+/// Falls asleep if it may: holds the sleep lock (no writer is between its trigger and its
+/// commit, and from now on every writer notifies), follows a relay that holds it (writers
+/// notify for it), or stays awake (writers in flight skipped their notification: poll again).
+/// A relay holds no advisory lock when it runs this.
+const TRY_SLEEP: &str = "
+    select case
+        when pg_try_advisory_lock($1) then
+            case when pg_try_advisory_lock_shared($2) then 'holds'
+                 when pg_advisory_unlock($1) then 'awake'
+                 else 'awake' end
+        when pg_try_advisory_lock($2) then
+            case when pg_advisory_unlock($2) then 'awake' else 'awake' end
+        else 'follows' end";
+
+/// Stops sleeping: writers stop notifying, and relays that slept on this one's behalf are told
+/// (their capture polls again: see [`listen::AWAKE`]).
+const WAKE: &str = "select pg_advisory_unlock_all(), pg_notify('pgrelay', 'awake')";
+
+/// Notify mode's sleep protocol. Writers notify only while some relay sleeps (holds
+/// [`SLEEP_LOCK`]); a writer that skipped its notification holds that lock in share mode
+/// until it commits, so a relay can fall asleep only once every such writer is visible to
+/// the poll that follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sleep {
+    /// Polls on its own: soon again after a poll found rows, and tries to sleep after one
+    /// that found none.
+    Awake,
+    /// Holds the sleep lock and waits for notifications; lets go when they come faster
+    /// than `notify_busy_rate`.
+    Holds,
+    /// Another relay holds the sleep lock: waits for notifications, until that relay says it
+    /// is awake (or the timer, should it have vanished without a word).
+    Follows,
+}
+
+/// How long notifications are counted before a sleeping relay judges their rate.
+const BUSY_WINDOW: Duration = Duration::from_millis(50);
 
 const REPORT_RELAY: &str = "
     insert into pgrelay.relays (instance, horizon, last_seq, last_ts, seen_at, pid, held_by, snapshot)
@@ -237,6 +287,9 @@ pub struct Capture {
     pub poll_min: Duration,
     /// Longest wait between polls (poll mode when idle; notify mode's safety net).
     pub poll_max: Duration,
+    /// Notify mode: notifications per second past which a sleeping relay wakes up for good
+    /// and polls (0: never).
+    pub notify_busy_rate: u64,
     /// Cap of the reconnect backoff.
     pub max_backoff: Duration,
 }
@@ -356,17 +409,28 @@ impl Capture {
         // Poll mode waits `wait` between polls (back to `poll_min` after a poll that found
         // rows, doubling while polls find nothing: up to `busy_cap` while rows came within the
         // last second, so that a pause between commits never leaves the next ones waiting long,
-        // and up to `poll_max` once idle); notify mode waits `poll_max` after the
-        // last poll, whatever woke it. A deadline, not a sleep per loop turn: progress reports
-        // must not keep pushing the next poll back.
+        // and up to `poll_max` once idle). Notify mode's wait comes from its sleep protocol
+        // (`Asleep::next`). A deadline, not a sleep per loop turn: progress reports must not
+        // keep pushing the next poll back.
         let mut wait = self.poll_min;
         let busy_cap = (self.poll_min * 8).min(self.poll_max);
         let mut rows_at = Instant::now();
-        let mut next_poll = Instant::now() + self.poll_max;
+        let mut asleep = Asleep::new(busy_cap, self.poll_min);
+        let mut next_poll = Instant::now()
+            + match self.mode {
+                Mode::Notify => {
+                    let found = caught_up.events > 0;
+                    asleep
+                        .next(self, listener.client(), &statements, progress, found, false)
+                        .await?
+                }
+                Mode::Poll => self.poll_max,
+            };
         let Listener {
             client,
             wake_rx,
             ended_rx,
+            released,
             ..
         } = &mut listener;
         loop {
@@ -374,6 +438,9 @@ impl Capture {
                 biased;
                 // priority 1: shutdown
                 _ = token.cancelled() => {
+                    if asleep.sleep == Sleep::Holds {
+                        let _ = client.batch_execute(WAKE).await;
+                    }
                     let _ = client.batch_execute("unlisten *").await;
                     let _ = client.execute(FORGET_RELAY, &[&progress.instance]).await;
                     return Ok(());
@@ -387,9 +454,14 @@ impl Capture {
                 // priority 4: something committed (or the schema watcher asks)
                 Some(()) = wake_rx.recv() => {
                     while wake_rx.try_recv().is_ok() {}
-                    self.poll(client, &statements, progress).await?;
+                    let polled = self.poll(client, &statements, progress).await?;
                     if self.mode == Mode::Notify {
-                        next_poll = Instant::now() + self.poll_max;
+                        if released.swap(false, Ordering::Relaxed) && asleep.sleep == Sleep::Follows {
+                            asleep.sleep = Sleep::Awake;
+                        }
+                        let found = polled.events > 0;
+                        next_poll = Instant::now()
+                            + asleep.next(self, client, &statements, progress, found, false).await?;
                     }
                 }
                 _ = self.state.poke.notified() => {
@@ -402,10 +474,15 @@ impl Capture {
                     if polled.events > 0 {
                         rows_at = Instant::now();
                     }
-                    wait = poll_wait(wait, polled.events > 0, rows_at.elapsed(), busy_cap, self.poll_min, self.poll_max);
                     next_poll = Instant::now() + match self.mode {
-                        Mode::Notify => self.poll_max,
-                        Mode::Poll => wait,
+                        Mode::Notify => {
+                            let found = polled.events > 0;
+                            asleep.next(self, client, &statements, progress, found, true).await?
+                        }
+                        Mode::Poll => {
+                            wait = poll_wait(wait, polled.events > 0, rows_at.elapsed(), busy_cap, self.poll_min, self.poll_max);
+                            wait
+                        }
                     };
                 }
             }
@@ -539,6 +616,91 @@ fn poll_wait(
         poll_max
     };
     (last * 2).min(cap).max(poll_min)
+}
+
+/// Notify mode's state in its sleep protocol (see [`Sleep`]).
+struct Asleep {
+    sleep: Sleep,
+    /// The wait before the next poll while awake and unable to sleep.
+    wait: Duration,
+    /// Since when notifications are counted, and the count then (`Metrics::wakes`).
+    window: (Instant, u64),
+    busy_cap: Duration,
+}
+
+impl Asleep {
+    fn new(busy_cap: Duration, poll_min: Duration) -> Asleep {
+        Asleep {
+            sleep: Sleep::Awake,
+            wait: poll_min,
+            window: (Instant::now(), 0),
+            busy_cap,
+        }
+    }
+
+    /// After a poll (`found`: it published events; `timer`: the timer asked for it): what the
+    /// relay does next, and how long until its next poll unless a notification comes first.
+    async fn next(
+        &mut self,
+        capture: &Capture,
+        client: &Client,
+        statements: &poll::Statements,
+        progress: &mut Progress,
+        found: bool,
+        timer: bool,
+    ) -> Result<Duration, CaptureError> {
+        let wakes = || capture.metrics.wakes.load(Ordering::Relaxed);
+        match self.sleep {
+            Sleep::Holds => {
+                let (since, count) = self.window;
+                let elapsed = since.elapsed();
+                if elapsed < BUSY_WINDOW {
+                    return Ok(capture.poll_max);
+                }
+                let now = wakes();
+                self.window = (Instant::now(), now);
+                let rate = now.saturating_sub(count) as f64 / elapsed.as_secs_f64();
+                if capture.notify_busy_rate == 0 || rate < capture.notify_busy_rate as f64 {
+                    return Ok(capture.poll_max);
+                }
+                client.batch_execute(WAKE).await?;
+                capture.metrics.inc(&capture.metrics.capture_busy);
+                tracing::debug!(rate, "capture polls: writers stop notifying");
+                self.sleep = Sleep::Awake;
+                self.wait = capture.poll_min;
+                Ok(capture.poll_min)
+            }
+            Sleep::Follows if !timer => Ok(capture.poll_max),
+            Sleep::Follows | Sleep::Awake => {
+                if found {
+                    self.sleep = Sleep::Awake;
+                    self.wait = capture.poll_min;
+                    return Ok(capture.poll_min);
+                }
+                let row = client
+                    .query_one(TRY_SLEEP, &[&SLEEP_LOCK, &SLEEPER_LOCK])
+                    .await?;
+                self.sleep = match row.get::<_, &str>(0) {
+                    "holds" => Sleep::Holds,
+                    "follows" => Sleep::Follows,
+                    _ => {
+                        // A writer is between its trigger and its commit without having
+                        // notified (or no relay that sleeps can be told from one): poll again.
+                        self.sleep = Sleep::Awake;
+                        self.wait = (self.wait * 2).min(self.busy_cap).max(capture.poll_min);
+                        return Ok(self.wait);
+                    }
+                };
+                if self.sleep == Sleep::Holds {
+                    capture.metrics.inc(&capture.metrics.capture_sleeps);
+                    self.window = (Instant::now(), wakes());
+                }
+                // Writers notify from now on; this poll reads those that committed without.
+                capture.poll(client, statements, progress).await?;
+                Ok(capture.poll_max)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,3 +36,4 @@ mod stream;
 mod support;
 mod tls;
 mod values;
+mod wake;
