@@ -7,7 +7,8 @@
 //! tokio-tungstenite clients; they do not parse frames as JSON, only find the row id (and,
 //! for latency, the capture time) in the text, so the load generator stays cheap.
 //!
-//! What capture costs the writers themselves (no relay, no subscribers) is [`writes`].
+//! What capture costs the writers themselves (no subscribers; in the pgrelay variants a relay
+//! follows the table) is [`writes`].
 //!
 //! Steady runs can also measure other relays (pg_eventserv, broadcaster, PostGraphile…) in the
 //! same transactions with the same subscriber code: [`peers`].
@@ -130,20 +131,26 @@ impl BenchConfig {
     }
 }
 
-/// A relay the bench started; killed on drop.
-struct LocalRelay {
+/// A relay the bench started; killed on drop (also when the bench fails or is interrupted).
+pub(crate) struct LocalRelay {
     child: tokio::process::Child,
     addr: SocketAddr,
 }
 
 impl LocalRelay {
-    async fn start(database_url: &str, capture: pgrelay::capture::Mode) -> anyhow::Result<Self> {
+    /// Starts `pgrelay serve` on `database_url` for `tables` (comma-separated, as
+    /// `--tables` takes them) in capture mode `capture`, and waits until it is ready.
+    pub(crate) async fn start(
+        database_url: &str,
+        tables: &str,
+        capture: pgrelay::capture::Mode,
+    ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = tokio::process::Command::new(std::env::current_exe()?)
-            .args(["serve", "--tables", TABLE, "--listen", &addr.to_string()])
+            .args(["serve", "--tables", tables, "--listen", &addr.to_string()])
             // Every subscriber comes from this machine's address.
             .args(["--max-connections-per-ip", "1000000"])
             .args(["--capture", capture.name()])
@@ -154,7 +161,7 @@ impl LocalRelay {
             .context("starting the relay")?;
         let relay = LocalRelay { child, addr };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http_status(addr, "/readyz").await != Some(200) {
+        while http_get(addr, "/readyz").await.map(|(status, _)| status) != Some(200) {
             if Instant::now() > deadline {
                 bail!("the relay did not become ready within 30 s");
             }
@@ -163,22 +170,46 @@ impl LocalRelay {
         Ok(relay)
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Events the relay has captured since it started (`pgrelay_events_captured_total`),
+    /// if its `/metrics` answers.
+    pub(crate) async fn events_captured(&self) -> Option<u64> {
+        let (status, body) = http_get(self.addr, "/metrics").await?;
+        if status != 200 {
+            return None;
+        }
+        metric(&body, "pgrelay_events_captured_total")
+    }
+
+    /// Kills the relay and waits until it has exited (dropping it only sends the signal).
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.kill().await.context("stopping the relay")
     }
 }
 
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+/// The value of an unlabelled metric in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Status and body of `GET path` (HTTP/1.1, `Connection: close`).
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.ok()?;
-    String::from_utf8_lossy(&response)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
 
 /// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
@@ -228,7 +259,7 @@ pub async fn run(config: &BenchConfig) -> anyhow::Result<Report> {
 
     let local = match &config.relay_url {
         Some(_) => None,
-        None => Some(LocalRelay::start(&config.database_url, config.capture).await?),
+        None => Some(LocalRelay::start(&config.database_url, TABLE, config.capture).await?),
     };
     let base_url = match (&config.relay_url, &local) {
         (Some(url), _) => url.trim_end_matches('/').to_owned(),
@@ -586,4 +617,19 @@ async fn idle(config: &BenchConfig, url: &str, relay_pid: Option<&str>) -> anyho
         rss_per_connection_kib: Some(per),
         ..Report::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_reads_an_unlabelled_counter_and_no_other() {
+        let text = "# HELP pgrelay_events_captured_total Events.\n\
+                    # TYPE pgrelay_events_captured_total counter\n\
+                    pgrelay_events_captured_total_x 9\n\
+                    pgrelay_events_captured_total 42\n";
+        assert_eq!(metric(text, "pgrelay_events_captured_total"), Some(42));
+        assert_eq!(metric(text, "pgrelay_polls_total"), None);
+    }
 }

@@ -153,7 +153,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
 
     let capture = capture::Capture {
-        target: sql::target(&config.database_url, "pgrelay capture")?,
+        target: sql::target(&config.database_url, capture::APPLICATION_NAME)?,
         mode: config.capture_mode,
         hub: Arc::clone(&hub),
         state: Arc::clone(&capture_state),

@@ -190,6 +190,10 @@ struct BenchArgs {
     /// `writes`: the writers' `synchronous_commit` (e.g. `off`, to leave the WAL flush out).
     #[arg(long)]
     synchronous_commit: Option<String>,
+    /// `writes`: no relay follows the table in the pgrelay variants (by default the bench
+    /// starts one per measurement, as in real use, and reports its CPU time apart).
+    #[arg(long)]
+    no_relay: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -413,6 +417,7 @@ async fn run_bench_writes(args: BenchArgs) -> anyhow::Result<()> {
         runs: args.runs,
         lock_timeout: args.lock_timeout,
         synchronous_commit: args.synchronous_commit,
+        relay: !args.no_relay,
     };
     let report = bench::writes::run(&config).await?;
     if args.json {

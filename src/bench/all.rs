@@ -249,6 +249,7 @@ pub async fn run(config: &AllConfig) -> anyhow::Result<String> {
             runs: config.runs.max(1),
             lock_timeout,
             synchronous_commit: None,
+            relay: true,
         })
         .await?;
         println!("{}", writes::render(&report));

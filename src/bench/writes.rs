@@ -10,8 +10,15 @@
 //! - `poll`: the same in poll mode (the log is written the same way, no NOTIFY).
 //!
 //! Measurements are interleaved round robin (none, bare, notify, poll, none, …) so that the
-//! machine's noise hits every variant alike, and the median per variant is reported. Nobody
-//! LISTENs: this measures what the writer pays (the delivery scenarios measure the rest).
+//! machine's noise hits every variant alike, and the median per variant is reported.
+//!
+//! In the pgrelay variants a relay follows the table, as in real use: the bench starts one
+//! (this binary, `serve`) on the measurement's database once capture is installed, before the
+//! writers start, and kills it once it has captured every event they wrote. What the writers
+//! pay then includes what a relay does on the same server (poll mode's polls, the wake-ups of
+//! notify mode), and the relay's own CPU time, and its capture backend's, are reported apart.
+//! Nobody reads the bare variant's notifications. With `relay: false` (`--no-relay`) nobody
+//! follows any table (the method before the relay was added).
 //!
 //! With a lock timeout, each transaction is `BEGIN; write; COMMIT` under that `lock_timeout`,
 //! and a writer a lock timeout cancels stops; it is counted by where it struck: at COMMIT, in
@@ -28,7 +35,10 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
+use pgrelay::capture::Mode;
 use pgrelay::sql::quote_ident;
+
+use super::LocalRelay;
 
 mod report;
 pub use report::{render, targets};
@@ -170,10 +180,10 @@ impl Variant {
     }
 
     /// The capture mode `pgrelay install` is given, for the pgrelay variants.
-    fn capture(self) -> Option<&'static str> {
+    fn capture(self) -> Option<Mode> {
         match self {
-            Variant::Notify => Some("notify"),
-            Variant::Poll => Some("poll"),
+            Variant::Notify => Some(Mode::Notify),
+            Variant::Poll => Some(Mode::Poll),
             Variant::None | Variant::Bare => None,
         }
     }
@@ -197,6 +207,8 @@ pub struct WritesConfig {
     pub lock_timeout: Option<String>,
     /// `synchronous_commit` of the writers (e.g. `off`); the server's when `None`.
     pub synchronous_commit: Option<String>,
+    /// A relay follows the table in the pgrelay variants (`false`: nobody does).
+    pub relay: bool,
 }
 
 /// Writers a lock timeout cancelled, by where it struck.
@@ -234,6 +246,11 @@ struct Measurement {
     contexts: BTreeMap<String, u64>,
     /// CPU seconds the writers' backends used, all together (a server on this machine only).
     backend_cpu_secs: Option<f64>,
+    /// CPU seconds the relay used from the writers' start until it had captured every event
+    /// they wrote (the pgrelay variants with a relay only).
+    relay_cpu_secs: Option<f64>,
+    /// The same for the relay's capture connection's backend (and a server on this machine).
+    relay_backend_cpu_secs: Option<f64>,
 }
 
 /// One workload and variant over every run.
@@ -265,6 +282,14 @@ pub struct Row {
     /// microseconds (a server on this machine only): less swayed by other load than
     /// throughput.
     pub backend_cpu_us_per_tx: Option<f64>,
+    /// Median over the runs of the relay's CPU time per transaction, in microseconds, from
+    /// the writers' start until it had captured every event they wrote (the pgrelay variants
+    /// with a relay only).
+    pub relay_cpu_us_per_tx: Option<f64>,
+    /// The same for the backend of the relay's capture connection (found in
+    /// `pg_stat_activity` by its `application_name`, so not when the connection string sets
+    /// one; a server on this machine only).
+    pub relay_backend_cpu_us_per_tx: Option<f64>,
 }
 
 /// What a writes run measured.
@@ -286,6 +311,8 @@ pub struct WritesReport {
     pub lock_timeout: Option<String>,
     /// The writers' `synchronous_commit`, if set.
     pub synchronous_commit: Option<String>,
+    /// Whether a relay followed the table in the pgrelay variants.
+    pub relay: bool,
     /// One row per workload and variant, in that order.
     pub rows: Vec<Row>,
     /// Sanity checks that failed (the log holding other than one event per row written).
@@ -397,14 +424,9 @@ pub async fn run(config: &WritesConfig) -> anyhow::Result<WritesReport> {
                 clients: runs.iter().map(|m| m.writers).sum(),
                 cancelled,
                 contexts,
-                backend_cpu_us_per_tx: runs
-                    .iter()
-                    .map(|m| {
-                        m.backend_cpu_secs
-                            .map(|cpu| cpu * 1e6 / m.transactions.max(1) as f64)
-                    })
-                    .collect::<Option<Vec<f64>>>()
-                    .map(|per_tx| median(&per_tx)),
+                backend_cpu_us_per_tx: per_tx_median(runs, |m| m.backend_cpu_secs),
+                relay_cpu_us_per_tx: per_tx_median(runs, |m| m.relay_cpu_secs),
+                relay_backend_cpu_us_per_tx: per_tx_median(runs, |m| m.relay_backend_cpu_secs),
             })
         })
         .collect();
@@ -437,6 +459,7 @@ pub async fn run(config: &WritesConfig) -> anyhow::Result<WritesReport> {
         runs: config.runs.max(1),
         lock_timeout: config.lock_timeout.clone(),
         synchronous_commit: config.synchronous_commit.clone(),
+        relay: config.relay,
         rows,
         warnings,
         elapsed_secs: started.elapsed().as_secs_f64(),
@@ -445,6 +468,37 @@ pub async fn run(config: &WritesConfig) -> anyhow::Result<WritesReport> {
 
 fn tps(m: &Measurement) -> f64 {
     m.transactions as f64 / m.secs.max(1e-9)
+}
+
+/// The median over `runs` of `cpu` (seconds) per transaction, in microseconds; `None` if a
+/// run lacks it.
+fn per_tx_median(runs: &[Measurement], cpu: impl Fn(&Measurement) -> Option<f64>) -> Option<f64> {
+    runs.iter()
+        .map(|m| cpu(m).map(|secs| secs * 1e6 / m.transactions.max(1) as f64))
+        .collect::<Option<Vec<f64>>>()
+        .map(|per_tx| median(&per_tx))
+}
+
+/// `database_url` pointing at database `dbname` instead of its own, for a relay started on
+/// one of the bench's databases (it takes a connection string, not a parsed config). The
+/// rest (host, user, TLS settings, …) stays as written: a URL gets a `dbname` query
+/// parameter, a key=value string a `dbname` pair, which override the database named before
+/// them (in libpq and tokio-postgres alike).
+fn with_dbname(database_url: &str, dbname: &str) -> String {
+    let url = database_url.trim();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let separator = match url.find('?') {
+            None => "?",
+            Some(_) if url.ends_with('?') || url.ends_with('&') => "",
+            Some(_) => "&",
+        };
+        let dbname =
+            percent_encoding::utf8_percent_encode(dbname, percent_encoding::NON_ALPHANUMERIC);
+        format!("{url}{separator}dbname={dbname}")
+    } else {
+        let quoted = dbname.replace('\\', "\\\\").replace('\'', "\\'");
+        format!("{url} dbname='{quoted}'").trim_start().to_owned()
+    }
 }
 
 /// The median (the mean of the middle two for an even count).
@@ -560,19 +614,18 @@ async fn measure(
     }
     match variant.capture() {
         Some(mode) => {
-            pgrelay::sql::install(&mut setup, &[pgrelay::TableName::parse(TABLE)?], mode)
-                .await
-                .context("installing capture")?;
+            pgrelay::sql::install(
+                &mut setup,
+                &[pgrelay::TableName::parse(TABLE)?],
+                mode.name(),
+            )
+            .await
+            .context("installing capture")?;
         }
         None if variant == Variant::Bare => setup.batch_execute(BARE_NOTIFY).await?,
         None => {}
     }
-    // Every measurement starts from the same WAL state (needs the right to checkpoint; the
-    // measurement goes on without it).
-    let _ = admin.batch_execute("checkpoint").await;
-
-    let writers = workload.writers(config.writers);
-    // The writers' backends' CPU time can be read from /proc when the server runs here.
+    // Backends' CPU time can be read from /proc when the server runs here.
     let local = server.config.get_hosts().iter().all(|host| match host {
         tokio_postgres::config::Host::Tcp(name) => {
             name == "localhost"
@@ -582,6 +635,27 @@ async fn measure(
         }
         tokio_postgres::config::Host::Unix(_) => true,
     });
+    // The relay that follows the table; killed on drop, so also when this fails or the run
+    // is interrupted.
+    let relay = match variant.capture() {
+        Some(mode) if config.relay => {
+            let url = with_dbname(&config.database_url, dbname);
+            let relay = LocalRelay::start(&url, TABLE, mode)
+                .await
+                .context("starting the relay")?;
+            Some(relay)
+        }
+        _ => None,
+    };
+    let relay_backend = match (&relay, local) {
+        (Some(_), true) => capture_backend(admin, dbname).await?,
+        _ => None,
+    };
+    // Every measurement starts from the same WAL state (needs the right to checkpoint; the
+    // measurement goes on without it).
+    let _ = admin.batch_execute("checkpoint").await;
+
+    let writers = workload.writers(config.writers);
     // Every writer connects and prepares, then all start at once.
     let start = Arc::new(tokio::sync::Barrier::new(writers + 1));
     let mut tasks = tokio::task::JoinSet::new();
@@ -644,13 +718,19 @@ async fn measure(
             Ok::<_, anyhow::Error>(writer)
         });
     }
+    let relay_pid = relay
+        .as_ref()
+        .and_then(LocalRelay::pid)
+        .map(|pid| pid.to_string());
+    let relay_cpu_before = relay_pid.as_deref().and_then(super::cpu_secs);
+    let relay_backend_cpu_before = relay_backend.as_deref().and_then(backend_cpu_secs);
     start.wait().await;
     let began = Instant::now();
     let mut measurement = Measurement {
         writers,
         ..Measurement::default()
     };
-    let mut backend_cpu_secs = Some(0.0);
+    let mut writers_cpu_secs = Some(0.0);
     while let Some(result) = tasks.join_next().await {
         let writer = result.context("a writer task failed")??;
         measurement.transactions += writer.transactions;
@@ -658,20 +738,51 @@ async fn measure(
         if let Some(context) = writer.context {
             *measurement.contexts.entry(context).or_default() += 1;
         }
-        backend_cpu_secs = backend_cpu_secs
+        writers_cpu_secs = writers_cpu_secs
             .zip(writer.backend_cpu_secs)
             .map(|(a, b)| a + b);
     }
-    measurement.backend_cpu_secs = backend_cpu_secs;
+    measurement.backend_cpu_secs = writers_cpu_secs;
     measurement.secs = began.elapsed().as_secs_f64();
+    let expected = measurement.transactions * workload.rows_per_transaction();
 
-    // Sanity: capture must have logged exactly one event per row written.
+    if let Some(relay) = relay {
+        // The relay's share of the cost: until it has captured every event written.
+        let captured = caught_up(&relay, expected).await;
+        if captured != Some(expected) {
+            warnings.push(format!(
+                "{} {}: the relay captured {} of {expected} events within {} s",
+                workload.name(),
+                variant.name(),
+                captured.map_or("(unknown)".to_owned(), |n| n.to_string()),
+                CATCH_UP.as_secs()
+            ));
+        }
+        let spent = |before: Option<f64>, after: Option<f64>| {
+            before.zip(after).map(|(before, after)| after - before)
+        };
+        measurement.relay_cpu_secs = spent(
+            relay_cpu_before,
+            relay_pid.as_deref().and_then(super::cpu_secs),
+        );
+        measurement.relay_backend_cpu_secs = spent(
+            relay_backend_cpu_before,
+            relay_backend.as_deref().and_then(backend_cpu_secs),
+        );
+        relay.stop().await?;
+    }
+
+    // Sanity: capture must have logged exactly one event per row written (the relay's start
+    // marker, a log row of no table, is not one).
     if variant.capture().is_some() {
         let logged: i64 = setup
-            .query_one("select coalesce(sum(n), 0)::int8 from pgrelay.changes", &[])
+            .query_one(
+                "select coalesce(sum(n), 0)::int8 from pgrelay.changes \
+                 where relid = 'bench_items'::regclass",
+                &[],
+            )
             .await?
             .get(0);
-        let expected = measurement.transactions * workload.rows_per_transaction();
         if u64::try_from(logged).ok() != Some(expected) {
             warnings.push(format!(
                 "{} {}: pgrelay.changes holds {logged} events, expected {expected}",
@@ -681,6 +792,42 @@ async fn measure(
         }
     }
     Ok(measurement)
+}
+
+/// How long the relay may take, once the writers are done, to capture what they wrote.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Waits until `relay` has captured `expected` events (or [`CATCH_UP`] has passed); returns
+/// how many it had captured then, if its metrics answered.
+async fn caught_up(relay: &LocalRelay, expected: u64) -> Option<u64> {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let captured = relay.events_captured().await;
+        if captured.is_some_and(|n| n >= expected) || Instant::now() >= deadline {
+            return captured;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pid of the backend of the relay's capture connection on database `dbname`, found by
+/// its `application_name` (`None` unless there is exactly one: the connection string may
+/// name every connection the same).
+async fn capture_backend(admin: &Client, dbname: &str) -> anyhow::Result<Option<String>> {
+    let pids: Vec<i32> = admin
+        .query(
+            "select pid from pg_stat_activity where datname = $1 and application_name = $2",
+            &[&dbname, &pgrelay::capture::APPLICATION_NAME],
+        )
+        .await
+        .context("finding the relay's capture backend")?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Ok(match pids.as_slice() {
+        [pid] => Some(pid.to_string()),
+        _ => None,
+    })
 }
 
 /// One transaction of `workload`: the statement alone (autocommit), or `BEGIN; statement;
@@ -770,5 +917,39 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn with_dbname_points_a_connection_string_at_another_database_and_keeps_the_rest() {
+        let name = "pgrelay_bench_1_insert_poll_1";
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            "postgresql://u:p%40ss@db:5433/app?sslmode=disable&application_name=x",
+            "postgres://u@db/app?",
+            "postgres://u@db",
+            "host=127.0.0.1 port=5433 dbname=postgres sslmode=disable",
+            "  host=db user='a b' ",
+        ] {
+            let derived = with_dbname(url, name);
+            let config = pgrelay::tls::target(&derived)
+                .unwrap_or_else(|e| panic!("{derived}: {e}"))
+                .config;
+            assert_eq!(config.get_dbname(), Some(name), "{derived}");
+            let original = pgrelay::tls::target(url).unwrap().config;
+            assert_eq!(config.get_hosts(), original.get_hosts(), "{derived}");
+            assert_eq!(config.get_ports(), original.get_ports(), "{derived}");
+            assert_eq!(config.get_user(), original.get_user(), "{derived}");
+            assert_eq!(
+                config.get_application_name(),
+                original.get_application_name(),
+                "{derived}"
+            );
+        }
+        // Characters a URL or a quoted value would read otherwise are escaped.
+        for url in ["postgres://u@db/app", "host=db"] {
+            let derived = with_dbname(url, "a b'c\\d&e");
+            let config = pgrelay::tls::target(&derived).unwrap().config;
+            assert_eq!(config.get_dbname(), Some("a b'c\\d&e"), "{derived}");
+        }
     }
 }

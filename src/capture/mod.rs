@@ -31,6 +31,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+/// `application_name` of the capture connection, unless the connection string sets one: its
+/// backend can be found in `pg_stat_activity` (the writes bench reads its CPU time).
+pub const APPLICATION_NAME: &str = "pgrelay capture";
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 

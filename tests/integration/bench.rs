@@ -112,7 +112,13 @@ async fn the_writes_bench_measures_every_variant_and_drops_its_databases() {
     // Each row's ratio to itself is 1.
     assert_eq!(rows[0]["vs_none"].as_f64(), Some(1.0));
     assert_eq!(rows[1]["vs_bare"].as_f64(), Some(1.0));
-    // Capture logged one event per row written, in both modes.
+    // A relay followed the table in the pgrelay variants only; its CPU time is reported.
+    assert_eq!(report["relay"], true);
+    for row in rows {
+        let pgrelay = row["variant"] == "notify" || row["variant"] == "poll";
+        assert_eq!(row["relay_cpu_us_per_tx"].is_number(), pgrelay, "{row}");
+    }
+    // Capture logged one event per row written, in both modes, and the relay captured them.
     assert_eq!(report["warnings"], serde_json::json!([]));
     assert_eq!(leftover_databases(&db, pid).await, Vec::<String>::new());
 }

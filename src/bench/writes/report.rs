@@ -68,6 +68,17 @@ pub fn targets(report: &WritesReport) -> Vec<Target> {
     targets
 }
 
+/// Who reads the captured changes during the measurements, for the method line.
+fn who_follows(relay: bool) -> &'static str {
+    match relay {
+        true => {
+            "a relay follows the table in the pgrelay variants (its CPU is reported apart; \
+             nobody LISTENs to the bare trigger)"
+        }
+        false => "nobody LISTENs",
+    }
+}
+
 /// The report as markdown, for BENCHMARKS.md.
 pub fn render(report: &WritesReport) -> String {
     let mut out = format!("### What the writer pays ({})\n\n", report.date);
@@ -81,14 +92,28 @@ pub fn render(report: &WritesReport) -> String {
     out.push_str(&format!(
         "`{}`: {} s per timed measurement, median of {} interleaved runs (variants round robin: \
          none, bare, notify, poll, …; a fresh database per measurement, checkpoint before each, \
-         nobody LISTENs); total {:.0} s. Backend CPU per tx: the writers' PostgreSQL backends' \
-         CPU time (from /proc, a server on this machine only) per transaction, median of the runs.\n\n",
-        report.command, report.duration_secs, report.runs, report.elapsed_secs
+         {}); total {:.0} s. Backend CPU per tx: the writers' PostgreSQL backends' CPU time \
+         (from /proc, a server on this machine only) per transaction, median of the runs.{}\n\n",
+        report.command,
+        report.duration_secs,
+        report.runs,
+        who_follows(report.relay),
+        report.elapsed_secs,
+        match report.relay {
+            true =>
+                " Relay CPU per tx: the relay's CPU time from the writers' start until it had \
+                     captured every event they wrote, per transaction, median of the runs; relay \
+                     capture backend: the same for the PostgreSQL backend of its capture \
+                     connection.",
+            false => "",
+        }
     ));
-    out.push_str(
-        "| workload | variant | median TPS | rows/s | vs no capture | vs bare notify | runs (TPS) | backend CPU per tx |\n\
-         |---|---|---:|---:|---:|---:|---|---:|\n",
-    );
+    out.push_str(match report.relay {
+        true => "| workload | variant | median TPS | rows/s | vs no capture | vs bare notify | runs (TPS) | backend CPU per tx | relay CPU per tx | relay capture backend CPU per tx |\n\
+                 |---|---|---:|---:|---:|---:|---|---:|---:|---:|\n",
+        false => "| workload | variant | median TPS | rows/s | vs no capture | vs bare notify | runs (TPS) | backend CPU per tx |\n\
+                  |---|---|---:|---:|---:|---:|---|---:|\n",
+    });
     let number = |t: f64| {
         if t < 10.0 {
             format!("{t:.3}")
@@ -96,9 +121,18 @@ pub fn render(report: &WritesReport) -> String {
             format!("{t:.0}")
         }
     };
+    let micros = |us: Option<f64>| us.map_or(String::new(), |us| format!("{us:.0} µs"));
     for row in &report.rows {
+        let relay = match report.relay {
+            true => format!(
+                " {} | {} |",
+                micros(row.relay_cpu_us_per_tx),
+                micros(row.relay_backend_cpu_us_per_tx)
+            ),
+            false => String::new(),
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.2}× | {:.2}× | {} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.2}× | {:.2}× | {} | {} |{relay}\n",
             row.workload.label(row.writers),
             row.variant.label(),
             number(row.median_tps),
@@ -110,8 +144,7 @@ pub fn render(report: &WritesReport) -> String {
                 .map(|&t| number(t))
                 .collect::<Vec<_>>()
                 .join(", "),
-            row.backend_cpu_us_per_tx
-                .map_or("".to_owned(), |us| format!("{us:.0} µs"))
+            micros(row.backend_cpu_us_per_tx)
         ));
     }
     if let Some(timeout) = &report.lock_timeout {
@@ -178,6 +211,8 @@ mod tests {
             cancelled: Cancelled::default(),
             contexts: BTreeMap::new(),
             backend_cpu_us_per_tx: None,
+            relay_cpu_us_per_tx: None,
+            relay_backend_cpu_us_per_tx: None,
         }
     }
 
@@ -191,6 +226,7 @@ mod tests {
             runs: 1,
             lock_timeout: lock_timeout.map(str::to_owned),
             synchronous_commit: None,
+            relay: true,
             rows,
             warnings: vec![],
             elapsed_secs: 1.0,
@@ -223,5 +259,21 @@ mod tests {
         assert!(t[0].met);
         poll.cancelled.commit = 1;
         assert!(!targets(&report(vec![poll], Some("1ms")))[0].met);
+    }
+
+    #[test]
+    fn the_method_says_whether_a_relay_followed_the_table() {
+        let mut poll = row(Workload::Insert, Variant::Poll, 1.0, 1.0);
+        poll.relay_cpu_us_per_tx = Some(41.6);
+        poll.relay_backend_cpu_us_per_tx = Some(12.2);
+        let mut r = report(vec![poll], None);
+        let text = render(&r);
+        assert!(text.contains("a relay follows the table"), "{text}");
+        assert!(text.contains("| relay CPU per tx | relay capture backend CPU per tx |"));
+        assert!(text.contains("| 42 µs | 12 µs |\n"), "{text}");
+        r.relay = false;
+        let text = render(&r);
+        assert!(text.contains("nobody LISTENs"), "{text}");
+        assert!(!text.contains("relay CPU"), "{text}");
     }
 }
