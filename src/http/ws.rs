@@ -449,6 +449,14 @@ async fn open_table(
     }
 }
 
+/// A `/ws/{table}` socket's subscription, checked and placed in the stream, not started.
+struct Placed {
+    sub: Subscription,
+    params: Params,
+    /// Its `since` could not be resumed.
+    reset: bool,
+}
+
 /// The subscription a `/ws/{table}` socket starts with.
 struct First {
     resource: String,
@@ -1007,16 +1015,20 @@ impl Session {
 
     /// Starts a `/ws/{table}` socket's subscription once its caller is known.
     async fn open_first(&mut self, first: First) -> Result<(), End> {
+        let placed = self.place_first(first).await?;
+        self.start_first(placed).await
+    }
+
+    /// Checks a `/ws/{table}` socket's subscription against its caller and takes its place in
+    /// the stream, sending nothing (a refusal is sent by [`Self::start_first`]).
+    async fn place_first(&mut self, first: First) -> Result<Result<Placed, Refusal>, End> {
         let ready = match first.ready {
             Some(ready) => ready,
             None => {
                 let principal = self.principal.as_ref().ok_or(End::Gone)?;
                 match prepare(&self.state, &first.resource, &first.params, principal).await {
                     Ok(ready) => ready,
-                    Err(refusal) => {
-                        self.send_error(refusal.code, &refusal.message).await?;
-                        return Err(End::Close(refusal.close, refusal.reason));
-                    }
+                    Err(refusal) => return Ok(Err(refusal)),
                 }
             }
         };
@@ -1034,8 +1046,25 @@ impl Session {
             first.params.clone(),
             ready.shape,
         );
-        self.subs.push(sub);
-        self.start(0, &first.params, reset).await
+        Ok(Ok(Placed {
+            sub,
+            params: first.params,
+            reset,
+        }))
+    }
+
+    /// Starts what [`Self::place_first`] placed, or sends its refusal and closes.
+    async fn start_first(&mut self, placed: Result<Placed, Refusal>) -> Result<(), End> {
+        match placed {
+            Ok(placed) => {
+                self.subs.push(placed.sub);
+                self.start(0, &placed.params, placed.reset).await
+            }
+            Err(refusal) => {
+                self.send_error(refusal.code, &refusal.message).await?;
+                Err(End::Close(refusal.close, refusal.reason))
+            }
+        }
     }
 
     /// `{"type":"auth","token":…}`: names the caller of a socket that came without a token,
@@ -1074,10 +1103,16 @@ impl Session {
         }
         let (role, expires_at) = (principal.role.clone(), principal.expires_at);
         self.set_principal(principal);
+        // A `/ws/{table}` socket's subscription takes its place in the stream before the
+        // client hears that it is authenticated: every change committed after that reaches it.
+        let placed = match self.pending.take() {
+            Some(first) => Some(self.place_first(first).await?),
+            None => None,
+        };
         self.send_text(control::authenticated(&role, expires_at))
             .await?;
-        match self.pending.take() {
-            Some(first) => self.open_first(first).await,
+        match placed {
+            Some(placed) => self.start_first(placed).await,
             None => Ok(()),
         }
     }

@@ -454,8 +454,7 @@ async fn a_socket_authenticates_in_band_refreshes_and_closes_when_its_token_expi
         .await;
     let relay = docs_relay(&db).await;
 
-    // Token in the first message (browsers cannot set headers on a WebSocket). It lives long
-    // enough for the first event on a loaded machine (3 s did not always).
+    // Token in the first message (browsers cannot set headers on a WebSocket), living 8 s.
     let first_exp = now() + 8;
     let first =
         hs256(json!({"role": "member", "tenant_id": 1, "aud": "pgrelay", "exp": first_exp}));
@@ -992,4 +991,32 @@ async fn after_a_key_change_a_policy_limited_socket_sees_the_new_key_and_not_the
     let event = ws.next_json().await;
     assert_eq!(event["id"], "b", "{event}");
     assert_eq!(event["data"], json!({"tenant_id": 1, "title": "b"}));
+}
+
+/// The subscription of a `/ws/{table}` socket that authenticates in band is in place before
+/// `authenticated` is sent: a change committed right after it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_right_after_authenticated_reaches_the_socket() {
+    let db = TestDb::new()
+        .await
+        .with_tables(DOCS, &["docs", "other"])
+        .await;
+    let relay = docs_relay(&db).await;
+    let member = token("member", 1, 600);
+    let writer = db.client().await;
+    for id in 0..20 {
+        let mut ws = relay.ws("/ws/docs").await;
+        ws.send_json(json!({"type": "auth", "token": member})).await;
+        assert_eq!(ws.next_json().await["type"], "authenticated");
+        writer
+            .execute("insert into docs values ($1, 1, 't', 's')", &[&id])
+            .await
+            .unwrap();
+        let e = ws.next_json().await;
+        assert_eq!(
+            (e["type"].as_str(), e["id"].as_i64()),
+            (Some("create"), Some(i64::from(id))),
+            "{e}"
+        );
+    }
 }
