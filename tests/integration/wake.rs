@@ -235,7 +235,7 @@ async fn two_relays_are_both_woken_and_one_that_stops_hands_over() {
     // One of them sleeps holding the lock and the other follows it.
     wait_asleep(&db).await;
     within(PROMPT, async {
-        while holders(&db, SLEEPER_LOCK, "ShareLock").await != 1 {
+        while holders(&db, SLEEPER_LOCK, "ExclusiveLock").await != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -306,7 +306,7 @@ async fn a_role_that_takes_the_sleep_locks_delays_events_no_longer_than_poll_max
     let taken: (bool, bool) = {
         let row = hostile
             .query_one(
-                "select pg_try_advisory_lock($1), pg_try_advisory_lock_shared($2)",
+                "select pg_try_advisory_lock($1), pg_try_advisory_lock($2)",
                 &[&SLEEP_LOCK, &SLEEPER_LOCK],
             )
             .await
