@@ -103,6 +103,10 @@ const TRY_SLEEP: &str = "
 /// (their capture polls again: see [`listen::AWAKE`]).
 const WAKE: &str = "select pg_advisory_unlock_all(), pg_notify('pgrelay', 'awake')";
 
+/// Tells relays that followed this one that it does not sleep (after a reconnect: the lost
+/// session may have held the sleep lock).
+const RELEASE: &str = "select pg_notify('pgrelay', 'awake')";
+
 /// Notify mode's sleep protocol. Writers notify only while some relay sleeps (holds
 /// [`SLEEP_LOCK`]); a writer that skipped its notification holds that lock in share mode
 /// until it commits, so a relay can fall asleep only once every such writer is visible to
@@ -340,6 +344,9 @@ impl Capture {
             listener = Listener::connect(&self.target, Arc::clone(&self.metrics)) => listener?,
         };
         listener.client().batch_execute(SESSION_SETTINGS).await?;
+        // A session of this relay ran before: it may have held the sleep lock when its
+        // connection dropped (the lock went with it, without a word to the relays that followed).
+        let reconnected = progress.is_some();
         let row = listener.client().query_one(START, &[]).await?;
         let now =
             Snapshot::parse(row.get(0)).ok_or(CaptureError::Invariant("bad start snapshot"))?;
@@ -392,6 +399,10 @@ impl Capture {
         let progress = progress.as_mut().expect("progress was set above");
         if self.mode == Mode::Notify {
             listener.client().batch_execute("listen pgrelay").await?;
+            if reconnected {
+                // Relays that followed the last session must poll (see `listen::AWAKE`).
+                listener.client().batch_execute(RELEASE).await?;
+            }
         }
         if !progress.marked {
             listener.client().execute(MARKER, &[]).await?;
