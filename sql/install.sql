@@ -36,8 +36,8 @@
 --
 -- Waking relays (notify mode): a trigger notifies only when a relay sleeps. A relay that
 -- waits for notifications holds the advisory lock 8099568234784717057 ('pgrelay' 01) in
--- exclusive mode for its session (and 8099568234784717058, 'pgrelay' 02, in share mode,
--- which tells other relays that it does); while writes keep coming it lets go and polls.
+-- exclusive mode for its session (and 8099568234784717058, 'pgrelay' 02, which other relays
+-- try in share mode to tell that it does); while writes keep coming it lets go and polls.
 -- The trigger tries the first lock in share mode for its transaction: it gets it when no
 -- relay sleeps, and then holds it until it commits or aborts, so no relay can fall asleep
 -- before this transaction's rows are visible to the poll that follows its falling asleep;

@@ -77,27 +77,35 @@ impl Mode {
 /// cannot have it (sql/install.sql, "Waking relays"). 'pgrelay' 01.
 pub const SLEEP_LOCK: i64 = 8_099_568_234_784_717_057;
 
-/// Held in share mode by the relay that holds [`SLEEP_LOCK`], so that other relays can tell it
-/// from writers (who hold `SLEEP_LOCK` in share mode) and sleep too. 'pgrelay' 02.
+/// Held in exclusive mode by the relay that holds [`SLEEP_LOCK`], so that other relays can tell
+/// it from writers (who hold `SLEEP_LOCK` in share mode) and sleep too. They probe it in share
+/// mode, so that two probes never take one another for a sleeping relay (probes in exclusive
+/// mode did: a relay that probed while another did followed no one, and waited for its timer).
+/// 'pgrelay' 02.
 pub const SLEEPER_LOCK: i64 = 8_099_568_234_784_717_058;
 
 /// Falls asleep if it may: holds the sleep lock (no writer is between its trigger and its
 /// commit, and from now on every writer notifies), follows a relay that holds it (writers
 /// notify for it), or stays awake (writers in flight skipped their notification: poll again).
-/// A relay holds no advisory lock when it runs this.
+/// A relay holds no advisory lock when it runs this. (One that takes the sleep lock while
+/// another probes the sleeper lock gives it back and stays awake: it tries again soon.)
 const TRY_SLEEP: &str = "
     select case
         when pg_try_advisory_lock($1) then
-            case when pg_try_advisory_lock_shared($2) then 'holds'
+            case when pg_try_advisory_lock($2) then 'holds'
                  when pg_advisory_unlock($1) then 'awake'
                  else 'awake' end
-        when pg_try_advisory_lock($2) then
-            case when pg_advisory_unlock($2) then 'awake' else 'awake' end
+        when pg_try_advisory_lock_shared($2) then
+            case when pg_advisory_unlock_shared($2) then 'awake' else 'awake' end
         else 'follows' end";
 
 /// Stops sleeping: writers stop notifying, and relays that slept on this one's behalf are told
 /// (their capture polls again: see [`listen::AWAKE`]).
 const WAKE: &str = "select pg_advisory_unlock_all(), pg_notify('pgrelay', 'awake')";
+
+/// Tells relays that followed this one that it does not sleep (after a reconnect: the lost
+/// session may have held the sleep lock).
+const RELEASE: &str = "select pg_notify('pgrelay', 'awake')";
 
 /// Notify mode's sleep protocol. Writers notify only while some relay sleeps (holds
 /// [`SLEEP_LOCK`]); a writer that skipped its notification holds that lock in share mode
@@ -336,6 +344,9 @@ impl Capture {
             listener = Listener::connect(&self.target, Arc::clone(&self.metrics)) => listener?,
         };
         listener.client().batch_execute(SESSION_SETTINGS).await?;
+        // A session of this relay ran before: it may have held the sleep lock when its
+        // connection dropped (the lock went with it, without a word to the relays that followed).
+        let reconnected = progress.is_some();
         let row = listener.client().query_one(START, &[]).await?;
         let now =
             Snapshot::parse(row.get(0)).ok_or(CaptureError::Invariant("bad start snapshot"))?;
@@ -388,6 +399,10 @@ impl Capture {
         let progress = progress.as_mut().expect("progress was set above");
         if self.mode == Mode::Notify {
             listener.client().batch_execute("listen pgrelay").await?;
+            if reconnected {
+                // Relays that followed the last session must poll (see `listen::AWAKE`).
+                listener.client().batch_execute(RELEASE).await?;
+            }
         }
         if !progress.marked {
             listener.client().execute(MARKER, &[]).await?;

@@ -235,7 +235,7 @@ async fn two_relays_are_both_woken_and_one_that_stops_hands_over() {
     // One of them sleeps holding the lock and the other follows it.
     wait_asleep(&db).await;
     within(PROMPT, async {
-        while holders(&db, SLEEPER_LOCK, "ShareLock").await != 1 {
+        while holders(&db, SLEEPER_LOCK, "ExclusiveLock").await != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -306,7 +306,7 @@ async fn a_role_that_takes_the_sleep_locks_delays_events_no_longer_than_poll_max
     let taken: (bool, bool) = {
         let row = hostile
             .query_one(
-                "select pg_try_advisory_lock($1), pg_try_advisory_lock_shared($2)",
+                "select pg_try_advisory_lock($1), pg_try_advisory_lock($2)",
                 &[&SLEEP_LOCK, &SLEEPER_LOCK],
             )
             .await
@@ -374,5 +374,158 @@ async fn a_write_that_commits_while_the_relay_falls_asleep_is_read_at_once() {
         let names = receive(&mut ws, run).await;
         assert_eq!(names.last().cloned(), Some(format!("r{round}-{}", run - 1)));
         tokio::time::sleep(Duration::from_micros(u64::from(next() % 3000))).await;
+    }
+}
+
+/// The relay's poll count (`pgrelay_capture_polls_total`).
+async fn polls(relay: &Relay) -> u64 {
+    let (_, metrics) = http_get(relay.addr, "/metrics").await.unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pgrelay_capture_polls_total "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Waits until `relay` waits for notifications (it holds the sleep lock or follows a relay
+/// that does): it stops polling (an awake relay polls at least every `poll_min * 8`).
+async fn wait_quiet(relay: &Relay) {
+    within(PROMPT, async {
+        loop {
+            let before = polls(relay).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            if polls(relay).await == before {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// Terminates the backend of the relay that holds the sleep lock; returns its pid.
+async fn terminate_holder(db: &TestDb) -> i32 {
+    let admin = connect(&admin_url()).await;
+    let pids: Vec<i32> = admin
+        .query(
+            "select pid from pg_locks
+              where locktype = 'advisory' and database = (select oid from pg_database where datname = $2)
+                and classid = ($1::int8 >> 32)::oid and objid = ($1::int8 & 4294967295)::oid
+                and objsubid = 1 and mode = 'ExclusiveLock' and granted",
+            &[&SLEEP_LOCK, &db.name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pids.len(), 1, "one relay holds the sleep lock");
+    admin
+        .query_one("select pg_terminate_backend($1)", &[&pids[0]])
+        .await
+        .unwrap();
+    pids[0]
+}
+
+/// Opens a transaction on `writer` that holds the sleep lock in share mode, as a capture
+/// trigger that skipped its notification does (retrying while a relay holds the lock).
+async fn begin_skipping(writer: &tokio_postgres::Client) {
+    within(PROMPT, async {
+        loop {
+            writer.batch_execute("begin").await.unwrap();
+            let got: bool = writer
+                .query_one(
+                    "select pg_try_advisory_xact_lock_shared($1)",
+                    &[&SLEEP_LOCK],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if got {
+                return;
+            }
+            writer.batch_execute("rollback").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_polls_once_the_holders_capture_connection_drops() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    let a = relay(&db, 0).await;
+    wait_asleep(&db).await;
+    let b = relay(&db, 0).await;
+    let mut on_a = a.ws("/ws/items").await;
+    let mut on_b = b.ws("/ws/items").await;
+    // b follows a: a write notifies, both read it, and b waits for notifications again.
+    wait_quiet(&b).await;
+    db.exec("insert into items(name) values ('before')").await;
+    assert_eq!(receive(&mut on_a, 1).await, ["before"]);
+    assert_eq!(receive(&mut on_b, 1).await, ["before"]);
+    wait_quiet(&b).await;
+
+    // a's capture connection drops (a reconnects, and says nothing to b). A writer in
+    // flight that skipped its notification keeps every relay awake, so a write that commits
+    // meanwhile skips its notification too: only polls read it.
+    terminate_holder(&db).await;
+    let in_flight = db.client().await;
+    begin_skipping(&in_flight).await;
+    db.exec("insert into items(name) values ('gap')").await;
+    assert_eq!(receive(&mut on_a, 1).await, ["gap"]);
+    assert_eq!(
+        receive(&mut on_b, 1).await,
+        ["gap"],
+        "b still followed a relay that no longer slept"
+    );
+    in_flight.batch_execute("rollback").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awake_relays_never_take_each_others_probe_for_a_sleeping_relay() {
+    let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
+    // A writer in flight that skipped its notification: no relay may sleep until it commits,
+    // so every relay polls on its own and, after each empty poll, tries to sleep: it probes
+    // the locks, and another relay's probe must never look like a sleeping relay to it.
+    let writer = db.client().await;
+    begin_skipping(&writer).await;
+    writer
+        .batch_execute("insert into items(name) values ('late')")
+        .await
+        .unwrap();
+    let mut relays = Vec::new();
+    let mut sockets = Vec::new();
+    for _ in 0..4 {
+        // Tries every 2 ms (poll_min * 8) rather than 8: more chances for two probes to meet.
+        let r = Relay::start_with(&db, &["items"], |c| {
+            c.poll_max = TIMER;
+            c.notify_busy_rate = 0;
+            c.poll_min = Duration::from_micros(250);
+        })
+        .await;
+        sockets.push(r.ws("/ws/items").await);
+        relays.push(r);
+    }
+    // Up to 8 s of probing, or until a relay stops polling (it follows no one: nothing will
+    // wake it but its timer).
+    let started = std::time::Instant::now();
+    let mut quiet = None;
+    while quiet.is_none() && started.elapsed() < Duration::from_secs(8) {
+        let before = futures_util::future::join_all(relays.iter().map(polls)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let after = futures_util::future::join_all(relays.iter().map(polls)).await;
+        quiet = (0..relays.len())
+            .find(|&i| before[i] == after[i])
+            .map(|i| (i, started.elapsed()));
+    }
+    writer.batch_execute("commit").await.unwrap();
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let Ok(events) = tokio::time::timeout(PROMPT, ws.events(1)).await else {
+            panic!(
+                "relay {i} did not read the write in {PROMPT:?} (relay, time it stopped polling while no relay slept: {quiet:?})"
+            );
+        };
+        assert_eq!(name(&events[0]), "late");
     }
 }
