@@ -17,8 +17,9 @@
 //! writers start, and kills it once it has captured every event they wrote. What the writers
 //! pay then includes what a relay does on the same server (poll mode's polls, the wake-ups of
 //! notify mode), and the relay's own CPU time, and its capture backend's, are reported apart.
-//! Nobody reads the bare variant's notifications. With `relay: false` (`--no-relay`) nobody
-//! follows any table (the method before the relay was added).
+//! The bare variant's notifications are read by a session that LISTENs to them, so that it
+//! too pays for delivery. With `relay: false` (`--no-relay`) nobody follows any table or
+//! LISTENs (the method before the relay was added).
 //!
 //! With a lock timeout, each transaction is `BEGIN; write; COMMIT` under that `lock_timeout`,
 //! and a writer a lock timeout cancels stops; it is counted by where it struck: at COMMIT, in
@@ -647,6 +648,12 @@ async fn measure(
         }
         _ => None,
     };
+    // The bare trigger's consumer, so that it pays for delivery as capture does: a session
+    // that LISTENs to its channel and reads every notification.
+    let listener = match variant {
+        Variant::Bare if config.relay => Some(Listener::start(server, dbname).await?),
+        _ => None,
+    };
     let relay_backend = match (&relay, local) {
         (Some(_), true) => capture_backend(admin, dbname).await?,
         _ => None,
@@ -746,6 +753,17 @@ async fn measure(
     measurement.secs = began.elapsed().as_secs_f64();
     let expected = measurement.transactions * workload.rows_per_transaction();
 
+    if let Some(listener) = listener {
+        let received = listener.wait_for(expected).await;
+        if received != expected {
+            warnings.push(format!(
+                "{} {}: the listener received {received} of {expected} notifications within {} s",
+                workload.name(),
+                variant.name(),
+                CATCH_UP.as_secs()
+            ));
+        }
+    }
     if let Some(relay) = relay {
         // The relay's share of the cost: until it has captured every event written.
         let captured = caught_up(&relay, expected).await;
@@ -792,6 +810,48 @@ async fn measure(
         }
     }
     Ok(measurement)
+}
+
+/// A session LISTENing to the bare trigger's channel, counting what it receives.
+struct Listener {
+    received: tokio::sync::watch::Receiver<u64>,
+    _client: Client,
+}
+
+impl Listener {
+    async fn start(server: &pgrelay::tls::Target, dbname: &str) -> anyhow::Result<Listener> {
+        let mut config = server.config.clone();
+        config.dbname(dbname);
+        config.application_name("pgrelay-bench-listener");
+        let (client, mut connection) = config
+            .connect(server.tls.clone())
+            .await
+            .context("connecting the bare trigger's listener")?;
+        let (tx, received) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            let mut count = 0u64;
+            // Ends when the bench drops the listener or the database.
+            while let Some(Ok(message)) =
+                futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await
+            {
+                if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                    count += 1;
+                    tx.send_replace(count);
+                }
+            }
+        });
+        client.batch_execute("listen bench").await?;
+        Ok(Listener {
+            received,
+            _client: client,
+        })
+    }
+
+    /// Waits until `expected` notifications came (or [`CATCH_UP`] passed); how many did.
+    async fn wait_for(mut self, expected: u64) -> u64 {
+        let _ = tokio::time::timeout(CATCH_UP, self.received.wait_for(|n| *n >= expected)).await;
+        *self.received.borrow()
+    }
 }
 
 /// How long the relay may take, once the writers are done, to capture what they wrote.

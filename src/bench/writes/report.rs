@@ -73,7 +73,7 @@ fn who_follows(relay: bool) -> &'static str {
     match relay {
         true => {
             "a relay follows the table in the pgrelay variants (its CPU is reported apart; \
-             nobody LISTENs to the bare trigger)"
+             a session LISTENs to the bare trigger and reads every notification)"
         }
         false => "nobody LISTENs",
     }
