@@ -9,7 +9,7 @@
 //!   (`poll_max`), so a notification that never comes (a trigger installed in poll mode)
 //!   costs latency, not data. Under load (more than `notify_busy_rate` notifications a
 //!   second) the relay stops sleeping and polls as poll mode does, and writers skip NOTIFY
-//!   and its commit-time lock until the writes pause: see [`Sleep`].
+//!   and its commit-time lock until the writes pause: see `Sleep` below.
 //! - **Poll mode**: triggers never NOTIFY (no commit-time lock); capture polls adaptively:
 //!   again right away while polls find rows, backing off to `poll_max` when idle.
 //!

@@ -111,6 +111,15 @@ async fn burst(db: &TestDb, tag: &str, writers: usize, each: usize) {
     }
 }
 
+/// The next number of a fixed pseudo-random sequence (xorshift32): a test's random moments
+/// are the same on every run.
+fn xorshift(seed: &mut u32) -> u32 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 17;
+    *seed ^= *seed << 5;
+    *seed
+}
+
 /// Every writer's rows arrived once, in its order.
 fn assert_complete(names: &[String], tag: &str, writers: usize, each: usize) {
     assert_eq!(names.len(), writers * each, "{tag}: every row once");
@@ -190,10 +199,8 @@ async fn bursts_and_pauses_never_leave_a_write_waiting_for_the_timer() {
     let mut open = Some(open);
     let mut seed = 0x2545_f491_u32;
     for round in 0..30 {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        let (writers, each) = (1 + (seed % 3) as usize, 1 + (seed >> 8) as usize % 40);
+        let r = xorshift(&mut seed);
+        let (writers, each) = (1 + (r % 3) as usize, 1 + (r >> 8) as usize % 40);
         let tag = format!("r{round}w");
         burst(&db, &tag, writers, each).await;
         let mut names = receive(&mut ws, writers * each).await;
@@ -204,7 +211,7 @@ async fn bursts_and_pauses_never_leave_a_write_waiting_for_the_timer() {
         }
         assert_complete(&names, &tag, writers, each);
         // A pause of 0-20 ms: the relay may be falling asleep while the next round starts.
-        tokio::time::sleep(Duration::from_millis(u64::from(seed >> 20) % 21)).await;
+        tokio::time::sleep(Duration::from_millis(u64::from(r >> 20) % 21)).await;
     }
 }
 
@@ -354,12 +361,7 @@ async fn a_write_that_commits_while_the_relay_falls_asleep_is_read_at_once() {
     // the run to sleeping (an empty poll, the lock, one more poll): one that commits between
     // the empty poll and the lock is read by that last poll, or it waits for the 30 s timer.
     let mut seed = 0x9e37_79b9_u32;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        seed
-    };
+    let mut next = || xorshift(&mut seed);
     for round in 0..150 {
         let run = 3 + next() as usize % 40;
         for i in 0..run {
