@@ -4,58 +4,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::support::{Relay, STEP, TestDb, http_get, within};
-
-/// A login role without any privilege, created for one test and dropped after.
-struct Role {
-    name: String,
-    db_url: String,
-    admin: tokio_postgres::Client,
-}
-
-impl Role {
-    async fn create(db: &TestDb, prefix: &str, grants: &str) -> Role {
-        let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
-        let admin = db.client().await;
-        admin
-            .batch_execute(&format!(
-                "create role {name} login; {}",
-                grants.replace("{role}", &name)
-            ))
-            .await
-            .unwrap();
-        Role {
-            db_url: format!("{} user={name}", db.url),
-            name,
-            admin,
-        }
-    }
-
-    async fn client(&self) -> tokio_postgres::Client {
-        crate::support::connect(&self.db_url).await
-    }
-
-    async fn is_superuser(&self) -> bool {
-        self.admin
-            .query_one(
-                "select rolsuper from pg_roles where rolname = $1",
-                &[&self.name],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    }
-
-    async fn drop(self) {
-        let _ = self
-            .admin
-            .batch_execute(&format!(
-                "drop owned by {0} cascade; drop role {0}",
-                self.name
-            ))
-            .await;
-    }
-}
+use crate::support::{Relay, Role, STEP, TestDb, http_get, within};
 
 /// The attack of issue 10: the (unprivileged) owner of an exposed table gives a column a type
 /// whose cast to json runs its own code, and capture renders a row of it. The code runs as

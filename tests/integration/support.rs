@@ -1048,3 +1048,54 @@ pub fn with_policies(config: &mut Config, policies: &str, secret: &str) {
     config.policies = settings.into_config().unwrap().policies;
     config.auth.jwt = Some(hmac_jwt(secret));
 }
+
+/// A login role without any privilege, created for one test and dropped after.
+pub struct Role {
+    pub name: String,
+    pub db_url: String,
+    admin: tokio_postgres::Client,
+}
+
+impl Role {
+    pub async fn create(db: &TestDb, prefix: &str, grants: &str) -> Role {
+        let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
+        let admin = db.client().await;
+        admin
+            .batch_execute(&format!(
+                "create role {name} login; {}",
+                grants.replace("{role}", &name)
+            ))
+            .await
+            .unwrap();
+        Role {
+            db_url: format!("{} user={name}", db.url),
+            name,
+            admin,
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        crate::support::connect(&self.db_url).await
+    }
+
+    pub async fn is_superuser(&self) -> bool {
+        self.admin
+            .query_one(
+                "select rolsuper from pg_roles where rolname = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn drop(self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!(
+                "drop owned by {0} cascade; drop role {0}",
+                self.name
+            ))
+            .await;
+    }
+}

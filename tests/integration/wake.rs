@@ -12,7 +12,7 @@ use pgrelay::capture::{SLEEP_LOCK, SLEEPER_LOCK};
 use serde_json::Value;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::support::{Relay, TestDb, Ws, admin_url, connect, http_get, within};
+use crate::support::{Relay, Role, TestDb, Ws, admin_url, connect, http_get, within};
 
 const ITEMS: &str = "create table items(id serial primary key, name text)";
 
@@ -261,15 +261,8 @@ async fn two_relays_are_both_woken_and_one_that_stops_hands_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_that_takes_the_sleep_locks_delays_events_no_longer_than_poll_max() {
     let db = TestDb::new().await.with_tables(ITEMS, &["items"]).await;
-    let role = format!("locker_{}", std::process::id());
-    let admin = connect(&admin_url()).await;
-    admin
-        .batch_execute(&format!(
-            "do $$ begin create role {role} login; exception when duplicate_object then null; end $$"
-        ))
-        .await
-        .unwrap();
-    let hostile = connect(&format!("{} user={role}", db.url)).await;
+    let role = Role::create(&db, "locker", "").await;
+    let hostile = role.client().await;
 
     // Holding the sleep lock in share mode, as a writer in flight would: the relay never
     // sleeps, and polls.
@@ -343,10 +336,8 @@ async fn a_role_that_takes_the_sleep_locks_delays_events_no_longer_than_poll_max
             "at most poll_max late"
         );
     }
-    admin
-        .batch_execute(&format!("drop owned by {role}"))
-        .await
-        .unwrap();
+    drop(hostile);
+    role.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
